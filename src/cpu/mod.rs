@@ -1,0 +1,313 @@
+//! The CPU backend, the reference every other backend is checked against: a Llama-family decoder
+//! (covering Mistral, Qwen2 and Qwen3) whose prefill applies FastKV (fastkv-spec §2–§6) and whose
+//! decode runs over the compressed cache.
+
+pub mod attention;
+pub mod kernels;
+pub mod kv_cache;
+pub mod linear;
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use crate::rope::{Rope, RopeTable};
+use crate::select;
+use crate::spec::ModelSpec;
+use crate::tensors::TensorFile;
+use attention::{attention, Heads, KvView};
+use kernels::{rms_norm, rms_norm_row, swiglu};
+use kv_cache::LayerCache;
+use linear::Linear;
+
+/// Rows of the MLP computed at once, bounding its 2·I-wide scratch for long prompts.
+const MLP_CHUNK: usize = 512;
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wqkv: Linear,
+    bqkv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    wo: Linear,
+    mlp_norm: Vec<f32>,
+    w_gate_up: Linear,
+    w_down: Linear,
+}
+
+pub struct Model {
+    spec: ModelSpec,
+    rope: Rope,
+    embed: Linear,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    lm_head: Option<Linear>,
+}
+
+/// The per-request KV cache: one [`LayerCache`] per layer.
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
+    }
+}
+
+/// What prefill produced besides the cache: the last token's logits and what TSP did.
+pub struct Prefill {
+    pub logits: Vec<f32>,
+    pub cache: KvCache,
+    /// Tokens each layer saw (L up to ℓ*, T after when TSP fired).
+    pub seq_lens: Vec<usize>,
+    /// Original positions propagated past ℓ*, ascending, when TSP fired.
+    pub tsp_positions: Option<Vec<u32>>,
+    pub profile: PrefillProfile,
+}
+
+/// Where prefill time went, in seconds.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PrefillProfile {
+    /// Norms, q|k|v, o, gate|up and down projections, RoPE, SwiGLU.
+    pub projections_s: f64,
+    pub attention_s: f64,
+    /// FastKV: window scores, pooling, top-k, and the cache / TSP gathers.
+    pub selection_s: f64,
+}
+
+fn vector(file: &TensorFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = file.get(name)?;
+    if t.shape != [len] {
+        return Err(Error::TensorMismatch {
+            path: file.path().into(),
+            name: name.into(),
+            what: "shape",
+            expected: format!("[{len}]"),
+            actual: format!("{:?}", t.shape),
+        });
+    }
+    let mut v = vec![0.0; len];
+    t.to_f32(&mut v);
+    Ok(v)
+}
+
+impl Model {
+    /// Maps an engine's weights; every tensor is checked against the spec.
+    pub fn load(spec: &ModelSpec, file: &TensorFile) -> Result<Self> {
+        let (e, d, inter) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+        let layers = (0..spec.num_layers)
+            .map(|l| {
+                let n = |s: &str| format!("layers.{l}.{s}");
+                Ok(Layer {
+                    attn_norm: vector(file, &n("attn_norm"), e)?,
+                    wqkv: Linear::load(file, &n("wqkv"), spec.qkv_rows(), e)?,
+                    bqkv: spec.qkv_bias.then(|| vector(file, &n("bqkv"), spec.qkv_rows())).transpose()?,
+                    q_norm: spec.qk_norm.then(|| vector(file, &n("q_norm"), d)).transpose()?,
+                    k_norm: spec.qk_norm.then(|| vector(file, &n("k_norm"), d)).transpose()?,
+                    wo: Linear::load(file, &n("wo"), e, spec.num_heads * d)?,
+                    mlp_norm: vector(file, &n("mlp_norm"), e)?,
+                    w_gate_up: Linear::load(file, &n("w_gate_up"), 2 * inter, e)?,
+                    w_down: Linear::load(file, &n("w_down"), e, inter)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            spec: spec.clone(),
+            rope: Rope::new(spec),
+            embed: Linear::load(file, "embed", spec.vocab_size, e)?,
+            layers,
+            final_norm: vector(file, "final_norm", e)?,
+            lm_head: (!spec.tie_word_embeddings).then(|| Linear::load(file, "lm_head", spec.vocab_size, e)).transpose()?,
+        })
+    }
+
+    fn heads(&self) -> Heads {
+        let s = &self.spec;
+        Heads { n_heads: s.num_heads, n_kv_heads: s.num_kv_heads, head_dim: s.head_dim, sliding_window: s.sliding_window }
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Vec<f32> {
+        let e = self.spec.hidden_size;
+        let mut x = vec![0f32; tokens.len() * e];
+        x.par_chunks_mut(e).zip(tokens).for_each(|(row, &t)| self.embed.rows_f32(t as usize..t as usize + 1, row));
+        x
+    }
+
+    /// q|k|v rows (`[m, qkv_rows]`) of `x`, biased, q/k-normed and rotated.
+    fn qkv(&self, layer: &Layer, x: &[f32], rope: &RopeTable) -> Vec<f32> {
+        let s = &self.spec;
+        let (m, width) = (x.len() / s.hidden_size, s.qkv_rows());
+        let mut h = vec![0f32; x.len()];
+        rms_norm(x, &layer.attn_norm, s.rms_norm_eps, &mut h);
+        let mut qkv = vec![0f32; m * width];
+        layer.wqkv.forward(&h, m, &mut qkv);
+        if let Some(b) = &layer.bqkv {
+            qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        }
+        let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            qkv.par_chunks_mut(width).for_each(|row| {
+                let mut tmp = vec![0f32; d];
+                for (head, chunk) in row[..(hq + hk) * d].chunks_exact_mut(d).enumerate() {
+                    tmp.copy_from_slice(chunk);
+                    rms_norm_row(&tmp, if head < hq { qn } else { kn }, s.rms_norm_eps, chunk);
+                }
+            });
+        }
+        rope.apply(&mut qkv, width, 0, hq);
+        rope.apply(&mut qkv, width, hq * d, hk);
+        qkv
+    }
+
+    /// x += o·Woᵀ; x += MLP(RMSNorm(x)), in row chunks.
+    fn finish_layer(&self, layer: &Layer, x: &mut [f32], o: &[f32]) {
+        let s = &self.spec;
+        let (e, inter) = (s.hidden_size, s.intermediate_size);
+        let m = x.len() / e;
+        let mut y = vec![0f32; m * e];
+        layer.wo.forward(o, m, &mut y);
+        x.par_iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+        for chunk in x.chunks_mut(MLP_CHUNK * e) {
+            let rows = chunk.len() / e;
+            let mut h = vec![0f32; chunk.len()];
+            rms_norm(chunk, &layer.mlp_norm, s.rms_norm_eps, &mut h);
+            let mut gu = vec![0f32; rows * 2 * inter];
+            layer.w_gate_up.forward(&h, rows, &mut gu);
+            let mut act = vec![0f32; rows * inter];
+            swiglu(&gu, inter, &mut act);
+            layer.w_down.forward(&act, rows, &mut h);
+            chunk.par_iter_mut().zip(&h).for_each(|(x, y)| *x += y);
+        }
+    }
+
+    /// Final norm and LM head of one hidden row.
+    fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let mut h = vec![0f32; x.len()];
+        rms_norm_row(x, &self.final_norm, self.spec.rms_norm_eps, &mut h);
+        let mut logits = vec![0f32; self.spec.vocab_size];
+        self.lm_head.as_ref().unwrap_or(&self.embed).forward(&h, 1, &mut logits);
+        logits
+    }
+
+    /// Runs the prompt through every layer under `policy`, reserving `max_new_tokens` of cache.
+    pub fn prefill(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill> {
+        let s = &self.spec;
+        let (hq, hk, d, e) = (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size);
+        let prompt_len = tokens.len();
+        let heads = self.heads();
+        let mut x = self.embed(tokens);
+        let mut positions: Vec<u32> = (0..prompt_len as u32).collect();
+        let mut rope = self.rope.table(&positions);
+        let mut caches = Vec::with_capacity(s.num_layers);
+        let mut seq_lens = Vec::with_capacity(s.num_layers);
+        let mut tsp_positions = None;
+        let mut profile = PrefillProfile::default();
+        let mut clock = Instant::now();
+        let mut lap = |acc: &mut f64| {
+            let now = Instant::now();
+            *acc += (now - clock).as_secs_f64();
+            clock = now;
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let seq = positions.len();
+            seq_lens.push(seq);
+            let plan = policy.plan(l, prompt_len, seq);
+            let last_layer = l + 1 == s.num_layers;
+            let qkv = self.qkv(layer, &x, &rope);
+            let (q, k, v) = split_heads(&qkv, seq, hq, hk, d);
+            lap(&mut profile.projections_s);
+
+            let mut tsp = None;
+            let keep = match plan.kv_budget {
+                None => None,
+                Some(budget) => {
+                    let w = policy.window;
+                    let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: w };
+                    let q_window = window_queries(&q, seq, hq, d, w);
+                    let scores = select::group_scores(&q_window, &k, &shape, policy.kernel, policy.pool)
+                        .map_err(|e| Error::invalid("--window", e.to_string()))?;
+                    if let Some(t) = plan.tsp_len.filter(|_| !last_layer) {
+                        tsp = Some(select::tsp_indices(&scores, hk, seq, w, t).map_err(|e| Error::invalid("--tsp-len", e.to_string()))?);
+                    }
+                    Some(select::kv_indices(&scores, hk, seq, w, budget).map_err(|e| Error::invalid("--kv-budget", e.to_string()))?)
+                }
+            };
+            let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
+            caches.push(LayerCache::from_prefill(&k, &v, &positions, keep.as_deref(), hk, d, max_new_tokens));
+            lap(&mut profile.selection_s);
+
+            // Attention sees this layer's full K/V; compression only changes what is stored.
+            let kv = KvView { k: &k, v: &v, pos: &all_pos, len: seq, stride: seq };
+            // Only the last row reaches the LM head, so the last layer computes just that row.
+            let first = if last_layer { seq - 1 } else { 0 };
+            let mut o = vec![0f32; (seq - first) * hq * d];
+            attention(&q[first * hq * d..], &positions[first..], first, true, &kv, &heads, &mut o);
+            lap(&mut profile.attention_s);
+            if last_layer {
+                x.drain(..first * e);
+            }
+            self.finish_layer(layer, &mut x, &o);
+            lap(&mut profile.projections_s);
+
+            if let Some(idx) = tsp {
+                x = idx.iter().flat_map(|&i| x[i as usize * e..(i as usize + 1) * e].iter().copied()).collect();
+                positions = idx.iter().map(|&i| positions[i as usize]).collect();
+                rope = self.rope.table(&positions);
+                tsp_positions = Some(positions.clone());
+                lap(&mut profile.selection_s);
+            }
+        }
+        let logits = self.logits(&x[x.len() - e..]);
+        Ok(Prefill { logits, cache: KvCache { layers: caches }, seq_lens, tsp_positions, profile })
+    }
+
+    /// One new token at `position` through every layer, appending to the cache.
+    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Vec<f32> {
+        let s = &self.spec;
+        let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let heads = self.heads();
+        let mut x = self.embed(&[token]);
+        let rope = self.rope.table(&[position]);
+        for (layer, lc) in self.layers.iter().zip(&mut cache.layers) {
+            let qkv = self.qkv(layer, &x, &rope);
+            let (q, kv_new) = qkv.split_at(hq * d);
+            lc.push(&kv_new[..hk * d], &kv_new[hk * d..], position);
+            let mut o = vec![0f32; hq * d];
+            attention(q, &[position], 0, false, &lc.view(), &heads, &mut o);
+            self.finish_layer(layer, &mut x, &o);
+        }
+        self.logits(&x)
+    }
+}
+
+/// Splits fused q|k|v rows into q (token-major `[S, H·D]`) and head-major k, v (`[Hk, S, D]`).
+fn split_heads(qkv: &[f32], seq: usize, hq: usize, hk: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = (hq + 2 * hk) * d;
+    let mut q = vec![0f32; seq * hq * d];
+    q.par_chunks_mut(hq * d).zip(qkv.par_chunks(width)).for_each(|(q, row)| q.copy_from_slice(&row[..hq * d]));
+    let head_major = |offset: usize| {
+        let mut out = vec![0f32; hk * seq * d];
+        out.par_chunks_mut(seq * d).enumerate().for_each(|(g, head)| {
+            for (i, dst) in head.chunks_exact_mut(d).enumerate() {
+                let src = i * width + offset + g * d;
+                dst.copy_from_slice(&qkv[src..src + d]);
+            }
+        });
+        out
+    };
+    (q, head_major(hq * d), head_major((hq + hk) * d))
+}
+
+/// The last `w` query rows of every head, `[H, W, D]`, as the selection API takes them.
+fn window_queries(q: &[f32], seq: usize, hq: usize, d: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(hq * w * d);
+    for h in 0..hq {
+        for i in seq - w..seq {
+            out.extend_from_slice(&q[(i * hq + h) * d..][..d]);
+        }
+    }
+    out
+}

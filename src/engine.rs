@@ -1,0 +1,145 @@
+//! The engine directory: `engine.json` (versioned manifest), `weights.safetensors` (normalised names,
+//! one dtype) and `tokenizer.json`. [`Engine::open`] maps it once; the engine is then shared by any
+//! number of concurrent requests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::TokenizerInfo;
+use crate::cpu::Model;
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use crate::spec::ModelSpec;
+use crate::tensors::{DType, TensorFile};
+use crate::text::TextCodec;
+
+pub const FORMAT_NAME: &str = "fastkv-engine";
+/// Major versions are incompatible; minor versions only add optional fields.
+pub const FORMAT_VERSION: (u32, u32) = (1, 0);
+pub const MANIFEST: &str = "engine.json";
+pub const WEIGHTS: &str = "weights.safetensors";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Contents of `engine.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: String,
+    pub model: ModelSpec,
+    pub dtype: DType,
+    pub tokenizer: TokenizerInfo,
+    /// Default FastKV policy (a preset from `engines/` or the ℓ* = N/2 − 1 rule).
+    pub fastkv: Policy,
+    /// Name of the preset the defaults came from, if any.
+    pub preset: Option<String>,
+    pub files: BTreeMap<String, FileEntry>,
+    /// Directory name of the checkpoint it was built from.
+    pub source: String,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
+        if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(Error::bad_file(&path, format!("not a fastkv engine manifest (no \"format\": \"{FORMAT_NAME}\")")));
+        }
+        let version = v.get("format_version").and_then(|f| f.as_str()).unwrap_or("");
+        let major = version.split('.').next().and_then(|m| m.parse::<u32>().ok());
+        match major {
+            Some(m) if m == FORMAT_VERSION.0 => {}
+            Some(m) if m > FORMAT_VERSION.0 => {
+                return Err(Error::EngineVersion {
+                    path,
+                    found: version.into(),
+                    supported: format!("{}.x", FORMAT_VERSION.0),
+                })
+            }
+            _ => return Err(Error::bad_file(&path, format!("unknown format_version `{version}`"))),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(v).map_err(|e| Error::bad_file(&path, format!("invalid manifest: {e}")))?;
+        manifest.model.validate().map_err(|m| Error::bad_file(&path, m))?;
+        Ok(manifest)
+    }
+
+    /// Checks that every listed file exists with its recorded size; with `hashes`, also its sha256.
+    pub fn check_files(&self, dir: &Path, hashes: bool) -> Result<()> {
+        for (name, entry) in &self.files {
+            let path = dir.join(name);
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            if meta.len() != entry.bytes {
+                return Err(Error::bad_file(
+                    &path,
+                    format!("size is {} bytes, engine.json records {}: the engine is corrupt, rebuild it", meta.len(), entry.bytes),
+                ));
+            }
+            if hashes && crate::tensors::sha256_file(&path)? != entry.sha256 {
+                return Err(Error::bad_file(&path, "sha256 does not match engine.json: the engine is corrupt, rebuild it"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An opened engine: the model on its backend and the text codec. `Send + Sync`; open once, share.
+pub struct Engine {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub(crate) model: Model,
+    pub(crate) text: TextCodec,
+}
+
+impl Engine {
+    /// Opens an engine directory written by `fastkv-build`, on the CPU backend.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.join(MANIFEST).exists() {
+            return Err(Error::bad_file(dir, "not an engine directory (no engine.json); build one with fastkv-build"));
+        }
+        let manifest = Manifest::read(dir)?;
+        manifest.check_files(dir, false)?;
+        let weights = TensorFile::open(&dir.join(WEIGHTS))?;
+        let model = Model::load(&manifest.model, &weights)?;
+        let text = TextCodec::load(&dir.join(TOKENIZER), &manifest.tokenizer)?;
+        Ok(Engine { dir: dir.into(), manifest, model, text })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.manifest.model
+    }
+
+    /// The model on the CPU backend, for callers that drive prefill and decode themselves.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The engine's default FastKV policy.
+    pub fn default_policy(&self) -> Policy {
+        self.manifest.fastkv
+    }
+
+    /// Token ids of `text` (with the tokenizer's own special tokens, e.g. BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.text.encode(text, true)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.text.decode(ids)
+    }
+
+    /// Renders the chat template for one user message, ready to generate the assistant's answer.
+    pub fn chat_prompt(&self, user_message: &str) -> Result<String> {
+        self.text.chat_prompt(user_message)
+    }
+}

@@ -1,0 +1,48 @@
+//! # fastkv
+//!
+//! Inference engines with **FastKV** (arXiv 2502.01068) built in: *Token-Selective Propagation*
+//! (TSP) passes only the most attended prompt tokens past layer ℓ*, and *GQA-aware KV compression*
+//! keeps only a budget of KV entries per KV head in every layer.
+//!
+//! ## Architecture in one page
+//! - [`spec`]: one normalised model description read from any supported HF `config.json`.
+//! - [`checkpoint`] + [`tensors`]: HF checkpoints (sharded safetensors, tokenizer, chat template),
+//!   validated and mapped onto the engine's fused tensor names.
+//! - [`builder`] (`fastkv-build`): checkpoint → engine directory, atomically; [`engine`]: the
+//!   versioned engine format and [`Engine::open`].
+//! - [`policy`]: full or FastKV, budgets and gates per layer; [`select`]: the host reference of the
+//!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
+//!   uses and every accelerator kernel is tested against.
+//! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
+//! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
+//!   chat template and streaming detokenization.
+//!
+//! ```no_run
+//! use fastkv::{Engine, Prompt, Request};
+//! let engine = Engine::open("engines/tiny")?;
+//! let mut req = Request::new(Prompt::Text("The capital of France is".into()));
+//! req.max_new_tokens = 16;
+//! let out = engine.generate(&req, |t| { print!("{}", t.text); std::ops::ControlFlow::Continue(()) })?;
+//! println!("\nTTFT {:.3}s, KV {} bytes", out.metrics.ttft_s, out.metrics.kv_cache_bytes);
+//! # Ok::<(), fastkv::Error>(())
+//! ```
+
+pub mod builder;
+pub mod checkpoint;
+pub mod cpu;
+pub mod engine;
+pub mod error;
+pub mod policy;
+pub mod rope;
+pub mod sampling;
+pub mod select;
+pub mod session;
+pub mod spec;
+pub mod tensors;
+pub mod text;
+
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use policy::{Budget, Method, Policy};
+pub use sampling::Sampling;
+pub use session::{FinishReason, Metrics, Output, Prompt, Request, Token};

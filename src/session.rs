@@ -1,0 +1,214 @@
+//! Requests against an opened engine: tokenize, prefill under the request's compression policy,
+//! decode with streaming, and measure. Many requests may run on one engine at once.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::policy::{Method, Policy};
+use crate::sampling::{Sampler, Sampling};
+use crate::text::Detokenizer;
+
+/// What to complete.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Plain text, tokenized with the tokenizer's special tokens (e.g. BOS).
+    Text(String),
+    /// One user message, wrapped in the engine's chat template.
+    Chat(String),
+    /// Token ids as they are.
+    Tokens(Vec<u32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub prompt: Prompt,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// `None`: the engine's default FastKV policy.
+    pub policy: Option<Policy>,
+    /// Record which KV entries each layer kept (see [`Selection`]).
+    pub record_selection: bool,
+}
+
+impl Request {
+    pub fn new(prompt: Prompt) -> Self {
+        Request { prompt, max_new_tokens: 128, sampling: Sampling::default(), policy: None, record_selection: false }
+    }
+}
+
+/// One generated token, as streamed.
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub id: u32,
+    /// The text this token completes (empty while a multi-byte character is unfinished).
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Eos,
+    Length,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Request start to first token, seconds.
+    pub ttft_s: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Tokens after the first per second of decoding (0 with fewer than two tokens).
+    pub decode_tokens_per_s: f64,
+    /// K+V bytes cached after prefill.
+    pub kv_cache_bytes: usize,
+    /// What a full cache of the same prompt would hold.
+    pub kv_cache_bytes_full: usize,
+}
+
+/// What FastKV kept, per layer; positions are original prompt positions.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Selection {
+    pub layers: Vec<LayerSelection>,
+    pub tsp_layer: Option<usize>,
+    pub tsp_positions: Option<Vec<u32>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerSelection {
+    pub layer: usize,
+    pub seq_len: usize,
+    /// Kept positions per KV head, ascending.
+    pub kept: Vec<Vec<u32>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Output {
+    pub text: String,
+    pub prompt_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub metrics: Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
+    /// Last-position logits of the prompt (for parity checks); not serialized.
+    #[serde(skip)]
+    pub prompt_logits: Vec<f32>,
+}
+
+impl Engine {
+    /// The full-KV policy (every layer keeps everything): the baseline FastKV is compared with.
+    pub fn full_policy(&self) -> Policy {
+        Policy { method: Method::Full, ..self.default_policy() }
+    }
+
+    /// Runs `req`, calling `on_token` for every generated token; returning `Break` stops early.
+    pub fn generate(&self, req: &Request, mut on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
+        let start = Instant::now();
+        let spec = self.spec();
+        req.sampling.validate()?;
+        let policy = req.policy.unwrap_or_else(|| self.default_policy());
+        policy.validate(spec)?;
+        let ids = match &req.prompt {
+            Prompt::Text(t) => self.text.encode(t, true)?,
+            Prompt::Chat(m) => self.text.encode_chat(&self.text.chat_prompt(m)?)?,
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err(Error::invalid("--prompt", "the prompt is empty"));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= spec.vocab_size) {
+            return Err(Error::invalid("--prompt", format!("token id {bad} is outside the vocabulary ({})", spec.vocab_size)));
+        }
+        let max_pos = spec.max_position_embeddings;
+        if ids.len() > max_pos {
+            return Err(Error::invalid(
+                "--prompt",
+                format!("the prompt is {} tokens; this model takes at most {max_pos}", ids.len()),
+            ));
+        }
+        // New tokens take positions L, L+1, …; stop at the model's last position.
+        let max_new = req.max_new_tokens.min(max_pos - ids.len() + 1);
+
+        let prefill = self.model.prefill(&ids, &policy, max_new)?;
+        let prefill_s = start.elapsed().as_secs_f64();
+        let mut cache = prefill.cache;
+        let d = spec.num_kv_heads * spec.head_dim;
+        let metrics_base = (cache.bytes(), 2 * spec.num_layers * ids.len() * d * std::mem::size_of::<f32>());
+        let selection = req.record_selection.then(|| Selection {
+            layers: cache
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(l, lc)| LayerSelection {
+                    layer: l,
+                    seq_len: prefill.seq_lens[l],
+                    kept: (0..spec.num_kv_heads)
+                        .map(|g| {
+                            let mut p = lc.positions(g).to_vec();
+                            p.sort_unstable();
+                            p
+                        })
+                        .collect(),
+                })
+                .collect(),
+            tsp_layer: prefill.tsp_positions.as_ref().map(|_| policy.tsp_layer),
+            tsp_positions: prefill.tsp_positions.clone(),
+        });
+
+        let mut sampler = Sampler::new(req.sampling);
+        let mut detok = Detokenizer::new(&self.text);
+        let mut out_ids = Vec::new();
+        let mut text = String::new();
+        let mut logits = prefill.logits.clone();
+        let mut finish = FinishReason::Length;
+        let mut ttft = prefill_s;
+        let mut first_token_at = start;
+        for step in 0..max_new {
+            let id = sampler.next(&logits);
+            if step == 0 {
+                first_token_at = Instant::now();
+                ttft = (first_token_at - start).as_secs_f64();
+            }
+            out_ids.push(id);
+            if self.text.eos_token_ids().contains(&id) {
+                finish = FinishReason::Eos;
+                break;
+            }
+            let piece = detok.push(id)?;
+            text.push_str(&piece);
+            if on_token(&Token { id, text: piece }).is_break() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if step + 1 < max_new {
+                logits = self.model.decode(id, (ids.len() + step) as u32, &mut cache);
+            }
+        }
+        let decode_s = first_token_at.elapsed().as_secs_f64();
+        let n = out_ids.len();
+        let metrics = Metrics {
+            prompt_tokens: ids.len(),
+            generated_tokens: n,
+            ttft_s: ttft,
+            prefill_tokens_per_s: ids.len() as f64 / prefill_s,
+            decode_tokens_per_s: if n > 1 && decode_s > 0.0 { (n - 1) as f64 / decode_s } else { 0.0 },
+            kv_cache_bytes: metrics_base.0,
+            kv_cache_bytes_full: metrics_base.1,
+        };
+        Ok(Output {
+            text,
+            prompt_ids: ids,
+            token_ids: out_ids,
+            finish_reason: finish,
+            metrics,
+            selection,
+            prompt_logits: prefill.logits,
+        })
+    }
+}

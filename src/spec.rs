@@ -1,0 +1,229 @@
+//! The normalised model description. Every supported HF `config.json` dialect (Llama 3.x, Mistral
+//! family, Qwen2/2.5, Qwen3; pre- and post-transformers-5 rope keys) is read into this one struct,
+//! and every backend is driven by it alone.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Decoder families we know the weight layout of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
+
+/// How rotary frequencies are rescaled for long context.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    None,
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    /// Keys further back than this many positions are invisible (Mistral); `None` = full attention.
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2, or Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+impl ModelSpec {
+    /// Reads and validates an HF `config.json`.
+    pub fn from_hf_config(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
+        let c = Config { path, v: &cfg };
+        let model_type = c.str("model_type")?;
+        let arch = match model_type {
+            "llama" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => {
+                return Err(Error::UnsupportedModel {
+                    path: path.into(),
+                    found: other.into(),
+                    supported: SUPPORTED_MODEL_TYPES,
+                })
+            }
+        };
+        let hidden_size = c.usize("hidden_size")?;
+        let num_heads = c.usize("num_attention_heads")?;
+        let num_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match c.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if num_heads > 0 && hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => return Err(c.bad("hidden_size is not a multiple of num_attention_heads and head_dim is not given")),
+        };
+        if let Some(act) = c.v.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(c.bad(format!("hidden_act `{act}` is not supported (only silu)")));
+            }
+        }
+        // transformers 5 moved rope_theta / rope_scaling into one `rope_parameters` object.
+        let rope = c.v.get("rope_parameters").filter(|v| v.is_object());
+        let rope_theta = match rope.and_then(|r| r.get("rope_theta")).or_else(|| c.v.get("rope_theta")) {
+            Some(v) => v.as_f64().ok_or_else(|| c.bad("rope_theta is not a number"))?,
+            None => 10000.0,
+        };
+        let scaling = rope.or_else(|| c.v.get("rope_scaling").filter(|v| v.is_object()));
+        let rope_scaling = match scaling {
+            None => RopeScaling::None,
+            Some(s) => c.rope_scaling(s)?,
+        };
+        let sliding_window = match arch {
+            Arch::Mistral => c.opt_usize("sliding_window")?,
+            // Qwen configs carry a sliding_window that is off unless use_sliding_window is set.
+            Arch::Qwen2 | Arch::Qwen3 if c.v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+                return Err(c.bad("use_sliding_window=true is not supported"))
+            }
+            _ => None,
+        };
+        let spec = ModelSpec {
+            arch,
+            vocab_size: c.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_layers: c.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: c.usize("max_position_embeddings")?,
+            sliding_window,
+            tie_word_embeddings: c.v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || c.v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+        };
+        spec.validate().map_err(|msg| c.bad(msg))?;
+        Ok(spec)
+    }
+
+    /// Checks the invariants every backend relies on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err("rope_theta must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Query heads per KV head (GQA group size).
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Rows of the fused q|k|v projection.
+    pub fn qkv_rows(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+}
+
+/// Typed access to config.json fields with errors that name the file and the key.
+struct Config<'a> {
+    path: &'a Path,
+    v: &'a Value,
+}
+
+impl Config<'_> {
+    fn bad(&self, msg: impl Into<String>) -> Error {
+        Error::bad_file(self.path, msg)
+    }
+
+    fn str(&self, key: &str) -> Result<&str> {
+        self.v.get(key).and_then(Value::as_str).ok_or_else(|| self.bad(format!("missing string field `{key}`")))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.bad(format!("`{key}` must be a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| self.bad(format!("missing field `{key}`")))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.bad(format!("`{key}` must be a number, found {v}"))),
+        }
+    }
+
+    fn rope_scaling(&self, s: &Value) -> Result<RopeScaling> {
+        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let num = |key: &str| {
+            s.get(key)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| self.bad(format!("rope scaling `{kind}` needs numeric `{key}`")))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }),
+            other => Err(self.bad(format!("rope type `{other}` is not supported (default, linear, llama3)"))),
+        }
+    }
+}
