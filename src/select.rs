@@ -11,6 +11,8 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::kernels::gemm_f32;
+
 /// Pooling of per-head window scores along the key axis (stride 1, padding K/2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -88,13 +90,10 @@ pub fn window_scores(q_window: &[f32], keys: &[f32], shape: &Shape) -> Result<Ve
         let q = &q_window[g * rows * d..(g + 1) * rows * d];
         let k = &keys[g * s * d..(g + 1) * s * d];
         let mut logits = vec![0f32; rows * s];
-        for (j, kj) in k.chunks_exact(d).enumerate() {
-            for (r, qr) in q.chunks_exact(d).enumerate() {
-                let i = r % w;
-                // Window key j sees window query i only if it is not in i's future.
-                let masked = j >= n && j - n > i;
-                logits[r * s + j] = if masked { f32::NEG_INFINITY } else { dot(qr, kj) * scale };
-            }
+        gemm_f32(rows, s, d, &mut logits, s, false, (q, d, 1), (k, 1, d), scale, false);
+        for (r, row) in logits.chunks_exact_mut(s).enumerate() {
+            // Window key n+t sees window query i only if it is not in i's future (t ≤ i).
+            row[n + r % w + 1..].fill(f32::NEG_INFINITY);
         }
         for (r, row) in logits.chunks_exact(s).enumerate() {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -204,8 +203,4 @@ pub fn tsp_indices(group_scores: &[f32], n_kv_heads: usize, seq_len: usize, wind
     idx.sort_unstable();
     idx.extend(n as u32..seq_len as u32);
     Ok(idx)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    crate::cpu::kernels::dot_inline(a, b)
 }

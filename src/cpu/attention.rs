@@ -1,14 +1,17 @@
-//! Causal GQA attention with an online softmax over key tiles: no L×L matrix is ever formed, K/V
-//! are read per KV head (never expanded to the query heads), and the mask is by position so the same
-//! code serves prefill (compacted after TSP), decode over a compressed cache, and sliding windows.
+//! Causal GQA attention with an online softmax over key tiles (FlashAttention's loop on the CPU):
+//! no L×L matrix is ever formed, K/V are read per KV head (never expanded to the query heads), and
+//! the two products of each tile (Q·Kᵀ and P·V) are small GEMMs. Masking is by index for causal
+//! prefill and by position for sliding windows, so the same code serves prefill (also compacted
+//! after TSP: kept indices are ascending, so index order is position order) and decode over a
+//! compressed cache (whose entries all precede the query).
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::kernels::{axpy, dot_inline as dot};
+use super::kernels::gemm_f32;
 
-const QUERY_BLOCK: usize = 16;
-const KEY_TILE: usize = 64;
+const QUERY_BLOCK: usize = 64;
+const KEY_TILE: usize = 128;
 
 /// Keys and values of one layer, head-major: head `g` holds rows `g*stride .. g*stride+len`.
 pub struct KvView<'a> {
@@ -33,13 +36,13 @@ pub struct Heads {
 pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &KvView, heads: &Heads, out: &mut [f32]) {
     let (h, d) = (heads.n_heads, heads.head_dim);
     let m = q_pos.len();
-    let blocks = m.div_ceil(QUERY_BLOCK);
-    let tasks: Vec<(usize, usize)> = (0..blocks).flat_map(|b| (0..h).map(move |head| (b, head))).collect();
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(QUERY_BLOCK)).flat_map(|b| (0..h).map(move |head| (b, head))).collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(b, head)| {
             let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(m);
-            block(q, q_pos, q_offset, causal, kv, heads, head, rows)
+            let task = Task { q, q_pos, q_offset, causal, kv, heads, head, rows };
+            task.run()
         })
         .collect();
     for (&(b, head), r) in tasks.iter().zip(&results) {
@@ -50,69 +53,105 @@ pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &K
     }
 }
 
-/// One query head over a block of query rows, key tile by key tile.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-#[allow(clippy::too_many_arguments)]
-fn block(
-    q: &[f32],
-    q_pos: &[u32],
+/// One query head over a block of query rows.
+struct Task<'a> {
+    q: &'a [f32],
+    q_pos: &'a [u32],
     q_offset: usize,
     causal: bool,
-    kv: &KvView,
-    heads: &Heads,
+    kv: &'a KvView<'a>,
+    heads: &'a Heads,
     head: usize,
     rows: std::ops::Range<usize>,
-) -> Vec<f32> {
-    let (h, d) = (heads.n_heads, heads.head_dim);
-    let g = head / (h / heads.n_kv_heads);
-    let scale = 1.0 / (d as f32).sqrt();
-    let n = rows.len();
-    let (keys, values) = (&kv.k[g * kv.stride * d..], &kv.v[g * kv.stride * d..]);
-    let key_pos = &kv.pos[g * kv.stride..g * kv.stride + kv.len];
-    let mut max = vec![f32::NEG_INFINITY; n];
-    let mut sum = vec![0f32; n];
-    let mut acc = vec![0f32; n * d];
-    let mut scores = [0f32; KEY_TILE];
-    let limit = if causal { (q_offset + rows.end).min(kv.len) } else { kv.len };
-    for t0 in (0..limit).step_by(KEY_TILE) {
-        let t1 = (t0 + KEY_TILE).min(limit);
-        for (r, i) in rows.clone().enumerate() {
-            let visible_end = if causal { (q_offset + i + 1).min(t1) } else { t1 };
-            if visible_end <= t0 {
-                continue;
-            }
-            let qi = &q[i * h * d + head * d..][..d];
-            let p = q_pos[i];
-            let mut tile_max = f32::NEG_INFINITY;
-            for j in t0..visible_end {
-                let too_old = heads.sliding_window.is_some_and(|w| p.saturating_sub(key_pos[j]) as usize >= w);
-                let s = if too_old || key_pos[j] > p { f32::NEG_INFINITY } else { dot(qi, &keys[j * d..][..d]) * scale };
-                scores[j - t0] = s;
-                tile_max = tile_max.max(s);
-            }
-            if tile_max == f32::NEG_INFINITY {
-                continue;
-            }
-            let new_max = max[r].max(tile_max);
-            let acc_r = &mut acc[r * d..][..d];
-            if max[r] != f32::NEG_INFINITY && max[r] < new_max {
-                let c = (max[r] - new_max).exp();
-                sum[r] *= c;
-                acc_r.iter_mut().for_each(|a| *a *= c);
-            }
-            max[r] = new_max;
-            for j in t0..visible_end {
-                let w = (scores[j - t0] - new_max).exp();
-                if w > 0.0 {
-                    sum[r] += w;
-                    axpy(w, &values[j * d..][..d], acc_r);
+}
+
+impl Task<'_> {
+    fn run(&self) -> Vec<f32> {
+        let (h, d) = (self.heads.n_heads, self.heads.head_dim);
+        let g = self.head / (h / self.heads.n_kv_heads);
+        let n = self.rows.len();
+        let base = g * self.kv.stride;
+        let (keys, values) = (&self.kv.k[base * d..], &self.kv.v[base * d..]);
+        let key_pos = &self.kv.pos[base..base + self.kv.len];
+        let q = &self.q[self.rows.start * h * d + self.head * d..];
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut max = vec![f32::NEG_INFINITY; n];
+        let mut sum = vec![0f32; n];
+        let mut acc = vec![0f32; n * d];
+        let mut scores = vec![0f32; n * KEY_TILE];
+        let first_row = self.q_offset + self.rows.start;
+        let limit = if self.causal { (first_row + n).min(self.kv.len) } else { self.kv.len };
+        for t0 in (0..limit).step_by(KEY_TILE) {
+            let width = (limit - t0).min(KEY_TILE);
+            // scores[r, j] = scale · q_r · k_(t0+j)
+            gemm_f32(n, width, d, &mut scores, KEY_TILE, false, (q, h * d, 1), (&keys[t0 * d..], 1, d), scale, false);
+            for r in 0..n {
+                let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
+                if self.causal && t0 + width > first_row + r + 1 {
+                    let visible = (first_row + r + 1).saturating_sub(t0);
+                    row[visible..].fill(f32::NEG_INFINITY);
                 }
+                if let Some(w) = self.heads.sliding_window {
+                    let p = self.q_pos[self.rows.start + r];
+                    for (s, &kp) in row.iter_mut().zip(&key_pos[t0..t0 + width]) {
+                        if p.saturating_sub(kp) as usize >= w {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let (tile_max, tile_sum) = softmax_tile(row, max[r]);
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let new_max = max[r].max(tile_max);
+                if max[r] != f32::NEG_INFINITY && max[r] < new_max {
+                    let c = (max[r] - new_max).exp();
+                    sum[r] *= c;
+                    acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
+                }
+                max[r] = new_max;
+                sum[r] += tile_sum;
             }
+            // acc += P · V_tile
+            gemm_f32(n, d, width, &mut acc, d, true, (&scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);
         }
+        for (r, a) in acc.chunks_exact_mut(d).enumerate() {
+            let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
+            a.iter_mut().for_each(|x| *x *= inv);
+        }
+        acc
     }
-    for (r, a) in acc.chunks_exact_mut(d).enumerate() {
-        let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
-        a.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Turns one row of scores into exp(s − m) in place, with m = max(running max, row max); returns
+/// (row max, Σ exp). Masked entries (−∞) become exactly 0.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
+    let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = running_max.max(tile_max);
+    if m == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return (tile_max, 0.0);
     }
-    acc
+    let mut sum = 0.0;
+    for s in row.iter_mut() {
+        *s = exp(*s - m);
+        sum += *s;
+    }
+    (tile_max, sum)
+}
+
+/// e^x for x ≤ 0 to ~1e-7 relative: 2^round(x·log2 e) times a degree-7 Taylor polynomial on the
+/// remainder (|r| ≤ ln2/2). Branch-free, so it vectorises, unlike libm's expf.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    if x < -87.0 {
+        return 0.0;
+    }
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * std::f32::consts::LN_2;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }

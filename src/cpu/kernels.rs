@@ -4,37 +4,23 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// Σ a·b, dispatched to the best instruction set of this CPU.
+/// Σ a·b with sixteen independent accumulators (vectorised for the best instruction set of this
+/// CPU, picked at run time).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_inline(a, b)
-}
-
-/// Σ a·b with sixteen independent accumulators; inlined into callers that are themselves compiled
-/// per instruction set (a dispatch per short row would cost as much as the row).
-#[inline(always)]
-pub fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut tail = 0f32;
     for (x, y) in ra.iter().zip(rb) {
-        tail = x.mul_add(*y, tail);
+        tail += x * y;
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// y += a·x (inlined, see [`dot_inline`]).
-#[inline(always)]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = x.mul_add(a, *y);
-    }
 }
 
 /// RMSNorm of every `weight.len()`-wide row of `x` into `out`, as HF computes it in f32
@@ -60,4 +46,49 @@ pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
             *o = g * (1.0 / (1.0 + (-g).exp())) * u;
         }
     });
+}
+
+/// `dst[i, j] = (read_dst ? dst[i, j] : 0) + alpha · Σ_k a[i, k] · b[k, j]` for `m×n` `dst` with
+/// row stride `dst_rs`; `a` and `b` are (slice, row stride, column stride). `parallel` spreads it
+/// over the rayon pool (for big products; small ones run inside already-parallel tasks).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    read_dst: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    alpha: f32,
+    parallel: bool,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, dst_rs, 1) < dst.len());
+    assert!(last(m, k, a.1, a.2) < a.0.len() && last(k, n, b.1, b.2) < b.0.len());
+    // SAFETY: the asserts above bound every element the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            read_dst,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None },
+        )
+    }
 }

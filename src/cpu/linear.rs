@@ -107,29 +107,5 @@ impl Linear {
 
 /// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `w` of `n` rows; `out` rows are `out_stride` apart.
 fn gemm_xwt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32], out_stride: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= (m - 1) * out_stride + n);
-    // SAFETY: the bounds above cover every element the strides below address.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            out_stride as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        )
-    }
+    super::kernels::gemm_f32(m, n, k, out, out_stride, false, (x, k, 1), (w, 1, k), 1.0, true);
 }
