@@ -1,6 +1,6 @@
 //! Prefill benchmark: full KV vs FastKV on one engine, side by side in one run.
 //!
-//! `cargo bench --bench prefill [-- --lengths 512,2048 --repeats 3 --dtype bf16]`
+//! `cargo bench --bench prefill [-- --lengths 512,2048 --repeats 3 --warmup 1 --dtype bf16]`
 //!
 //! The engine is a random-weight model with SmolLM2-135M's shapes (30 layers, hidden 576, 9/3
 //! heads, head_dim 64, MLP 1536), generated once under target/bench-engines: the speed of a model
@@ -121,6 +121,7 @@ fn main() {
     let lengths: Vec<usize> =
         arg("--lengths").unwrap_or("512,2048".into()).split(',').map(|s| s.trim().parse().unwrap()).collect();
     let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().unwrap());
+    let warmup: usize = arg("--warmup").map_or(1, |r| r.parse().unwrap());
     let model = engine.model();
     println!("engine: SmolLM2-135M shapes, random weights, {dtype:?}, {} threads", rayon::current_num_threads());
     println!(
@@ -132,7 +133,9 @@ fn main() {
         let n = engine.spec().num_layers;
         let mut full_ttft = 0.0;
         for (name, policy) in [("full", engine.full_policy()), ("fastkv", engine.default_policy())] {
-            model.prefill(&ids, &policy, 0).unwrap(); // warm-up
+            for _ in 0..warmup {
+                model.prefill(&ids, &policy, 0).unwrap();
+            }
             let runs: Vec<_> = (0..repeats)
                 .map(|_| {
                     let t = Instant::now();

@@ -33,27 +33,31 @@ pub struct Heads {
 /// `out[i, h·D..] = softmax(q_i·Kᵀ/√D) V` for query rows `q` (`[m, H·D]`, positions `q_pos`).
 /// With `causal`, the keys are the same sequence as the queries and query row `i` is sequence row
 /// `q_offset + i`, so it sees keys `0..=q_offset+i`; otherwise every key is in its past.
+/// Work is split by (query block, KV head): the G query heads of a group share each K/V tile.
 pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &KvView, heads: &Heads, out: &mut [f32]) {
-    let (h, d) = (heads.n_heads, heads.head_dim);
+    let (h, d, hk) = (heads.n_heads, heads.head_dim, heads.n_kv_heads);
+    let group = h / hk;
     let m = q_pos.len();
-    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(QUERY_BLOCK)).flat_map(|b| (0..h).map(move |head| (b, head))).collect();
+    let block = QUERY_BLOCK.div_ceil(group).max(1);
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(block)).flat_map(|b| (0..hk).map(move |g| (b, g))).collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(b, head)| {
-            let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(m);
-            let task = Task { q, q_pos, q_offset, causal, kv, heads, head, rows };
-            task.run()
+        .map(|&(b, g)| {
+            let rows = b * block..((b + 1) * block).min(m);
+            Task { q, q_pos, q_offset, causal, kv, heads, g, rows }.run()
         })
         .collect();
-    for (&(b, head), r) in tasks.iter().zip(&results) {
-        for (i, row) in r.chunks_exact(d).enumerate() {
-            let dst = (b * QUERY_BLOCK + i) * h * d + head * d;
-            out[dst..dst + d].copy_from_slice(row);
+    for (&(b, g), r) in tasks.iter().zip(&results) {
+        // Result rows are (head in group, query row), like the packed queries.
+        let n = ((b + 1) * block).min(m) - b * block;
+        for (k, row) in r.chunks_exact(d).enumerate() {
+            let (head, i) = (g * group + k / n, b * block + k % n);
+            out[(i * h + head) * d..][..d].copy_from_slice(row);
         }
     }
 }
 
-/// One query head over a block of query rows.
+/// The query heads of KV head `g` over a block of query rows.
 struct Task<'a> {
     q: &'a [f32],
     q_pos: &'a [u32],
@@ -61,38 +65,45 @@ struct Task<'a> {
     causal: bool,
     kv: &'a KvView<'a>,
     heads: &'a Heads,
-    head: usize,
+    g: usize,
     rows: std::ops::Range<usize>,
 }
 
 impl Task<'_> {
     fn run(&self) -> Vec<f32> {
         let (h, d) = (self.heads.n_heads, self.heads.head_dim);
-        let g = self.head / (h / self.heads.n_kv_heads);
-        let n = self.rows.len();
-        let base = g * self.kv.stride;
+        let group = h / self.heads.n_kv_heads;
+        let rows = self.rows.len();
+        let n = rows * group;
+        // Pack the group's queries as [head][row] so one GEMM serves them all.
+        let mut q = vec![0f32; n * d];
+        for (k, dst) in q.chunks_exact_mut(d).enumerate() {
+            let (head, i) = (self.g * group + k / rows, self.rows.start + k % rows);
+            dst.copy_from_slice(&self.q[(i * h + head) * d..][..d]);
+        }
+        let base = self.g * self.kv.stride;
         let (keys, values) = (&self.kv.k[base * d..], &self.kv.v[base * d..]);
         let key_pos = &self.kv.pos[base..base + self.kv.len];
-        let q = &self.q[self.rows.start * h * d + self.head * d..];
         let scale = 1.0 / (d as f32).sqrt();
         let mut max = vec![f32::NEG_INFINITY; n];
         let mut sum = vec![0f32; n];
         let mut acc = vec![0f32; n * d];
         let mut scores = vec![0f32; n * KEY_TILE];
         let first_row = self.q_offset + self.rows.start;
-        let limit = if self.causal { (first_row + n).min(self.kv.len) } else { self.kv.len };
+        let limit = if self.causal { (first_row + rows).min(self.kv.len) } else { self.kv.len };
         for t0 in (0..limit).step_by(KEY_TILE) {
             let width = (limit - t0).min(KEY_TILE);
             // scores[r, j] = scale · q_r · k_(t0+j)
-            gemm_f32(n, width, d, &mut scores, KEY_TILE, false, (q, h * d, 1), (&keys[t0 * d..], 1, d), scale, false);
+            gemm_f32(n, width, d, &mut scores, KEY_TILE, false, (&q, d, 1), (&keys[t0 * d..], 1, d), scale, false);
             for r in 0..n {
+                let i = r % rows;
                 let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
-                if self.causal && t0 + width > first_row + r + 1 {
-                    let visible = (first_row + r + 1).saturating_sub(t0);
+                if self.causal && t0 + width > first_row + i + 1 {
+                    let visible = (first_row + i + 1).saturating_sub(t0);
                     row[visible..].fill(f32::NEG_INFINITY);
                 }
                 if let Some(w) = self.heads.sliding_window {
-                    let p = self.q_pos[self.rows.start + r];
+                    let p = self.q_pos[self.rows.start + i];
                     for (s, &kp) in row.iter_mut().zip(&key_pos[t0..t0 + width]) {
                         if p.saturating_sub(kp) as usize >= w {
                             *s = f32::NEG_INFINITY;
