@@ -52,6 +52,9 @@ impl Shape {
                 s.n_heads, s.n_kv_heads, s.head_dim
             )));
         }
+        if s.window == 0 {
+            return Err(SelectError::Shape("the observation window must hold at least one query".into()));
+        }
         if s.window > s.seq_len {
             return Err(SelectError::Shape(format!("window {} is longer than the sequence ({})", s.window, s.seq_len)));
         }

@@ -138,8 +138,8 @@ impl Engine {
         let prefill = self.model.prefill(&ids, &policy, max_new)?;
         let prefill_s = start.elapsed().as_secs_f64();
         let mut cache = prefill.cache;
-        let d = spec.num_kv_heads * spec.head_dim;
-        let metrics_base = (cache.bytes(), 2 * spec.num_layers * ids.len() * d * std::mem::size_of::<f32>());
+        let kv_cache_bytes = cache.bytes();
+        let kv_cache_bytes_full = 2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * std::mem::size_of::<f32>();
         let selection = req.record_selection.then(|| Selection {
             layers: cache
                 .layers
@@ -198,8 +198,8 @@ impl Engine {
             ttft_s: ttft,
             prefill_tokens_per_s: ids.len() as f64 / prefill_s,
             decode_tokens_per_s: if n > 1 && decode_s > 0.0 { (n - 1) as f64 / decode_s } else { 0.0 },
-            kv_cache_bytes: metrics_base.0,
-            kv_cache_bytes_full: metrics_base.1,
+            kv_cache_bytes,
+            kv_cache_bytes_full,
         };
         Ok(Output {
             text,

@@ -173,6 +173,9 @@ impl TensorSet {
                     None => by_file.push((file.into(), vec![name.clone()])),
                 }
             }
+            if by_file.is_empty() {
+                return Err(Error::bad_file(&index, "`weight_map` lists no tensors"));
+            }
             by_file.sort();
             by_file
         } else if single.exists() {

@@ -139,6 +139,8 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(window_scores(&[0.0; 44], &[0.0; 20], &shape).is_err());
     let shape = Shape { n_heads: 2, n_kv_heads: 1, head_dim: 2, seq_len: 10, window: 2 };
     assert!(window_scores(&[0.0; 7], &[0.0; 20], &shape).is_err());
+    let shape = Shape { n_heads: 2, n_kv_heads: 1, head_dim: 2, seq_len: 10, window: 0 };
+    assert!(window_scores(&[], &[0.0; 20], &shape).is_err());
     assert!(pool_group_scores(&[0.0; 8], 1, 1, 8, 4, Pool::Max).is_err());
     assert!(pool_group_scores(&[0.0; 8], 1, 1, 8, 0, Pool::Max).is_err());
     assert!(pool_group_scores(&[0.0; 7], 1, 1, 8, 3, Pool::Max).is_err());
