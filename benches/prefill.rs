@@ -45,7 +45,8 @@ fn engine_dir(dtype: DType) -> PathBuf {
         std::fs::write(ckpt.join("config.json"), config.to_string()).unwrap();
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tokenizer.json");
         std::fs::copy(fixture, ckpt.join("tokenizer.json")).unwrap();
-        let mut plan = vec![("model.embed_tokens.weight".to_string(), vec![v, e]), ("model.norm.weight".into(), vec![e])];
+        let mut plan =
+            vec![("model.embed_tokens.weight".to_string(), vec![v, e]), ("model.norm.weight".into(), vec![e])];
         for l in 0..n {
             let p = format!("model.layers.{l}");
             for (name, shape) in [
@@ -126,7 +127,18 @@ fn main() {
     println!("engine: SmolLM2-135M shapes, random weights, {dtype:?}, {} threads", rayon::current_num_threads());
     println!(
         "{:>6} {:>6} {:>9} {:>9} {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6} | {:>10} {:>10}",
-        "L", "method", "TTFT s", "tok/s", "speedup", "ideal", "% ideal", "proj%", "attn%", "sel%", "GEMM GF/s", "alone GF/s"
+        "L",
+        "method",
+        "TTFT s",
+        "tok/s",
+        "speedup",
+        "ideal",
+        "% ideal",
+        "proj%",
+        "attn%",
+        "sel%",
+        "GEMM GF/s",
+        "alone GF/s"
     );
     for &len in &lengths {
         let ids = tokens(len);
@@ -179,7 +191,12 @@ fn main() {
 fn gemm_alone(dir: &Path, m: usize) -> f64 {
     let file = TensorFile::open(&dir.join("weights.safetensors")).unwrap();
     let (_, e, h, hk, d, i, _) = SHAPE;
-    let shapes = [("layers.0.wqkv", (h + 2 * hk) * d, e), ("layers.0.wo", e, h * d), ("layers.0.w_gate_up", 2 * i, e), ("layers.0.w_down", e, i)];
+    let shapes = [
+        ("layers.0.wqkv", (h + 2 * hk) * d, e),
+        ("layers.0.wo", e, h * d),
+        ("layers.0.w_gate_up", 2 * i, e),
+        ("layers.0.w_down", e, i),
+    ];
     let mut flops = 0.0;
     let mut secs = 0.0;
     for (name, rows, cols) in shapes {

@@ -54,7 +54,11 @@ pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
     PRESETS
         .iter()
         .map(|p| serde_json::from_str::<Preset>(p).expect("bundled presets are valid"))
-        .find(|p| p.matches.arch == spec.arch && p.matches.num_layers == spec.num_layers && p.matches.hidden_size == spec.hidden_size)
+        .find(|p| {
+            p.matches.arch == spec.arch
+                && p.matches.num_layers == spec.num_layers
+                && p.matches.hidden_size == spec.hidden_size
+        })
         .map_or_else(|| (Policy::fastkv_default(spec), None), |p| (p.policy, Some(p.name)))
 }
 
@@ -86,8 +90,11 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
 }
 
 fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Manifest> {
-    let plan: Vec<TensorPlan> =
-        ckpt.layout.iter().map(|t| TensorPlan { name: t.name.clone(), dtype: opts.dtype, shape: t.shape.clone() }).collect();
+    let plan: Vec<TensorPlan> = ckpt
+        .layout
+        .iter()
+        .map(|t| TensorPlan { name: t.name.clone(), dtype: opts.dtype, shape: t.shape.clone() })
+        .collect();
     let total: u64 = plan.iter().map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
     let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(

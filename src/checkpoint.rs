@@ -79,7 +79,11 @@ fn hf_layout(spec: &ModelSpec) -> Vec<EngineTensor> {
             out.push(t(format!("layers.{l}.q_norm"), vec![d], vec![format!("{p}.self_attn.q_norm.weight")]));
             out.push(t(format!("layers.{l}.k_norm"), vec![d], vec![format!("{p}.self_attn.k_norm.weight")]));
         }
-        out.push(t(format!("layers.{l}.wo"), vec![e, spec.num_heads * d], vec![format!("{p}.self_attn.o_proj.weight")]));
+        out.push(t(
+            format!("layers.{l}.wo"),
+            vec![e, spec.num_heads * d],
+            vec![format!("{p}.self_attn.o_proj.weight")],
+        ));
         out.push(t(format!("layers.{l}.mlp_norm"), vec![e], vec![format!("{p}.post_attention_layernorm.weight")]));
         out.push(t(
             format!("layers.{l}.w_gate_up"),
@@ -119,7 +123,11 @@ fn check_sources(dir: &Path, tensors: &TensorSet, t: &EngineTensor) -> Result<()
         rows += src.shape[0];
     }
     if rows != t.shape[0] {
-        let shapes: Vec<String> = t.sources.iter().map(|n| format!("{n} {:?}", tensors.get(n).map(|s| s.shape.to_vec()).unwrap_or_default())).collect();
+        let shapes: Vec<String> = t
+            .sources
+            .iter()
+            .map(|n| format!("{n} {:?}", tensors.get(n).map(|s| s.shape.to_vec()).unwrap_or_default()))
+            .collect();
         return Err(Error::TensorMismatch {
             path: dir.into(),
             name: t.sources.join(" + "),
@@ -168,7 +176,10 @@ fn read_tokenizer_info(dir: &Path, spec: &ModelSpec, tok: &tokenizers::Tokenizer
         .unwrap_or_default();
     eos_token_ids.dedup();
     if let Some(bad) = eos_token_ids.iter().find(|&&id| id as usize >= spec.vocab_size) {
-        return Err(Error::bad_file(dir, format!("eos_token_id {bad} is outside the vocabulary ({})", spec.vocab_size)));
+        return Err(Error::bad_file(
+            dir,
+            format!("eos_token_id {bad} is outside the vocabulary ({})", spec.vocab_size),
+        ));
     }
     // transformers >= 4.47 writes the template to its own file.
     let jinja = dir.join("chat_template.jinja");

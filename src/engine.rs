@@ -52,7 +52,10 @@ impl Manifest {
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
         if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
-            return Err(Error::bad_file(&path, format!("not a fastkv engine manifest (no \"format\": \"{FORMAT_NAME}\")")));
+            return Err(Error::bad_file(
+                &path,
+                format!("not a fastkv engine manifest (no \"format\": \"{FORMAT_NAME}\")"),
+            ));
         }
         let version = v.get("format_version").and_then(|f| f.as_str()).unwrap_or("");
         let major = version.split('.').next().and_then(|m| m.parse::<u32>().ok());
@@ -81,11 +84,18 @@ impl Manifest {
             if meta.len() != entry.bytes {
                 return Err(Error::bad_file(
                     &path,
-                    format!("size is {} bytes, engine.json records {}: the engine is corrupt, rebuild it", meta.len(), entry.bytes),
+                    format!(
+                        "size is {} bytes, engine.json records {}: the engine is corrupt, rebuild it",
+                        meta.len(),
+                        entry.bytes
+                    ),
                 ));
             }
             if hashes && crate::tensors::sha256_file(&path)? != entry.sha256 {
-                return Err(Error::bad_file(&path, "sha256 does not match engine.json: the engine is corrupt, rebuild it"));
+                return Err(Error::bad_file(
+                    &path,
+                    "sha256 does not match engine.json: the engine is corrupt, rebuild it",
+                ));
             }
         }
         Ok(())

@@ -16,20 +16,23 @@ impl Rope {
     pub fn new(spec: &ModelSpec) -> Self {
         let dim = spec.head_dim;
         let base = spec.rope_theta;
-        let mut inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / (base.powf(((2 * i) as f32 / dim as f32) as f64) as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> =
+            (0..dim / 2).map(|i| 1.0 / (base.powf(((2 * i) as f32 / dim as f32) as f64) as f32)).collect();
         match spec.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high, old) =
-                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
                 let (low_wavelen, high_wavelen) = (old / low, old / high);
                 for f in &mut inv_freq {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

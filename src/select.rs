@@ -113,7 +113,14 @@ pub fn window_scores(q_window: &[f32], keys: &[f32], shape: &Shape) -> Result<Ve
 
 /// Pools every query head's scores (`s`: `[H, n]`) with `kernel`, then sums the heads of each GQA
 /// group: `[Hk, n]`. Pooling per head before the sum matters for max pooling.
-pub fn pool_group_scores(s: &[f32], n_heads: usize, n_kv_heads: usize, n: usize, kernel: usize, pool: Pool) -> Result<Vec<f32>> {
+pub fn pool_group_scores(
+    s: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    n: usize,
+    kernel: usize,
+    pool: Pool,
+) -> Result<Vec<f32>> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
         return Err(SelectError::Shape(format!("{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads")));
     }
@@ -173,14 +180,22 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
 
 fn check_budget(what: &'static str, budget: usize, window: usize, seq_len: usize) -> Result<()> {
     if budget < window || budget > seq_len {
-        return Err(SelectError::Shape(format!("{what} {budget} must lie between the window ({window}) and the sequence ({seq_len})")));
+        return Err(SelectError::Shape(format!(
+            "{what} {budget} must lie between the window ({window}) and the sequence ({seq_len})"
+        )));
     }
     Ok(())
 }
 
 /// Cache entries of every KV head (`[Hk, budget]`): the top `budget − W` positions of its group
 /// scores (descending), then the W window positions in order.
-pub fn kv_indices(group_scores: &[f32], n_kv_heads: usize, seq_len: usize, window: usize, budget: usize) -> Result<Vec<u32>> {
+pub fn kv_indices(
+    group_scores: &[f32],
+    n_kv_heads: usize,
+    seq_len: usize,
+    window: usize,
+    budget: usize,
+) -> Result<Vec<u32>> {
     check_budget("KV budget", budget, window, seq_len)?;
     let n = seq_len - window;
     check_len("group scores", group_scores, n_kv_heads * n)?;
@@ -194,7 +209,13 @@ pub fn kv_indices(group_scores: &[f32], n_kv_heads: usize, seq_len: usize, windo
 
 /// Token-Selective Propagation: the top `tsp_len − W` positions of the group scores summed over KV
 /// heads, plus the window, ascending — exactly `tsp_len` indices.
-pub fn tsp_indices(group_scores: &[f32], n_kv_heads: usize, seq_len: usize, window: usize, tsp_len: usize) -> Result<Vec<u32>> {
+pub fn tsp_indices(
+    group_scores: &[f32],
+    n_kv_heads: usize,
+    seq_len: usize,
+    window: usize,
+    tsp_len: usize,
+) -> Result<Vec<u32>> {
     check_budget("TSP length", tsp_len, window, seq_len)?;
     let n = seq_len - window;
     check_len("group scores", group_scores, n_kv_heads * n)?;

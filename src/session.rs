@@ -123,7 +123,10 @@ impl Engine {
             return Err(Error::invalid("--prompt", "the prompt is empty"));
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= spec.vocab_size) {
-            return Err(Error::invalid("--prompt", format!("token id {bad} is outside the vocabulary ({})", spec.vocab_size)));
+            return Err(Error::invalid(
+                "--prompt",
+                format!("token id {bad} is outside the vocabulary ({})", spec.vocab_size),
+            ));
         }
         let max_pos = spec.max_position_embeddings;
         if ids.len() > max_pos {
@@ -139,7 +142,8 @@ impl Engine {
         let prefill_s = start.elapsed().as_secs_f64();
         let mut cache = prefill.cache;
         let kv_cache_bytes = cache.bytes();
-        let kv_cache_bytes_full = 2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * std::mem::size_of::<f32>();
+        let kv_cache_bytes_full =
+            2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * std::mem::size_of::<f32>();
         let selection = req.record_selection.then(|| Selection {
             layers: cache
                 .layers

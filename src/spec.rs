@@ -57,7 +57,8 @@ impl ModelSpec {
     /// Reads and validates an HF `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
+        let cfg: Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
         let c = Config { path, v: &cfg };
         let model_type = c.str("model_type")?;
         let arch = match model_type {
@@ -151,7 +152,7 @@ impl ModelSpec {
         if self.head_dim % 2 != 0 {
             return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err("rope_theta must be positive".into());
         }
         if self.sliding_window == Some(0) {

@@ -120,10 +120,8 @@ impl TensorFile {
 
     /// The tensor called `name`, or a clear error if it is missing or of an unsupported dtype.
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
-        let info = self
-            .meta
-            .info(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        let info =
+            self.meta.info(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.into() })?;
         let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| Error::TensorMismatch {
             path: self.path.clone(),
             name: name.into(),
@@ -135,12 +133,25 @@ impl TensorFile {
         Ok(Tensor { dtype, shape: &info.shape, bytes: &self.mmap[self.data_start + begin..self.data_start + end] })
     }
 
-    /// The mapping and byte range of a tensor, for views that outlive this borrow.
-    pub fn mapped(&self, name: &str) -> Result<(Arc<Mmap>, std::ops::Range<usize>, DType, Vec<usize>)> {
+    /// A tensor as a shared mapping plus byte range, for views that outlive this borrow.
+    pub fn mapped(&self, name: &str) -> Result<MappedTensor> {
         let t = self.get(name)?;
         let start = t.bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
-        Ok((self.mmap.clone(), start..start + t.bytes.len(), t.dtype, t.shape.to_vec()))
+        Ok(MappedTensor {
+            mmap: self.mmap.clone(),
+            range: start..start + t.bytes.len(),
+            dtype: t.dtype,
+            shape: t.shape.to_vec(),
+        })
     }
+}
+
+/// A tensor that keeps its file mapped.
+pub struct MappedTensor {
+    pub mmap: Arc<Mmap>,
+    pub range: std::ops::Range<usize>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
 }
 
 /// The weights of an HF checkpoint: `model.safetensors`, or shards listed by
@@ -164,7 +175,8 @@ impl TensorSet {
                 .ok_or_else(|| Error::bad_file(&index, "missing object `weight_map`"))?;
             let mut by_file: Vec<(String, Vec<String>)> = Vec::new();
             for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| Error::bad_file(&index, format!("`{name}` maps to a non-string")))?;
+                let file =
+                    file.as_str().ok_or_else(|| Error::bad_file(&index, format!("`{name}` maps to a non-string")))?;
                 if file.contains('/') || file.contains("..") {
                     return Err(Error::bad_file(&index, format!("shard name `{file}` must be a plain file name")));
                 }
@@ -258,7 +270,10 @@ pub fn write_safetensors(
         buf.clear();
         fill(i, &mut buf)?;
         if buf.len() != t.bytes() {
-            return Err(Error::bad_file(path, format!("tensor `{}`: wrote {} bytes, expected {}", t.name, buf.len(), t.bytes())));
+            return Err(Error::bad_file(
+                path,
+                format!("tensor `{}`: wrote {} bytes, expected {}", t.name, buf.len(), t.bytes()),
+            ));
         }
         out.write_all(&buf).map_err(io)?;
     }

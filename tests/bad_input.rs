@@ -34,7 +34,9 @@ fn build_fails(checkpoint: &Path, needles: &[&str]) {
 }
 
 /// Rewrites `model.safetensors` of a copied llama fixture through `edit`.
-fn edit_weights(edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> (tempfile::TempDir, std::path::PathBuf) {
+fn edit_weights(
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let (tmp, dir) = copy_fixture("llama");
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
@@ -137,7 +139,14 @@ fn existing_output_is_refused_without_force() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("--force"));
     let forced = Command::new(env!("CARGO_BIN_EXE_fastkv-build"))
-        .args(["--checkpoint", fixture("llama").to_str().unwrap(), "--output", engine.to_str().unwrap(), "--force", "--quiet"])
+        .args([
+            "--checkpoint",
+            fixture("llama").to_str().unwrap(),
+            "--output",
+            engine.to_str().unwrap(),
+            "--force",
+            "--quiet",
+        ])
         .output()
         .unwrap();
     assert!(forced.status.success());
@@ -176,7 +185,10 @@ fn corrupt_engine_weights_are_detected() {
     let n = bytes.len();
     bytes[n - 3] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_fastkv")).args(["verify", "--engine", engine.to_str().unwrap()]).output().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+        .args(["verify", "--engine", engine.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("sha256"));
     std::fs::write(&path, &bytes[..n - 8]).unwrap();

@@ -35,7 +35,12 @@ fn f32_engines_match_transformers_logits_and_greedy_tokens() {
             let out = greedy_full(&engine, &p.ids, p.greedy.len());
             let err = rel_err(&out.prompt_logits, &p.last_logits);
             assert!(err < 1e-4, "{name}, {} tokens: logits relative error {err:e}", p.ids.len());
-            assert_eq!(out.token_ids, until_eos(&p.greedy, &eos), "{name}, {} tokens: greedy continuation", p.ids.len());
+            assert_eq!(
+                out.token_ids,
+                until_eos(&p.greedy, &eos),
+                "{name}, {} tokens: greedy continuation",
+                p.ids.len()
+            );
         }
     }
 }

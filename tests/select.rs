@@ -25,8 +25,19 @@ fn closed_form(h: usize, hk: usize, s: usize, w: usize, d: usize) -> (Vec<f32>, 
     (q, k)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Spec §3.2–3.3 written out in f64 loops: full logits, W×W mask, softmax, sum, pool, group sum.
-fn reference(q: &[f32], k: &[f32], h: usize, hk: usize, s: usize, w: usize, d: usize, kernel: usize, pool: Pool) -> Vec<f64> {
+fn reference(
+    q: &[f32],
+    k: &[f32],
+    h: usize,
+    hk: usize,
+    s: usize,
+    w: usize,
+    d: usize,
+    kernel: usize,
+    pool: Pool,
+) -> Vec<f64> {
     let n = s - w;
     let gsz = h / hk;
     let mut a = vec![0f64; hk * n];
@@ -39,7 +50,8 @@ fn reference(q: &[f32], k: &[f32], h: usize, hk: usize, s: usize, w: usize, d: u
                     if j >= n && j - n > i {
                         return f64::NEG_INFINITY;
                     }
-                    let dotp: f64 = (0..d).map(|x| q[(hh * w + i) * d + x] as f64 * k[(g * s + j) * d + x] as f64).sum();
+                    let dotp: f64 =
+                        (0..d).map(|x| q[(hh * w + i) * d + x] as f64 * k[(g * s + j) * d + x] as f64).sum();
                     dotp / (d as f64).sqrt()
                 })
                 .collect();
@@ -72,7 +84,10 @@ fn group_scores_match_an_independent_f64_computation() {
                 let got = group_scores(&q, &k, &shape, kernel, pool).unwrap();
                 let want = reference(&q, &k, h, hk, s, w, d, kernel, pool);
                 for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-                    assert!((*g as f64 - r).abs() <= 1e-5 * r.abs().max(1e-3), "H={h} Hk={hk} S={s} {pool:?} [{i}]: {g} vs {r}");
+                    assert!(
+                        (*g as f64 - r).abs() <= 1e-5 * r.abs().max(1e-3),
+                        "H={h} Hk={hk} S={s} {pool:?} [{i}]: {g} vs {r}"
+                    );
                 }
             }
         }

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate a completion for one prompt, streaming text to stdout.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check an engine directory: manifest, file sizes and sha256 checksums.
     Verify {
         /// Engine directory written by fastkv-build.
@@ -116,7 +116,9 @@ impl PolicyArgs {
         p.pool = self.pool.unwrap_or(p.pool);
         p.budget = match (p.budget, self.kv_budget.is_some() || self.tsp_len.is_some()) {
             // Absolute mode: the paper's v1/v2 CLI defaults fill what is not given.
-            (_, true) => Budget::Absolute { kv_budget: self.kv_budget.unwrap_or(512), tsp_len: self.tsp_len.unwrap_or(2048) },
+            (_, true) => {
+                Budget::Absolute { kv_budget: self.kv_budget.unwrap_or(512), tsp_len: self.tsp_len.unwrap_or(2048) }
+            }
             (Budget::Rate { tsp_rate, retain_rate }, false) => Budget::Rate {
                 tsp_rate: self.tsp_rate.unwrap_or(tsp_rate),
                 retain_rate: self.retain_rate.unwrap_or(retain_rate),
@@ -133,7 +135,9 @@ fn run(args: &RunArgs) -> Result<()> {
     let engine = Engine::open(&args.engine)?;
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}: cannot read prompt file", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("{}: cannot read prompt file", f.display()))?
+        }
         (None, None) => unreachable!("clap requires one of --prompt / --prompt-file"),
     };
     let mut req = Request::new(if args.chat { Prompt::Chat(text) } else { Prompt::Text(text) });

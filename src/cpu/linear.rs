@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::tensors::{DType, TensorFile};
+use crate::tensors::{DType, MappedTensor, TensorFile};
 
 /// Rows handled per matrix-vector task, and f32 values widened per GEMM block.
 const MATVEC_ROWS: usize = 64;
@@ -36,7 +36,7 @@ enum Rows<'a> {
 impl Linear {
     /// Maps tensor `name`, checking it is `[rows, cols]` and aligned for its dtype.
     pub fn load(file: &TensorFile, name: &str, rows: usize, cols: usize) -> Result<Self> {
-        let (mmap, range, dtype, shape) = file.mapped(name)?;
+        let MappedTensor { mmap, range, dtype, shape } = file.mapped(name)?;
         if shape != [rows, cols] {
             return Err(Error::TensorMismatch {
                 path: file.path().into(),
@@ -86,7 +86,9 @@ impl Linear {
         for start in (0..self.rows).step_by(block) {
             let end = (start + block).min(self.rows);
             let wide = &mut wide[..(end - start) * self.cols];
-            wide.par_chunks_mut(self.cols).enumerate().for_each(|(i, row)| self.rows_f32(start + i..start + i + 1, row));
+            wide.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(i, row)| self.rows_f32(start + i..start + i + 1, row));
             gemm_xwt(x, m, wide, end - start, self.cols, &mut out[start..], self.rows);
         }
     }

@@ -120,13 +120,20 @@ impl Model {
             embed: Linear::load(file, "embed", spec.vocab_size, e)?,
             layers,
             final_norm: vector(file, "final_norm", e)?,
-            lm_head: (!spec.tie_word_embeddings).then(|| Linear::load(file, "lm_head", spec.vocab_size, e)).transpose()?,
+            lm_head: (!spec.tie_word_embeddings)
+                .then(|| Linear::load(file, "lm_head", spec.vocab_size, e))
+                .transpose()?,
         })
     }
 
     fn heads(&self) -> Heads {
         let s = &self.spec;
-        Heads { n_heads: s.num_heads, n_kv_heads: s.num_kv_heads, head_dim: s.head_dim, sliding_window: s.sliding_window }
+        Heads {
+            n_heads: s.num_heads,
+            n_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            sliding_window: s.sliding_window,
+        }
     }
 
     fn embed(&self, tokens: &[u32]) -> Vec<f32> {
@@ -218,6 +225,7 @@ impl Model {
             let last_layer = l + 1 == s.num_layers;
             let qkv = self.qkv(layer, &x, &rope);
             let (q, k, v) = split_heads(&qkv, seq, hq, hk, d);
+            drop(qkv);
             lap(&mut profile.projections_s);
 
             let mut tsp = None;
@@ -230,9 +238,15 @@ impl Model {
                     let scores = select::group_scores(&q_window, &k, &shape, policy.kernel, policy.pool)
                         .map_err(|e| Error::invalid("--window", e.to_string()))?;
                     if let Some(t) = plan.tsp_len.filter(|_| !last_layer) {
-                        tsp = Some(select::tsp_indices(&scores, hk, seq, w, t).map_err(|e| Error::invalid("--tsp-len", e.to_string()))?);
+                        tsp = Some(
+                            select::tsp_indices(&scores, hk, seq, w, t)
+                                .map_err(|e| Error::invalid("--tsp-len", e.to_string()))?,
+                        );
                     }
-                    Some(select::kv_indices(&scores, hk, seq, w, budget).map_err(|e| Error::invalid("--kv-budget", e.to_string()))?)
+                    Some(
+                        select::kv_indices(&scores, hk, seq, w, budget)
+                            .map_err(|e| Error::invalid("--kv-budget", e.to_string()))?,
+                    )
                 }
             };
             let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();

@@ -17,8 +17,14 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("engine");
-    build(&BuildOptions { checkpoint: checkpoint.into(), output: output.clone(), dtype, force: false, progress: false })
-        .unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
+    build(&BuildOptions {
+        checkpoint: checkpoint.into(),
+        output: output.clone(),
+        dtype,
+        force: false,
+        progress: false,
+    })
+    .unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
     (tmp, output)
 }
 
