@@ -161,11 +161,6 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Query heads per KV head (GQA group size).
-    pub fn group_size(&self) -> usize {
-        self.num_heads / self.num_kv_heads
-    }
-
     /// Rows of the fused q|k|v projection.
     pub fn qkv_rows(&self) -> usize {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim

@@ -59,12 +59,8 @@ pub struct Tensor<'a> {
 }
 
 impl Tensor<'_> {
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.bytes.len() / self.dtype.size()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
     }
 
     /// Widens (or copies) every element into `out`, which must hold `self.len()` values.
@@ -209,10 +205,6 @@ impl TensorSet {
             files.push(tf);
         }
         Ok(TensorSet { files, owner })
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.owner.contains_key(name)
     }
 
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {

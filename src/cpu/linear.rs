@@ -4,11 +4,9 @@
 //! (decode) stream the weights once with f32 accumulation.
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -20,9 +18,7 @@ const WIDEN_BLOCK_VALUES: usize = 1 << 20;
 
 /// A `[rows, cols]` weight matrix (`rows` = output features), row-major, in the engine file.
 pub struct Linear {
-    mmap: Arc<Mmap>,
-    range: Range<usize>,
-    dtype: DType,
+    weights: MappedTensor,
     pub rows: usize,
     pub cols: usize,
 }
@@ -36,25 +32,25 @@ enum Rows<'a> {
 impl Linear {
     /// Maps tensor `name`, checking it is `[rows, cols]` and aligned for its dtype.
     pub fn load(file: &TensorFile, name: &str, rows: usize, cols: usize) -> Result<Self> {
-        let MappedTensor { mmap, range, dtype, shape } = file.mapped(name)?;
-        if shape != [rows, cols] {
+        let weights = file.mapped(name)?;
+        if weights.shape != [rows, cols] {
             return Err(Error::TensorMismatch {
                 path: file.path().into(),
                 name: name.into(),
                 what: "shape",
                 expected: format!("[{rows}, {cols}]"),
-                actual: format!("{shape:?}"),
+                actual: format!("{:?}", weights.shape),
             });
         }
-        if (mmap.as_ptr() as usize + range.start) % dtype.size() != 0 {
+        if (weights.mmap.as_ptr() as usize + weights.range.start) % weights.dtype.size() != 0 {
             return Err(Error::bad_file(file.path(), format!("tensor `{name}` is not aligned; rebuild the engine")));
         }
-        Ok(Linear { mmap, range, dtype, rows, cols })
+        Ok(Linear { weights, rows, cols })
     }
 
     fn data(&self) -> Rows<'_> {
-        let bytes = &self.mmap[self.range.clone()];
-        match self.dtype {
+        let bytes = &self.weights.mmap[self.weights.range.clone()];
+        match self.weights.dtype {
             DType::F32 => Rows::F32(bytemuck::cast_slice(bytes)),
             DType::F16 => Rows::F16(bytemuck::cast_slice(bytes)),
             DType::Bf16 => Rows::Bf16(bytemuck::cast_slice(bytes)),
