@@ -98,13 +98,13 @@ pub fn window_scores(q_window: &[f32], keys: &[f32], shape: &Shape) -> Result<Ve
             // Window key n+t sees window query i only if it is not in i's future (t ≤ i).
             row[n + r % w + 1..].fill(f32::NEG_INFINITY);
         }
-        for (r, row) in logits.chunks_exact(s).enumerate() {
+        for (r, row) in logits.chunks_exact_mut(s).enumerate() {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&x| ((x - max).exp()) as f64).sum();
-            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|x| *x = (*x - max).exp());
+            let inv = (1.0 / row.iter().map(|&e| e as f64).sum::<f64>()) as f32;
             let dst = &mut group_out[(r / w) * n..(r / w + 1) * n];
-            for (o, &x) in dst.iter_mut().zip(&row[..n]) {
-                *o += (x - max).exp() * inv;
+            for (o, &e) in dst.iter_mut().zip(&row[..n]) {
+                *o += e * inv;
             }
         }
     });

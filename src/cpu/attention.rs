@@ -110,11 +110,7 @@ impl Task<'_> {
                         }
                     }
                 }
-                let (tile_max, tile_sum) = softmax_tile(row, max[r]);
-                if tile_max == f32::NEG_INFINITY {
-                    continue;
-                }
-                let new_max = max[r].max(tile_max);
+                let (new_max, tile_sum) = softmax_tile(row, max[r]);
                 if max[r] != f32::NEG_INFINITY && max[r] < new_max {
                     let c = (max[r] - new_max).exp();
                     sum[r] *= c;
@@ -135,21 +131,21 @@ impl Task<'_> {
 }
 
 /// Turns one row of scores into exp(s − m) in place, with m = max(running max, row max); returns
-/// (row max, Σ exp). Masked entries (−∞) become exactly 0.
+/// (m, Σ exp). Masked entries (−∞) become exactly 0, so a fully masked row adds nothing.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
     let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let m = running_max.max(tile_max);
     if m == f32::NEG_INFINITY {
         row.fill(0.0);
-        return (tile_max, 0.0);
+        return (m, 0.0);
     }
     let mut sum = 0.0;
     for s in row.iter_mut() {
         *s = exp(*s - m);
         sum += *s;
     }
-    (tile_max, sum)
+    (m, sum)
 }
 
 /// e^x for x ≤ 0 to ~1e-7 relative: 2^round(x·log2 e) times a degree-7 Taylor polynomial on the
