@@ -10,7 +10,7 @@
 //!   validated and mapped onto the engine's fused tensor names.
 //! - [`builder`] (`fastkv-build`): checkpoint → engine directory, atomically; [`engine`]: the
 //!   versioned engine format and [`Engine::open`].
-//! - [`policy`]: full or FastKV, budgets and gates per layer; [`select`]: the host reference of the
+//! - [`policy`]: full, FastKV or a baseline (fastkv-spec §12), budgets and gates per layer; [`select`]: the host reference of the
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
 //! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
@@ -27,11 +27,14 @@
 //! # Ok::<(), fastkv::Error>(())
 //! ```
 
+pub mod bench;
 pub mod builder;
 pub mod checkpoint;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod plot;
 pub mod policy;
 pub mod rope;
 pub mod sampling;

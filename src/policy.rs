@@ -1,5 +1,11 @@
 //! Compression policies: which prompt tokens each layer keeps in its KV cache, and which tokens
-//! Token-Selective Propagation passes on. The budget formulas and gates follow fastkv-spec §4 and §8.
+//! propagate to the next layer. FastKV's budget formulas and gates follow fastkv-spec §4 and §8; the
+//! baselines (§12) derive their budgets from the same flags, so one `--retain-rate` or `--kv-budget`
+//! compares every method at the same retention.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -8,12 +14,37 @@ use crate::select::Pool;
 use crate::spec::ModelSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Keep every KV entry; every layer sees the whole prompt.
     Full,
     /// Token-Selective Propagation + GQA-aware KV compression.
     Fastkv,
+    /// SnapKV with FastKV's GQA-aware scoring and Hk-head cache (FastKV without TSP).
+    SnapkvGqa,
+    /// SnapKV as published: scored and cached per query head (H-head cache).
+    Snapkv,
+    /// Ada-SnapKV: per-query-head budgets allocated globally from the window scores.
+    Adakv,
+    /// HeadKV: per-query-head budgets from offline head scores (`--head-scores`).
+    Headkv,
+    /// SnapKV per query head with a linearly decreasing per-layer budget.
+    Pyramidkv,
+    /// Attention sinks + the most recent tokens (GQA width).
+    Streamingllm,
+    /// Heavy hitters: attention accumulated over every prompt row, per query head (O(L²)).
+    H2o,
+    /// Select tokens at filter layer f, then re-run the model on them with fresh positions.
+    Gemfilter,
+    /// Layer-wise pruning of the hidden states by a cosine keep schedule.
+    Pyramidinfer,
+}
+
+impl Method {
+    /// Methods whose caches hold one entry list per query head (H heads) instead of per KV head.
+    pub fn per_query_head(self) -> bool {
+        matches!(self, Method::Snapkv | Method::Adakv | Method::Headkv | Method::Pyramidkv | Method::H2o)
+    }
 }
 
 /// How big the KV budget C and the TSP length T are.
@@ -24,6 +55,41 @@ pub enum Budget {
     Rate { tsp_rate: f64, retain_rate: f64 },
     /// Constant (paper v1/v2): C = kv_budget in every layer, T = tsp_len.
     Absolute { kv_budget: usize, tsp_len: usize },
+}
+
+/// Knobs only some baselines have (fastkv-spec §12); the defaults are the published ones.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    /// GemFilter's filter layer f; `None`: ℓ*.
+    pub filter_layer: Option<usize>,
+    /// StreamingLLM and PyramidInfer: leading (sink) tokens always kept.
+    pub sink: usize,
+    /// AdaKV's floor α: the share of every head's budget kept out of the global allocation.
+    pub ada_alpha: f64,
+    /// H2O: the longest prompt accepted (its scores cost O(L²)).
+    pub h2o_max_len: usize,
+    /// PyramidInfer's ρ; `None`: chosen so the mean cached fraction per layer is the retain rate.
+    pub decay_ratio: Option<f64>,
+    /// PyramidInfer: ⌊L·ratio⌋ + 1 recent tokens score the context and are always kept.
+    pub recent_ratio: f64,
+    /// HeadKV's per-head scores (`--head-scores`), loaded once per process.
+    #[serde(skip)]
+    pub head_scores: Option<&'static HeadScores>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            filter_layer: None,
+            sink: 4,
+            ada_alpha: 0.2,
+            h2o_max_len: 8192,
+            decay_ratio: None,
+            recent_ratio: 0.01,
+            head_scores: None,
+        }
+    }
 }
 
 /// A complete per-request compression policy.
@@ -38,15 +104,78 @@ pub struct Policy {
     /// K: the pooling kernel (odd).
     pub kernel: usize,
     pub pool: Pool,
+    #[serde(default)]
+    pub params: Params,
 }
 
 /// What one prefill layer does with its sequence of `seq_len` tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayerPlan {
-    /// Entries kept per KV head; `None` keeps all `seq_len` in order (no scoring).
+    /// Entries kept per cache head (AdaKV/HeadKV: the base of their per-head allocation); `None`
+    /// keeps all `seq_len` in order (no scoring).
     pub kv_budget: Option<usize>,
     /// Tokens propagated past this layer; `Some` only at ℓ* when TSP fires.
     pub tsp_len: Option<usize>,
+}
+
+/// HeadKV's per-head importance (fastkv-spec §12): a JSON object `"layer-head"` → list of scores; a
+/// head's score is the mean of its list, normalised so all N·H heads of the model sum to 1.
+#[derive(Debug, PartialEq)]
+pub struct HeadScores {
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// `[N, H]`, summing to 1.
+    pub scores: Vec<f64>,
+}
+
+impl HeadScores {
+    /// Parses `text` (the contents of `path`) for a model of `num_layers` × `num_heads` query heads.
+    pub fn parse(path: &Path, text: &str, num_layers: usize, num_heads: usize) -> Result<Self> {
+        let map: HashMap<String, Vec<f64>> = serde_json::from_str(text)
+            .map_err(|e| Error::bad_file(path, format!("expected {{\"layer-head\": [scores…]}}: {e}")))?;
+        let mut scores = vec![f64::NAN; num_layers * num_heads];
+        for (key, list) in &map {
+            let parsed =
+                key.split_once('-').and_then(|(l, h)| Some((l.parse::<usize>().ok()?, h.parse::<usize>().ok()?)));
+            let (l, h) = parsed.ok_or_else(|| Error::bad_file(path, format!("key \"{key}\" is not \"layer-head\"")))?;
+            if l >= num_layers || h >= num_heads {
+                return Err(Error::bad_file(
+                    path,
+                    format!("head \"{key}\" is outside this model ({num_layers} layers × {num_heads} heads)"),
+                ));
+            }
+            let mean = list.iter().sum::<f64>() / list.len() as f64;
+            if list.is_empty() || !mean.is_finite() || list.iter().any(|&s| s < 0.0) {
+                return Err(Error::bad_file(path, format!("head \"{key}\" needs a non-empty list of scores ≥ 0")));
+            }
+            scores[l * num_heads + h] = mean;
+        }
+        if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+            return Err(Error::bad_file(path, format!("head \"{}-{}\" is missing", i / num_heads, i % num_heads)));
+        }
+        let total: f64 = scores.iter().sum();
+        if total <= 0.0 {
+            return Err(Error::bad_file(path, "every head score is 0"));
+        }
+        scores.iter_mut().for_each(|s| *s /= total);
+        Ok(HeadScores { num_layers, num_heads, scores })
+    }
+
+    /// Reads and parses `path` for `spec`, once per process: policies stay `Copy` by holding a
+    /// `'static` reference, and one allocation per distinct (file, model shape) is kept.
+    pub fn load(path: &Path, spec: &ModelSpec) -> Result<&'static HeadScores> {
+        type Cache = Mutex<HashMap<(PathBuf, usize, usize), &'static HeadScores>>;
+        static LOADED: OnceLock<Cache> = OnceLock::new();
+        let key = (path.to_path_buf(), spec.num_layers, spec.num_heads);
+        let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = loaded.get(&key) {
+            return Ok(s);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let scores: &'static HeadScores = Box::leak(Box::new(Self::parse(path, &text, key.1, key.2)?));
+        loaded.insert(key, scores);
+        Ok(scores)
+    }
 }
 
 impl Policy {
@@ -59,6 +188,7 @@ impl Policy {
             window: 8,
             kernel: 7,
             pool: Pool::Max,
+            params: Params::default(),
         }
     }
 
@@ -76,9 +206,9 @@ impl Policy {
         if self.kernel == 0 || self.kernel % 2 == 0 {
             return Err(Error::invalid("--kernel", format!("{} must be odd and positive", self.kernel)));
         }
+        let in_range = |x: f64| x > 0.0 && x <= 1.0;
         match self.budget {
             Budget::Rate { tsp_rate, retain_rate } => {
-                let in_range = |x: f64| x > 0.0 && x <= 1.0;
                 if !in_range(tsp_rate) {
                     return Err(Error::invalid("--tsp-rate", format!("{tsp_rate} is not in (0, 1]")));
                 }
@@ -95,6 +225,52 @@ impl Policy {
                 }
             }
         }
+        let p = &self.params;
+        if let Some(f) = p.filter_layer.filter(|&f| f >= spec.num_layers) {
+            return Err(Error::invalid(
+                "--filter-layer",
+                format!("{f} is not a layer of this model (0..{})", spec.num_layers),
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.ada_alpha) {
+            return Err(Error::invalid("--ada-alpha", format!("{} is not in [0, 1]", p.ada_alpha)));
+        }
+        if p.h2o_max_len == 0 {
+            return Err(Error::invalid("--h2o-max-len", "must be at least 1"));
+        }
+        if let Some(rho) = p.decay_ratio.filter(|&r| !(0.0..=1.0).contains(&r)) {
+            return Err(Error::invalid("--decay-ratio", format!("{rho} is not in [0, 1]")));
+        }
+        if !(0.0..1.0).contains(&p.recent_ratio) {
+            return Err(Error::invalid("--recent-ratio", format!("{} is not in [0, 1)", p.recent_ratio)));
+        }
+        if self.method == Method::Headkv {
+            match p.head_scores {
+                None => return Err(Error::invalid("--head-scores", "HeadKV needs a head-score JSON file")),
+                Some(s) if (s.num_layers, s.num_heads) != (spec.num_layers, spec.num_heads) => {
+                    return Err(Error::invalid(
+                        "--head-scores",
+                        format!(
+                            "scores are for {} layers × {} heads, the model has {} × {}",
+                            s.num_layers, s.num_heads, spec.num_layers, spec.num_heads
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejects a prompt this policy cannot run (H2O above `--h2o-max-len`).
+    pub fn check_prompt(&self, prompt_len: usize) -> Result<()> {
+        let max = self.params.h2o_max_len;
+        if self.method == Method::H2o && prompt_len > max {
+            return Err(Error::invalid(
+                "--h2o-max-len",
+                format!("H2O's O(L²) scores are limited to {max} tokens; the prompt has {prompt_len}"),
+            ));
+        }
         Ok(())
     }
 
@@ -107,10 +283,11 @@ impl Policy {
         t.max(self.window)
     }
 
-    /// C of `layer` before the gate (spec §4), as the paper's code computes it.
+    /// C of `layer` before the gate (spec §4), as the paper's code computes it. Only FastKV rescales
+    /// the rate after ℓ*; the other methods keep ⌊L·r⌋ (or `kv_budget`) in every layer.
     pub fn kv_budget(&self, layer: usize, prompt_len: usize) -> usize {
         match self.budget {
-            Budget::Rate { tsp_rate, retain_rate } if layer > self.tsp_layer => {
+            Budget::Rate { tsp_rate, retain_rate } if self.method == Method::Fastkv && layer > self.tsp_layer => {
                 (self.tsp_len(prompt_len) as f64 * (retain_rate / tsp_rate)) as usize
             }
             Budget::Rate { retain_rate, .. } => (prompt_len as f64 * retain_rate) as usize,
@@ -118,22 +295,105 @@ impl Policy {
         }
     }
 
-    /// The plan of `layer` when it sees `seq_len` tokens of a `prompt_len`-token prompt, with the
-    /// gates of spec §8: a sequence shorter than C (or no longer than W) is stored whole and never
-    /// propagates; TSP fires only at ℓ* and only if it shrinks the sequence.
-    pub fn plan(&self, layer: usize, prompt_len: usize, seq_len: usize) -> LayerPlan {
-        let whole = LayerPlan { kv_budget: None, tsp_len: None };
-        if self.method == Method::Full {
-            return whole;
+    /// PyramidKV's C of `layer` in a model of `num_layers`: with B' = C − W, the scored budget falls
+    /// linearly from 2B' − ⌊B'/20⌋ at layer 0 to ⌊B'/20⌋ at the last layer (integer steps).
+    pub fn pyramid_budget(&self, layer: usize, num_layers: usize, prompt_len: usize) -> usize {
+        let base = self.kv_budget(layer, prompt_len).saturating_sub(self.window);
+        let (min, max) = (base / 20, 2 * base - base / 20);
+        let step = if num_layers > 1 { (max - min) / (num_layers - 1) } else { 0 };
+        max - layer * step + self.window
+    }
+
+    /// HeadKV's scored entries per query head of `layer` for a layer budget `c` over `seq_len`
+    /// tokens: B' = C − W, pool = ⌊B'/β⌋·N·H (β = 1.2), head h keeps `round(score_h·pool + B' −
+    /// ⌊B'/β⌋)` (ties to even, as torch), at most all S − W; the window comes on top.
+    pub fn head_budgets(&self, layer: usize, c: usize, seq_len: usize) -> Result<Vec<usize>> {
+        let scores = self.params.head_scores.filter(|s| layer < s.num_layers);
+        let scores =
+            scores.ok_or_else(|| Error::invalid("--head-scores", format!("no HeadKV scores for layer {layer}")))?;
+        let base = c.saturating_sub(self.window) as f64;
+        let small = (base / 1.2).floor();
+        let pool = small * scores.scores.len() as f64;
+        let row = &scores.scores[layer * scores.num_heads..(layer + 1) * scores.num_heads];
+        Ok(row
+            .iter()
+            .map(|s| ((s * pool + base - small).round_ties_even() as usize).min(seq_len - self.window))
+            .collect())
+    }
+
+    /// PyramidInfer's ρ: `--decay-ratio`, else the ρ whose compounded schedule caches on average the
+    /// retain fraction (C/L) of the prompt per layer (0 when even ρ = 0 keeps more).
+    pub fn decay_ratio(&self, num_layers: usize, prompt_len: usize) -> f64 {
+        if let Some(rho) = self.params.decay_ratio {
+            return rho;
         }
-        let c = self.kv_budget(layer, prompt_len);
+        let target = self.kv_budget(0, prompt_len) as f64 / prompt_len as f64;
+        if target >= 1.0 {
+            return 1.0;
+        }
+        let mean_cached = |rho: f64| {
+            let mut frac = 1.0;
+            let mut total = 0.0;
+            for l in 0..num_layers {
+                total += frac;
+                frac *= pyramid_keep_ratio(rho, l, num_layers);
+            }
+            total / num_layers as f64
+        };
+        if mean_cached(0.0) >= target {
+            return 0.0;
+        }
+        let (mut lo, mut hi) = (0.0, 1.0);
+        for _ in 0..60 {
+            let mid = (lo + hi) / 2.0;
+            if mean_cached(mid) < target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
+    }
+
+    /// PyramidInfer: context tokens (of `context` scored ones) that layer `layer` passes on: ⌊ρ_ℓ·n⌋,
+    /// but at least min(64, n).
+    pub fn pyramid_keep(&self, layer: usize, num_layers: usize, prompt_len: usize, context: usize) -> usize {
+        let ratio = pyramid_keep_ratio(self.decay_ratio(num_layers, prompt_len), layer, num_layers);
+        ((ratio * context as f64) as usize).max(context.min(64)).min(context)
+    }
+
+    /// PyramidInfer's recent tokens: ⌊L·recent_ratio⌋ + 1, never above L.
+    pub fn recent_len(&self, prompt_len: usize) -> usize {
+        ((prompt_len as f64 * self.params.recent_ratio) as usize + 1).min(prompt_len)
+    }
+
+    /// GemFilter's filter layer f (default ℓ*).
+    pub fn filter_layer(&self) -> usize {
+        self.params.filter_layer.unwrap_or(self.tsp_layer)
+    }
+
+    /// The plan of `layer` (of `num_layers`) when it sees `seq_len` tokens of a `prompt_len`-token
+    /// prompt, with the gates of spec §8: a sequence shorter than C (or no longer than W) is stored
+    /// whole and never propagates; TSP fires only for FastKV at ℓ* and only if it shrinks the
+    /// sequence. GemFilter and PyramidInfer cache whole sequences (they shrink what enters a layer).
+    pub fn plan(&self, layer: usize, num_layers: usize, prompt_len: usize, seq_len: usize) -> LayerPlan {
+        let whole = LayerPlan { kv_budget: None, tsp_len: None };
+        let c = match self.method {
+            Method::Full | Method::Gemfilter | Method::Pyramidinfer => return whole,
+            Method::Pyramidkv => self.pyramid_budget(layer, num_layers, prompt_len),
+            _ => self.kv_budget(layer, prompt_len),
+        };
         if seq_len < c || seq_len <= self.window {
             return whole;
         }
         let t = self.tsp_len(prompt_len);
-        LayerPlan {
-            kv_budget: Some(c.max(self.window)),
-            tsp_len: (layer == self.tsp_layer && seq_len > t).then_some(t),
-        }
+        let tsp = self.method == Method::Fastkv && layer == self.tsp_layer && seq_len > t;
+        LayerPlan { kv_budget: Some(c.max(self.window)), tsp_len: tsp.then_some(t) }
     }
+}
+
+/// PyramidInfer's cosine schedule: ρ_ℓ = (1−ρ)·(cos(πℓ/N)+1)/2 + ρ, the share of the current context
+/// layer ℓ passes on (1 at layer 0, falling towards ρ).
+pub fn pyramid_keep_ratio(rho: f64, layer: usize, num_layers: usize) -> f64 {
+    (1.0 - rho) * ((std::f64::consts::PI * layer as f64 / num_layers as f64).cos() + 1.0) / 2.0 + rho
 }

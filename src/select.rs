@@ -78,9 +78,43 @@ fn check_len(what: &'static str, slice: &[f32], expected: usize) -> Result<()> {
 /// softmax runs over all S keys with the causal mask only inside the W×W tail block. Each KV head's
 /// keys are walked once for the G·W query rows of its group.
 pub fn window_scores(q_window: &[f32], keys: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+    accumulate_scores(q_window, shape.window, keys, shape, None)
+}
+
+/// H2O's heavy-hitter scores: `s[h, j] = Σ_i softmax_j(q_i·k_j/√D)` over **every** prompt row i
+/// (`q_all`: `[H, S, D]`), causally masked, for the `S−W` non-window keys. O(S²) work.
+pub fn h2o_scores(q_all: &[f32], keys: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+    accumulate_scores(q_all, shape.seq_len, keys, shape, None)
+}
+
+/// PyramidInfer's context scores: the last R = `shape.window` rows (`q_recent`: `[H, R, D]`) are
+/// the recent queries, weighted linearly from 1.0 (oldest) to 1.2 (newest); `s[h, j]` for the
+/// `S−R` context keys. The mean over heads and rows that the paper takes ranks identically.
+pub fn recent_scores(q_recent: &[f32], keys: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+    let r = shape.window;
+    let weights: Vec<f32> = (0..r).map(|i| 1.0 + 0.2 * i as f32 / (r - 1).max(1) as f32).collect();
+    accumulate_scores(q_recent, r, keys, shape, Some(&weights))
+}
+
+/// Query rows scored per GEMM: bounds the logits buffer when every prompt row scores (H2O).
+const ROW_CHUNK: usize = 256;
+
+/// `s[h, j] = Σ_r weight_r · softmax_j(q_r·k_j/√D)` for the first `S−W` keys, where the `rows`
+/// query rows of each head (`[H, rows, D]`) are the last rows of the sequence: row r sees keys
+/// `0..=S−rows+r`.
+fn accumulate_scores(
+    q_rows: &[f32],
+    rows: usize,
+    keys: &[f32],
+    shape: &Shape,
+    weights: Option<&[f32]>,
+) -> Result<Vec<f32>> {
     shape.check()?;
     let Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, window: w } = *shape;
-    check_len("q_window", q_window, h * w * d)?;
+    if rows < w || rows > s {
+        return Err(SelectError::Shape(format!("{rows} query rows cannot score a window of {w} in {s} tokens")));
+    }
+    check_len("queries", q_rows, h * rows * d)?;
     check_len("keys", keys, hk * s * d)?;
     let (g_size, n) = (h / hk, s - w);
     let scale = 1.0 / (d as f32).sqrt();
@@ -89,26 +123,56 @@ pub fn window_scores(q_window: &[f32], keys: &[f32], shape: &Shape) -> Result<Ve
         return Ok(out);
     }
     out.par_chunks_mut(g_size * n).enumerate().for_each(|(g, group_out)| {
-        let rows = g_size * w;
-        let q = &q_window[g * rows * d..(g + 1) * rows * d];
+        let q = &q_rows[g * g_size * rows * d..(g + 1) * g_size * rows * d];
         let k = &keys[g * s * d..(g + 1) * s * d];
-        let mut logits = vec![0f32; rows * s];
-        gemm_f32(rows, s, d, &mut logits, s, false, (q, d, 1), (k, 1, d), scale, false);
-        for (r, row) in logits.chunks_exact_mut(s).enumerate() {
-            // Window key n+t sees window query i only if it is not in i's future (t ≤ i).
-            row[n + r % w + 1..].fill(f32::NEG_INFINITY);
-        }
-        for (r, row) in logits.chunks_exact_mut(s).enumerate() {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|x| *x = (*x - max).exp());
-            let inv = (1.0 / row.iter().map(|&e| e as f64).sum::<f64>()) as f32;
-            let dst = &mut group_out[(r / w) * n..(r / w + 1) * n];
-            for (o, &e) in dst.iter_mut().zip(&row[..n]) {
-                *o += e * inv;
+        let mut logits = vec![0f32; ROW_CHUNK.min(g_size * rows) * s];
+        for first in (0..g_size * rows).step_by(ROW_CHUNK) {
+            let m = ROW_CHUNK.min(g_size * rows - first);
+            gemm_f32(m, s, d, &mut logits, s, false, (&q[first * d..], d, 1), (k, 1, d), scale, false);
+            for (t, row) in logits.chunks_exact_mut(s).take(m).enumerate() {
+                let (head, r) = ((first + t) / rows, (first + t) % rows);
+                // Sequence row s−rows+r sees only keys up to itself.
+                row[s - rows + r + 1..].fill(f32::NEG_INFINITY);
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|x| *x = (*x - max).exp());
+                let inv = (1.0 / row.iter().map(|&e| e as f64).sum::<f64>()) as f32;
+                let inv = weights.map_or(inv, |wt| inv * wt[r]);
+                let dst = &mut group_out[head * n..(head + 1) * n];
+                for (o, &e) in dst.iter_mut().zip(&row[..n]) {
+                    *o += e * inv;
+                }
             }
         }
     });
     Ok(out)
+}
+
+/// GemFilter's raw scores: `q_last·k_j` of the last query row (`[H, D]`) against every key of its
+/// KV head — no softmax, no 1/√D — `[H, S]`.
+pub fn last_query_scores(q_last: &[f32], keys: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+    shape.check()?;
+    let Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, .. } = *shape;
+    check_len("q_last", q_last, h * d)?;
+    check_len("keys", keys, hk * s * d)?;
+    let g_size = h / hk;
+    let mut out = vec![0f32; h * s];
+    out.par_chunks_mut(s).enumerate().for_each(|(head, row)| {
+        let k = &keys[(head / g_size) * s * d..(head / g_size + 1) * s * d];
+        gemm_f32(1, s, d, row, s, false, (&q_last[head * d..], d, 1), (k, 1, d), 1.0, false);
+    });
+    Ok(out)
+}
+
+/// GemFilter's kernel: avgpool 5 (fastkv-spec §12).
+pub const GEMFILTER_KERNEL: usize = 5;
+
+/// GemFilter's selection: raw scores (`[H, S]`) summed over heads, avgpool 5, the top `k`
+/// positions, ascending.
+pub fn gemfilter_indices(raw: &[f32], n_heads: usize, seq_len: usize, k: usize) -> Result<Vec<u32>> {
+    let total = pool_group_scores(raw, n_heads, 1, seq_len, GEMFILTER_KERNEL, Pool::Avg)?;
+    let mut idx = top_k(&total, k);
+    idx.sort_unstable();
+    Ok(idx)
 }
 
 /// Pools every query head's scores (`s`: `[H, n]`) with `kernel`, then sums the heads of each GQA
@@ -227,4 +291,56 @@ pub fn tsp_indices(
     idx.sort_unstable();
     idx.extend(n as u32..seq_len as u32);
     Ok(idx)
+}
+
+/// Ada-SnapKV's allocation over per-head scores `[H, n]`: the top H·`base` scores over all heads
+/// compete globally; head h won n_h of them and keeps `round(n_h·(1−α) + α·base)` (ties to even, as
+/// torch), at most n. The window is not included.
+pub fn ada_budgets(scores: &[f32], n_heads: usize, n: usize, base: usize, alpha: f64) -> Result<Vec<usize>> {
+    check_len("head scores", scores, n_heads * n)?;
+    let mut won = vec![0usize; n_heads];
+    for i in top_k(scores, n_heads * base) {
+        won[i as usize / n.max(1)] += 1;
+    }
+    Ok(won
+        .into_iter()
+        .map(|w| ((w as f64 * (1.0 - alpha) + alpha * base as f64).round_ties_even() as usize).min(n))
+        .collect())
+}
+
+/// Cache entries of every head for ragged budgets: head h keeps the top `budgets[h]` of its scores
+/// (`[heads, S−W]`, descending), then the W window positions in order.
+pub fn head_indices(scores: &[f32], seq_len: usize, window: usize, budgets: &[usize]) -> Result<Vec<Vec<u32>>> {
+    let n = seq_len
+        .checked_sub(window)
+        .ok_or_else(|| SelectError::Shape(format!("window {window} is longer than the sequence ({seq_len})")))?;
+    check_len("head scores", scores, budgets.len() * n)?;
+    Ok(budgets
+        .iter()
+        .enumerate()
+        .map(|(h, &b)| {
+            let mut idx = top_k(&scores[h * n..(h + 1) * n], b);
+            idx.extend(n as u32..seq_len as u32);
+            idx
+        })
+        .collect())
+}
+
+/// StreamingLLM: the first min(`sink`, `budget`) positions and the most recent rest of `budget`,
+/// ascending.
+pub fn streaming_indices(seq_len: usize, sink: usize, budget: usize) -> Vec<u32> {
+    let budget = budget.min(seq_len);
+    let sinks = sink.min(budget);
+    (0..sinks as u32).chain((seq_len - (budget - sinks)) as u32..seq_len as u32).collect()
+}
+
+/// PyramidInfer's propagated positions: the `sink` first tokens, the top `keep` of the context
+/// scores (`scores[j]` for the `n` keys before the recent rows, sinks excluded from the ranking)
+/// and the `seq_len − n` recent tokens, ascending.
+pub fn pyramidinfer_indices(scores: &[f32], seq_len: usize, sink: usize, keep: usize) -> Vec<u32> {
+    let n = scores.len();
+    let sinks = sink.min(n);
+    let mut idx: Vec<u32> = top_k(&scores[sinks..], keep).into_iter().map(|i| i + sinks as u32).collect();
+    idx.sort_unstable();
+    (0..sinks as u32).chain(idx).chain(n as u32..seq_len as u32).collect()
 }

@@ -71,19 +71,23 @@ pub struct Metrics {
     pub kv_cache_bytes_full: usize,
 }
 
-/// What FastKV kept, per layer; positions are original prompt positions.
+/// What the policy kept, per layer; positions are original prompt positions (after GemFilter:
+/// positions in the re-run over `filtered_positions`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Selection {
     pub layers: Vec<LayerSelection>,
     pub tsp_layer: Option<usize>,
     pub tsp_positions: Option<Vec<u32>>,
+    /// GemFilter: the prompt positions whose tokens were re-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filtered_positions: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerSelection {
     pub layer: usize,
     pub seq_len: usize,
-    /// Kept positions per KV head, ascending.
+    /// Kept positions per cache head (KV heads; query heads for per-query-head methods), ascending.
     pub kept: Vec<Vec<u32>>,
 }
 
@@ -152,7 +156,7 @@ impl Engine {
                 .map(|(l, lc)| LayerSelection {
                     layer: l,
                     seq_len: prefill.seq_lens[l],
-                    kept: (0..spec.num_kv_heads)
+                    kept: (0..lc.n_heads())
                         .map(|g| {
                             let mut p = lc.positions(g).to_vec();
                             p.sort_unstable();
@@ -163,6 +167,7 @@ impl Engine {
                 .collect(),
             tsp_layer: prefill.tsp_positions.as_ref().map(|_| policy.tsp_layer),
             tsp_positions: prefill.tsp_positions.clone(),
+            filtered_positions: prefill.filtered_positions.clone(),
         });
 
         let mut sampler = Sampler::new(req.sampling);
@@ -191,7 +196,7 @@ impl Engine {
                 break;
             }
             if step + 1 < max_new {
-                logits = self.model.decode(id, (ids.len() + step) as u32, &mut cache);
+                logits = self.model.decode(id, prefill.next_position + step as u32, &mut cache);
             }
         }
         let decode_s = first_token_at.elapsed().as_secs_f64();

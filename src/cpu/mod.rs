@@ -1,6 +1,6 @@
 //! The CPU backend, the reference every other backend is checked against: a Llama-family decoder
-//! (covering Mistral, Qwen2 and Qwen3) whose prefill applies FastKV (fastkv-spec §2–§6) and whose
-//! decode runs over the compressed cache.
+//! (covering Mistral, Qwen2 and Qwen3) whose prefill applies FastKV (fastkv-spec §2–§6) or one of
+//! the baselines of §12, and whose decode runs over the compressed cache.
 
 pub mod attention;
 pub mod kernels;
@@ -12,7 +12,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::policy::Policy;
+use crate::policy::{Method, Policy};
 use crate::rope::{Rope, RopeTable};
 use crate::select;
 use crate::spec::ModelSpec;
@@ -65,6 +65,11 @@ pub struct Prefill {
     pub seq_lens: Vec<usize>,
     /// Original positions propagated past ℓ*, ascending, when TSP fired.
     pub tsp_positions: Option<Vec<u32>>,
+    /// GemFilter: the prompt positions it selected, ascending; the re-run saw only these tokens, at
+    /// fresh positions 0..k−1.
+    pub filtered_positions: Option<Vec<u32>>,
+    /// Position of the first generated token: L, or k after GemFilter's re-run.
+    pub next_position: u32,
     pub profile: PrefillProfile,
 }
 
@@ -74,7 +79,7 @@ pub struct PrefillProfile {
     /// Norms, q|k|v, o, gate|up and down projections, RoPE, SwiGLU.
     pub projections_s: f64,
     pub attention_s: f64,
-    /// FastKV: window scores, pooling, top-k, and the cache / TSP gathers.
+    /// Scores, pooling, top-k, the cache / propagation gathers, and GemFilter's filter pass.
     pub selection_s: f64,
 }
 
@@ -200,11 +205,60 @@ impl Model {
     }
 
     /// Runs the prompt through every layer under `policy`, reserving `max_new_tokens` of cache.
+    /// GemFilter first runs layers 0..=f to pick k tokens, then prefills only those, from scratch.
     pub fn prefill(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill> {
+        policy.validate(&self.spec)?;
+        policy.check_prompt(tokens.len())?;
+        let k = policy.kv_budget(0, tokens.len()).max(1);
+        if policy.method != Method::Gemfilter || k >= tokens.len() {
+            return self.run_layers(tokens, policy, max_new_tokens);
+        }
+        let clock = Instant::now();
+        let keep = self.gemfilter_select(tokens, policy.filter_layer(), k)?;
+        let ids: Vec<u32> = keep.iter().map(|&i| tokens[i as usize]).collect();
+        let filter_s = clock.elapsed().as_secs_f64();
+        let mut pre = self.run_layers(&ids, &Policy { method: Method::Full, ..*policy }, max_new_tokens)?;
+        pre.profile.selection_s += filter_s;
+        pre.filtered_positions = Some(keep);
+        Ok(pre)
+    }
+
+    /// GemFilter's filter pass: layers 0..f on the whole prompt, then the top `k` positions by layer
+    /// f's raw last-query scores (fastkv-spec §12).
+    fn gemfilter_select(&self, tokens: &[u32], f: usize, k: usize) -> Result<Vec<u32>> {
+        let s = &self.spec;
+        let (hq, hk, d, seq) = (s.num_heads, s.num_kv_heads, s.head_dim, tokens.len());
+        let positions: Vec<u32> = (0..seq as u32).collect();
+        let rope = self.rope.table(&positions);
+        let mut x = self.embed(tokens);
+        for layer in &self.layers[..f] {
+            let (q, k, v) = split_heads(&self.qkv(layer, &x, &rope), seq, hq, hk, d);
+            let o = self.self_attention(&q, &k, &v, &positions, 0);
+            self.finish_layer(layer, &mut x, &o);
+        }
+        let (q, keys, _) = split_heads(&self.qkv(&self.layers[f], &x, &rope), seq, hq, hk, d);
+        let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: 1 };
+        let invalid = |e: select::SelectError| Error::invalid("--kv-budget", e.to_string());
+        let raw = select::last_query_scores(&q[(seq - 1) * hq * d..], &keys, &shape).map_err(invalid)?;
+        select::gemfilter_indices(&raw, hq, seq, k).map_err(invalid)
+    }
+
+    /// Causal attention of sequence rows `first..` over the layer's full K/V (`[Hk, S, D]`).
+    fn self_attention(&self, q: &[f32], k: &[f32], v: &[f32], positions: &[u32], first: usize) -> Vec<f32> {
+        let (hq, hk, d, seq) = (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, positions.len());
+        let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
+        let kv = KvView { k, v, pos: &all_pos, len: seq, stride: seq };
+        let mut o = vec![0f32; (seq - first) * hq * d];
+        attention(&q[first * hq * d..], &positions[first..], first, true, &kv, &self.heads(), &mut o);
+        o
+    }
+
+    /// The prefill loop: every layer attends over its full K/V, caches what `policy` keeps, and
+    /// passes on all its tokens or (TSP, PyramidInfer) a subset at their original positions.
+    fn run_layers(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill> {
         let s = &self.spec;
         let (hq, hk, d, e) = (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size);
         let prompt_len = tokens.len();
-        let heads = self.heads();
         let mut x = self.embed(tokens);
         let mut positions: Vec<u32> = (0..prompt_len as u32).collect();
         let mut rope = self.rope.table(&positions);
@@ -221,44 +275,21 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let seq = positions.len();
             seq_lens.push(seq);
-            let plan = policy.plan(l, prompt_len, seq);
             let last_layer = l + 1 == s.num_layers;
             let qkv = self.qkv(layer, &x, &rope);
             let (q, k, v) = split_heads(&qkv, seq, hq, hk, d);
             drop(qkv);
             lap(&mut profile.projections_s);
 
-            let mut tsp = None;
-            let keep = match plan.kv_budget {
-                None => None,
-                Some(budget) => {
-                    let w = policy.window;
-                    let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: w };
-                    let q_window = window_queries(&q, seq, hq, d, w);
-                    let scores = select::group_scores(&q_window, &k, &shape, policy.kernel, policy.pool)
-                        .map_err(|e| Error::invalid("--window", e.to_string()))?;
-                    if let Some(t) = plan.tsp_len.filter(|_| !last_layer) {
-                        tsp = Some(
-                            select::tsp_indices(&scores, hk, seq, w, t)
-                                .map_err(|e| Error::invalid("--tsp-len", e.to_string()))?,
-                        );
-                    }
-                    Some(
-                        select::kv_indices(&scores, hk, seq, w, budget)
-                            .map_err(|e| Error::invalid("--kv-budget", e.to_string()))?,
-                    )
-                }
-            };
-            let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
+            let layer_sel = LayerInput { policy, layer: l, prompt_len, q: &q, k: &k, seq, last_layer };
+            let (keep, propagate) = self.select_layer(&layer_sel)?;
             caches.push(LayerCache::from_prefill(&k, &v, &positions, keep.as_deref(), hk, d, max_new_tokens));
             lap(&mut profile.selection_s);
 
             // Attention sees this layer's full K/V; compression only changes what is stored.
-            let kv = KvView { k: &k, v: &v, pos: &all_pos, len: seq, stride: seq };
             // Only the last row reaches the LM head, so the last layer computes just that row.
             let first = if last_layer { seq - 1 } else { 0 };
-            let mut o = vec![0f32; (seq - first) * hq * d];
-            attention(&q[first * hq * d..], &positions[first..], first, true, &kv, &heads, &mut o);
+            let o = self.self_attention(&q, &k, &v, &positions, first);
             lap(&mut profile.attention_s);
             if last_layer {
                 x.drain(..first * e);
@@ -266,16 +297,91 @@ impl Model {
             self.finish_layer(layer, &mut x, &o);
             lap(&mut profile.projections_s);
 
-            if let Some(idx) = tsp {
+            if let Some(idx) = propagate {
                 x = idx.iter().flat_map(|&i| x[i as usize * e..(i as usize + 1) * e].iter().copied()).collect();
                 positions = idx.iter().map(|&i| positions[i as usize]).collect();
                 rope = self.rope.table(&positions);
-                tsp_positions = Some(positions.clone());
+                if policy.method == Method::Fastkv {
+                    tsp_positions = Some(positions.clone());
+                }
                 lap(&mut profile.selection_s);
             }
         }
         let logits = self.logits(&x[x.len() - e..]);
-        Ok(Prefill { logits, cache: KvCache { layers: caches }, seq_lens, tsp_positions, profile })
+        Ok(Prefill {
+            logits,
+            cache: KvCache { layers: caches },
+            seq_lens,
+            tsp_positions,
+            filtered_positions: None,
+            next_position: prompt_len as u32,
+            profile,
+        })
+    }
+
+    /// What layer `inp.layer` caches (entry rows per cache head; `None`: all rows of every KV head)
+    /// and which rows it propagates (`None`: all), per `inp.policy`.
+    #[allow(clippy::type_complexity)]
+    fn select_layer(&self, inp: &LayerInput) -> Result<(Option<Vec<Vec<u32>>>, Option<Vec<u32>>)> {
+        let s = &self.spec;
+        let (hq, hk, d, n_layers) = (s.num_heads, s.num_kv_heads, s.head_dim, s.num_layers);
+        let LayerInput { policy, layer, prompt_len, q, k, seq, last_layer } = *inp;
+        let invalid = |flag: &'static str| move |e: select::SelectError| Error::invalid(flag, e.to_string());
+        let shape = |window| select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window };
+        if policy.method == Method::Pyramidinfer {
+            let recent = policy.recent_len(prompt_len);
+            if last_layer || seq <= recent {
+                return Ok((None, None));
+            }
+            let q_recent = window_queries(q, seq, hq, d, recent);
+            let scores = select::recent_scores(&q_recent, k, &shape(recent)).map_err(invalid("--recent-ratio"))?;
+            let n = seq - recent;
+            // Σ over heads (identity pooling): ranks like the paper's mean.
+            let total = select::pool_group_scores(&scores, hq, 1, n, 1, select::Pool::Max)
+                .map_err(invalid("--recent-ratio"))?;
+            let context = n - policy.params.sink.min(n);
+            let keep = policy.pyramid_keep(layer, n_layers, prompt_len, context);
+            let propagate =
+                (keep < context).then(|| select::pyramidinfer_indices(&total, seq, policy.params.sink, keep));
+            return Ok((None, propagate));
+        }
+        let plan = policy.plan(layer, n_layers, prompt_len, seq);
+        let Some(budget) = plan.kv_budget else { return Ok((None, None)) };
+        let w = policy.window;
+        let n = seq - w;
+        let (kernel, pool) = (policy.kernel, policy.pool);
+        let q_window = || window_queries(q, seq, hq, d, w);
+        let keep = match policy.method {
+            Method::Fastkv | Method::SnapkvGqa => {
+                let scores =
+                    select::group_scores(&q_window(), k, &shape(w), kernel, pool).map_err(invalid("--window"))?;
+                let tsp = match plan.tsp_len.filter(|_| !last_layer) {
+                    Some(t) => Some(select::tsp_indices(&scores, hk, seq, w, t).map_err(invalid("--tsp-len"))?),
+                    None => None,
+                };
+                let idx = select::kv_indices(&scores, hk, seq, w, budget).map_err(invalid("--kv-budget"))?;
+                return Ok((Some(idx.chunks_exact(budget).map(<[u32]>::to_vec).collect()), tsp));
+            }
+            Method::Streamingllm => vec![select::streaming_indices(seq, policy.params.sink, budget); hk],
+            _ => {
+                // Per query head: SnapKV, PyramidKV, AdaKV, HeadKV (pooled window scores) and H2O.
+                let scores = if policy.method == Method::H2o {
+                    select::h2o_scores(&window_queries(q, seq, hq, d, seq), k, &shape(w))
+                } else {
+                    select::window_scores(&q_window(), k, &shape(w))
+                        .and_then(|s| select::pool_group_scores(&s, hq, hq, n, kernel, pool))
+                }
+                .map_err(invalid("--window"))?;
+                let budgets = match policy.method {
+                    Method::Adakv => select::ada_budgets(&scores, hq, n, budget - w, policy.params.ada_alpha)
+                        .map_err(invalid("--kv-budget"))?,
+                    Method::Headkv => policy.head_budgets(layer, budget, seq)?,
+                    _ => vec![budget - w; hq],
+                };
+                select::head_indices(&scores, seq, w, &budgets).map_err(invalid("--kv-budget"))?
+            }
+        };
+        Ok((Some(keep), None))
     }
 
     /// One new token at `position` through every layer, appending to the cache.
@@ -290,11 +396,23 @@ impl Model {
             let (q, kv_new) = qkv.split_at(hq * d);
             lc.push(&kv_new[..hk * d], &kv_new[hk * d..], position);
             let mut o = vec![0f32; hq * d];
-            attention(q, &[position], 0, false, &lc.view(), &heads, &mut o);
+            lc.attend(q, position, &heads, &mut o);
             self.finish_layer(layer, &mut x, &o);
         }
         self.logits(&x)
     }
+}
+
+/// One prefill layer's inputs to its cache / propagation choice.
+#[derive(Clone, Copy)]
+struct LayerInput<'a> {
+    policy: &'a Policy,
+    layer: usize,
+    prompt_len: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    seq: usize,
+    last_layer: bool,
 }
 
 /// Splits fused q|k|v rows into q (token-major `[S, H·D]`) and head-major k, v (`[Hk, S, D]`).

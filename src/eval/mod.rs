@@ -1,0 +1,242 @@
+//! Accuracy harness: long-context retrieval tasks — needle in a haystack ([`niah`]) and RULER-style synthetic tasks
+//! ([`ruler`]) — run through one engine under several compression methods and scored by string match, so methods
+//! are compared on exactly the same prompts.
+
+pub mod haystack;
+pub mod niah;
+pub mod ruler;
+
+use std::ops::ControlFlow;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use clap::ValueEnum;
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::plot::Grid;
+use crate::policy::{Budget, Method, Policy};
+use crate::session::{Prompt, Request};
+
+/// One prompt and what a right answer contains.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub task: String,
+    /// Nominal prompt length in tokens (the actual length is within a few tokens of it).
+    pub length: usize,
+    /// Where the needle sits (0 = start, 1 = end), for needle tasks.
+    pub depth: Option<f64>,
+    pub prompt: Vec<u32>,
+    /// Every one of these should appear in the answer.
+    pub answers: Vec<String>,
+    pub max_new_tokens: usize,
+}
+
+impl Sample {
+    /// The chat-formatted prompt for `instruction`, with the assistant's answer started by `answer_prefix` (which
+    /// steers small models to answer at once, as RULER does).
+    fn prompt(engine: &Engine, instruction: &str, answer_prefix: &str) -> Result<Vec<u32>> {
+        let rendered = engine.text.chat_prompt(instruction)? + answer_prefix;
+        engine.text.encode_chat(&rendered)
+    }
+}
+
+/// A method under test: its name in reports and its policy.
+#[derive(Clone, Debug)]
+pub struct Contender {
+    pub name: String,
+    pub policy: Policy,
+}
+
+/// One contender per method and retain rate (one per method with the engine's defaults when `retain_rates` is
+/// empty; `full` once), each policy validated.
+pub fn contenders(engine: &Engine, methods: &[Method], retain_rates: &[f64]) -> Result<Vec<Contender>> {
+    let mut out = Vec::new();
+    for &method in methods {
+        let name = method.to_possible_value().expect("every method has a name").get_name().to_string();
+        let base = Policy { method, ..engine.default_policy() };
+        if method == Method::Full || retain_rates.is_empty() {
+            out.push(Contender { name, policy: base });
+            continue;
+        }
+        for &retain_rate in retain_rates {
+            let tsp_rate = match base.budget {
+                Budget::Rate { tsp_rate, .. } => tsp_rate,
+                Budget::Absolute { .. } => 0.2, // FastKV's default TSP rate
+            };
+            let policy = Policy { budget: Budget::Rate { tsp_rate, retain_rate }, ..base };
+            out.push(Contender { name: format!("{name} r={retain_rate}"), policy });
+        }
+    }
+    for c in &out {
+        c.policy.validate(engine.spec())?;
+    }
+    Ok(out)
+}
+
+/// One heat-map grid per method: rows by `row`, columns by prompt length, cells the mean score.
+pub fn grids(scores: &[Score], row: impl Fn(&Score) -> String) -> Vec<Grid> {
+    let (_, methods, _) = mean_table(scores, |s| s.method.clone());
+    methods
+        .iter()
+        .map(|m| {
+            let mine: Vec<Score> = scores.iter().filter(|s| &s.method == m).cloned().collect();
+            let (rows, lengths, cells) = mean_table_by(&mine, &row, |s| s.length.to_string());
+            Grid { title: m.clone(), rows, cols: lengths, cells }
+        })
+        .collect()
+}
+
+/// The score of one method on one sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct Score {
+    pub task: String,
+    pub method: String,
+    pub length: usize,
+    pub prompt_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<f64>,
+    /// Fraction of the expected answers found in the output, 0..=1.
+    pub score: f64,
+    pub output: String,
+    pub kv_cache_bytes: usize,
+}
+
+/// Fraction of `answers` that occur in `output`, ignoring case (RULER's `string_match_all`).
+pub fn string_match_all(output: &str, answers: &[String]) -> f64 {
+    if answers.is_empty() {
+        return 0.0;
+    }
+    let out = output.to_lowercase();
+    answers.iter().filter(|a| out.contains(&a.to_lowercase())).count() as f64 / answers.len() as f64
+}
+
+/// Runs every sample under every contender with greedy decoding; a progress bar shows how far it got.
+pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progress: bool) -> Result<Vec<Score>> {
+    let total = (samples.len() * contenders.len()) as u64;
+    let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let mut scores = Vec::with_capacity(total as usize);
+    for sample in samples {
+        for c in contenders {
+            bar.set_message(format!("{} {} @ {} tokens", c.name, sample.task, sample.length));
+            let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
+            req.max_new_tokens = sample.max_new_tokens;
+            req.policy = Some(c.policy);
+            let out = engine.generate(&req, |_| ControlFlow::Continue(()))?;
+            scores.push(Score {
+                task: sample.task.clone(),
+                method: c.name.clone(),
+                length: sample.length,
+                prompt_tokens: out.metrics.prompt_tokens,
+                depth: sample.depth,
+                score: string_match_all(&out.text, &sample.answers),
+                output: out.text,
+                kv_cache_bytes: out.metrics.kv_cache_bytes,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(scores)
+}
+
+/// Mean score per (row key, method), rows and methods in first-seen order: the tables `fastkv eval` prints.
+pub fn mean_table(scores: &[Score], row: impl Fn(&Score) -> String) -> (Vec<String>, Vec<String>, Vec<Vec<f64>>) {
+    mean_table_by(scores, row, |s| s.method.clone())
+}
+
+/// Mean score per (row key, column key), keys in first-seen order; `NaN` where nothing was scored.
+fn mean_table_by(
+    scores: &[Score],
+    row: impl Fn(&Score) -> String,
+    col: impl Fn(&Score) -> String,
+) -> (Vec<String>, Vec<String>, Vec<Vec<f64>>) {
+    let first_seen = |key: &dyn Fn(&Score) -> String| {
+        scores.iter().map(key).fold(Vec::<String>::new(), |mut seen, k| {
+            if !seen.contains(&k) {
+                seen.push(k);
+            }
+            seen
+        })
+    };
+    let (rows, cols) = (first_seen(&row), first_seen(&col));
+    let cells = rows
+        .iter()
+        .map(|r| {
+            cols.iter()
+                .map(|c| {
+                    let hits: Vec<f64> =
+                        scores.iter().filter(|s| &row(s) == r && &col(s) == c).map(|s| s.score).collect();
+                    hits.iter().sum::<f64>() / hits.len() as f64
+                })
+                .collect()
+        })
+        .collect();
+    (rows, cols, cells)
+}
+
+/// A plain-text table of percentages with an "all" row of column means.
+pub fn format_table(corner: &str, rows: &[String], methods: &[String], cells: &[Vec<f64>]) -> String {
+    let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(7);
+    let first = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(corner.len()).max(3);
+    let mut out = format!("{corner:<first$}");
+    for m in methods {
+        out += &format!("  {m:>width$}");
+    }
+    out.push('\n');
+    let mut line = |label: &str, values: &mut dyn Iterator<Item = f64>| {
+        out += &format!("{label:<first$}");
+        for v in values {
+            out += &format!("  {:>width$.1}", 100.0 * v);
+        }
+        out.push('\n');
+    };
+    for (r, values) in rows.iter().zip(cells) {
+        line(r, &mut values.iter().copied());
+    }
+    let n = cells.len().max(1) as f64;
+    line("all", &mut (0..methods.len()).map(|j| cells.iter().map(|row| row[j]).sum::<f64>() / n));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_match_all_counts_each_answer_once_ignoring_case() {
+        let answers = vec!["Dolores Park".to_string(), "sandwich".to_string()];
+        assert_eq!(string_match_all("eat a SANDWICH in dolores park", &answers), 1.0);
+        assert_eq!(string_match_all("eat a sandwich", &answers), 0.5);
+        assert_eq!(string_match_all("", &answers), 0.0);
+        assert_eq!(string_match_all("anything", &[]), 0.0);
+    }
+
+    #[test]
+    fn tables_average_per_row_and_method() {
+        let s = |method: &str, length, score| Score {
+            task: "t".into(),
+            method: method.into(),
+            length,
+            prompt_tokens: length,
+            depth: None,
+            score,
+            output: String::new(),
+            kv_cache_bytes: 0,
+        };
+        let scores =
+            [s("full", 1, 1.0), s("fastkv", 1, 0.0), s("full", 1, 0.5), s("full", 2, 1.0), s("fastkv", 2, 1.0)];
+        let (rows, methods, cells) = mean_table(&scores, |s| s.length.to_string());
+        assert_eq!(rows, ["1", "2"]);
+        assert_eq!(methods, ["full", "fastkv"]);
+        assert_eq!(cells, [[0.75, 0.0], [1.0, 1.0]]);
+        let table = format_table("tokens", &rows, &methods, &cells);
+        assert_eq!(table.lines().last().unwrap().split_whitespace().collect::<Vec<_>>(), ["all", "87.5", "50.0"]);
+    }
+}
