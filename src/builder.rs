@@ -107,7 +107,7 @@ fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Ma
         let t = &ckpt.layout[i];
         bar.set_message(t.name.clone());
         for src in &t.sources {
-            ckpt.tensors.get(src)?.write_as(opts.dtype, buf);
+            ckpt.weights.write_as(src, opts.dtype, buf)?;
         }
         bar.inc(buf.len() as u64);
         Ok(())
@@ -115,7 +115,8 @@ fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Ma
     bar.finish_and_clear();
     let mut files = BTreeMap::from([(WEIGHTS.to_string(), FileEntry { bytes, sha256 })]);
     let tok_dst = dir.join(TOKENIZER);
-    let tok_bytes = std::fs::copy(&ckpt.tokenizer_json, &tok_dst).map_err(|e| Error::io(&ckpt.tokenizer_json, e))?;
+    std::fs::write(&tok_dst, &ckpt.tokenizer_json).map_err(|e| Error::io(&tok_dst, e))?;
+    let tok_bytes = ckpt.tokenizer_json.len() as u64;
     files.insert(TOKENIZER.into(), FileEntry { bytes: tok_bytes, sha256: tensors::sha256_file(&tok_dst)? });
     let (fastkv, preset) = default_policy(&ckpt.spec);
     let manifest = Manifest {
@@ -127,7 +128,7 @@ fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Ma
         fastkv,
         preset,
         files,
-        source: ckpt.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        source: ckpt.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     let path = dir.join(MANIFEST);
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");

@@ -1,13 +1,14 @@
-//! HF checkpoint directories: config, weights, tokenizer, chat template and EOS ids, validated and
-//! mapped onto the engine's normalised tensor names (fused q|k|v and gate|up).
+//! Checkpoints — HF directories (config, weights, tokenizer, chat template and EOS ids) or GGUF
+//! files — validated and mapped onto the engine's normalised tensor names (fused q|k|v and gate|up).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::gguf::Gguf;
 use crate::spec::ModelSpec;
-use crate::tensors::TensorSet;
+use crate::tensors::{DType, TensorSet};
 
 /// Tokenizer-side facts the runtime needs besides `tokenizer.json`.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -25,40 +26,86 @@ pub struct EngineTensor {
     pub sources: Vec<String>,
 }
 
-/// A validated HF checkpoint, ready to be converted.
+/// Where the weights come from; tensors are named as in HF checkpoints either way.
+pub enum Weights {
+    Hf(TensorSet),
+    Gguf(Box<Gguf>),
+}
+
+impl Weights {
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        match self {
+            Weights::Hf(t) => Ok(t.get(name)?.shape.to_vec()),
+            Weights::Gguf(g) => g.shape(name),
+        }
+    }
+
+    /// Appends tensor `name` converted to `dtype`.
+    pub fn write_as(&self, name: &str, dtype: DType, out: &mut Vec<u8>) -> Result<()> {
+        match self {
+            Weights::Hf(t) => t.get(name)?.write_as(dtype, out),
+            Weights::Gguf(g) => g.write_as(name, dtype, out)?,
+        }
+        Ok(())
+    }
+}
+
+/// A validated checkpoint, ready to be converted.
 pub struct Checkpoint {
-    pub dir: PathBuf,
+    /// The checkpoint directory, or the GGUF file.
+    pub path: PathBuf,
     pub spec: ModelSpec,
-    pub tensors: TensorSet,
-    pub tokenizer_json: PathBuf,
+    pub weights: Weights,
+    /// The `tokenizer.json` text the engine ships.
+    pub tokenizer_json: String,
     pub tokenizer: TokenizerInfo,
     pub layout: Vec<EngineTensor>,
 }
 
 impl Checkpoint {
-    /// Opens `dir` and checks everything a build needs, before anything is written.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens an HF checkpoint directory or a `.gguf` file and checks everything a build needs,
+    /// before anything is written.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let gguf = Gguf::open(path)?;
+            let (tokenizer_json, tokenizer) = gguf.tokenizer()?;
+            let spec = gguf.spec.clone();
+            return Self::checked(path, spec, Weights::Gguf(Box::new(gguf)), tokenizer_json, tokenizer);
+        }
+        let dir = path;
         if !dir.is_dir() {
-            return Err(Error::bad_file(dir, "checkpoint directory not found"));
+            return Err(Error::bad_file(dir, "checkpoint directory (or .gguf file) not found"));
         }
         let config_path = dir.join("config.json");
         if !config_path.exists() {
             return Err(Error::bad_file(&config_path, "missing: a checkpoint needs config.json"));
         }
         let spec = ModelSpec::from_hf_config(&config_path)?;
-        let tokenizer_json = dir.join("tokenizer.json");
-        if !tokenizer_json.exists() {
-            return Err(Error::bad_file(&tokenizer_json, "missing: a checkpoint needs tokenizer.json"));
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.exists() {
+            return Err(Error::bad_file(&tokenizer_path, "missing: a checkpoint needs tokenizer.json"));
         }
-        let tok = tokenizers::Tokenizer::from_file(&tokenizer_json)
-            .map_err(|e| Error::bad_file(&tokenizer_json, format!("cannot load tokenizer: {e}")))?;
-        let tensors = TensorSet::open_checkpoint(dir)?;
+        let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        let tok = tokenizer_json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::bad_file(&tokenizer_path, format!("cannot load tokenizer: {e}")))?;
+        let weights = Weights::Hf(TensorSet::open_checkpoint(dir)?);
+        let tokenizer = read_tokenizer_info(dir, &spec, &tok)?;
+        Self::checked(dir, spec, weights, tokenizer_json, tokenizer)
+    }
+
+    fn checked(
+        path: &Path,
+        spec: ModelSpec,
+        weights: Weights,
+        tokenizer_json: String,
+        tokenizer: TokenizerInfo,
+    ) -> Result<Self> {
         let layout = hf_layout(&spec);
         for t in &layout {
-            check_sources(dir, &tensors, t)?;
+            check_sources(path, &weights, t)?;
         }
-        let tokenizer = read_tokenizer_info(dir, &spec, &tok)?;
-        Ok(Checkpoint { dir: dir.into(), spec, tensors, tokenizer_json, tokenizer, layout })
+        Ok(Checkpoint { path: path.into(), spec, weights, tokenizer_json, tokenizer, layout })
     }
 }
 
@@ -101,33 +148,30 @@ fn hf_layout(spec: &ModelSpec) -> Vec<EngineTensor> {
 }
 
 /// Every source exists, has a float dtype, and the row blocks add up to the engine tensor's shape.
-fn check_sources(dir: &Path, tensors: &TensorSet, t: &EngineTensor) -> Result<()> {
+fn check_sources(dir: &Path, weights: &Weights, t: &EngineTensor) -> Result<()> {
     let mut rows = 0;
     for name in &t.sources {
-        let src = tensors.get(name)?;
+        let shape = weights.shape(name)?;
         let expected_tail = &t.shape[1..];
-        let ok = src.shape.len() == t.shape.len() && &src.shape[1..] == expected_tail;
-        if !ok || src.shape.is_empty() {
+        let ok = shape.len() == t.shape.len() && &shape[1..] == expected_tail;
+        if !ok || shape.is_empty() {
             let mut expected = t.shape.clone();
             if t.sources.len() > 1 {
-                expected[0] = src.shape.first().copied().unwrap_or(0);
+                expected[0] = shape.first().copied().unwrap_or(0);
             }
             return Err(Error::TensorMismatch {
                 path: dir.into(),
                 name: name.clone(),
                 what: "shape",
                 expected: format!("{expected:?}"),
-                actual: format!("{:?}", src.shape),
+                actual: format!("{shape:?}"),
             });
         }
-        rows += src.shape[0];
+        rows += shape[0];
     }
     if rows != t.shape[0] {
-        let shapes: Vec<String> = t
-            .sources
-            .iter()
-            .map(|n| format!("{n} {:?}", tensors.get(n).map(|s| s.shape.to_vec()).unwrap_or_default()))
-            .collect();
+        let shapes: Vec<String> =
+            t.sources.iter().map(|n| format!("{n} {:?}", weights.shape(n).unwrap_or_default())).collect();
         return Err(Error::TensorMismatch {
             path: dir.into(),
             name: t.sources.join(" + "),

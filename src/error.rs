@@ -29,6 +29,13 @@ pub enum Error {
 
     #[error("{0}")]
     Tokenizer(String),
+
+    /// No NVIDIA driver or no device: CUDA paths report it and callers (tests) may skip.
+    #[error("no CUDA device: {0}")]
+    NoCudaDevice(String),
+
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

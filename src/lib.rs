@@ -31,9 +31,12 @@ pub mod bench;
 pub mod builder;
 pub mod checkpoint;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod gguf;
 pub mod plot;
 pub mod policy;
 pub mod rope;

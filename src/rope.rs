@@ -45,6 +45,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// The inverse frequencies after scaling (what accelerator RoPE kernels take).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos/sin of every (position, frequency) pair, computed once per sequence of positions.
     pub fn table(&self, positions: &[u32]) -> RopeTable {
         let half = self.inv_freq.len();

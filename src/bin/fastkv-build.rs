@@ -1,4 +1,4 @@
-//! `fastkv-build`: compile an HF checkpoint into a fastkv engine directory.
+//! `fastkv-build`: compile an HF checkpoint or a GGUF file into a fastkv engine directory.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -8,14 +8,18 @@ use clap::Parser;
 use fastkv::builder::{build, BuildOptions};
 use fastkv::tensors::DType;
 
-/// Compile a HuggingFace checkpoint (Llama 3.x, Mistral family, Qwen2/2.5, Qwen3) into a fastkv
-/// engine directory: engine.json (versioned manifest with checksums and FastKV defaults),
-/// weights.safetensors (normalised, fused, in the chosen dtype) and tokenizer.json.
+/// Compile a HuggingFace checkpoint (Llama 3.x, Mistral family, Qwen2/2.5, Qwen3) or a GGUF file
+/// (llama and qwen2 archs) into a fastkv engine directory: engine.json (versioned manifest with
+/// checksums and FastKV defaults), weights.safetensors (normalised, fused, in the chosen dtype) and
+/// tokenizer.json.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Checkpoint directory: config.json, model.safetensors (or model.safetensors.index.json with its
     /// shards), tokenizer.json, and optionally tokenizer_config.json / generation_config.json.
+    /// Or a GGUF v2/v3 file: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K tensors
+    /// are dequantized to --dtype; the tokenizer (byte-level BPE, pre-tokenizer smollm, qwen2 or
+    /// llama-bpe) and chat template come from its metadata.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Engine directory to create. It is written to a temporary folder beside it and renamed at the

@@ -1,14 +1,17 @@
 //! Weight matrices and the matrix products of the CPU backend. Weights stay memory-mapped in the
 //! engine's dtype; f32 GEMMs go straight to the `gemm` crate, bf16/f16 weights are widened one
 //! block of rows at a time (the widening is O(n·k), the product O(m·n·k)), and single-row products
-//! (decode) stream the weights once with f32 accumulation.
+//! (decode) stream the weights once with f32 accumulation. On CPUs with AMX-BF16 and `FASTKV_AMX=1`,
+//! bf16 GEMMs run on the tile unit instead (`super::amx`), from a copy of the weight packed on first use.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::amx;
 use crate::error::{Error, Result};
 use crate::tensors::{DType, MappedTensor, TensorFile};
 
@@ -21,6 +24,8 @@ pub struct Linear {
     weights: MappedTensor,
     pub rows: usize,
     pub cols: usize,
+    /// AMX tile layout of a bf16 weight, built by the first multi-row product on an AMX CPU.
+    packed: OnceLock<amx::PackedB>,
 }
 
 enum Rows<'a> {
@@ -45,7 +50,7 @@ impl Linear {
         if (weights.mmap.as_ptr() as usize + weights.range.start) % weights.dtype.size() != 0 {
             return Err(Error::bad_file(file.path(), format!("tensor `{name}` is not aligned; rebuild the engine")));
         }
-        Ok(Linear { weights, rows, cols })
+        Ok(Linear { weights, rows, cols, packed: OnceLock::new() })
     }
 
     fn data(&self) -> Rows<'_> {
@@ -74,8 +79,13 @@ impl Linear {
         if m == 1 {
             return self.matvec(x, out);
         }
-        if let Rows::F32(w) = self.data() {
-            return gemm_xwt(x, m, w, self.rows, self.cols, out, self.rows);
+        match self.data() {
+            Rows::F32(w) => return gemm_xwt(x, m, w, self.rows, self.cols, out, self.rows),
+            Rows::Bf16(w) if amx::enabled() => {
+                let packed = self.packed.get_or_init(|| amx::PackedB::new(w, self.rows, self.cols));
+                return amx::gemm_xwt(x, m, packed, out, self.rows);
+            }
+            _ => {}
         }
         let block = (WIDEN_BLOCK_VALUES / self.cols).clamp(16, self.rows.max(16));
         let mut wide = vec![0f32; block.min(self.rows) * self.cols];

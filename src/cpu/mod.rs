@@ -2,6 +2,7 @@
 //! (covering Mistral, Qwen2 and Qwen3) whose prefill applies FastKV (fastkv-spec §2–§6) or one of
 //! the baselines of §12, and whose decode runs over the compressed cache.
 
+pub mod amx;
 pub mod attention;
 pub mod kernels;
 pub mod kv_cache;

@@ -1,0 +1,92 @@
+//! bf16 GEMM benchmark on the projection shapes of the engines, and a STREAM-like triad.
+//!
+//! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad]`
+//!
+//! Per `MxNxK` shape (M activation rows, N output features, K input features) it times the two bf16
+//! paths of `Linear::forward` on the same inputs: `amx` (bf16 tiles, when the CPU has AMX-BF16)
+//! and `gemm` (the fallback: widen the bf16 weight to f32, then the `gemm` crate), and prints one
+//! line per path, `path M N K GFLOP/s` (best of `--repeats`), which benches/peers/gemm_vs_torch.py
+//! reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches on all rayon threads, the
+//! ceiling of weight-bound decode.
+
+use std::time::Instant;
+
+use fastkv::cpu::{amx, kernels};
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// SmolLM2-135M: qkv, o, gate|up and down projections (N, K), at M = 512..4096.
+const SMOLLM2: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Best wall time of `repeats` runs of `f`, after one warm-up run.
+fn best(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn bench_shape(m: usize, n: usize, k: usize, repeats: usize) {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0).collect();
+    let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 400.0)).collect();
+    let mut out = vec![0f32; m * n];
+    let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
+    if amx::available() {
+        let packed = amx::PackedB::new(&w, n, k);
+        let t = best(repeats, || amx::gemm_xwt(&x, m, &packed, &mut out, n));
+        println!("amx {m} {n} {k} {:.1}", gflops(t));
+    }
+    let mut wide = vec![0f32; n * k];
+    let t = best(repeats, || {
+        wide.par_chunks_mut(k).zip(w.par_chunks(k)).for_each(|(o, w)| w.convert_to_f32_slice(o));
+        kernels::gemm_f32(m, n, k, &mut out, n, false, (&x, k, 1), (&wide, 1, k), 1.0, true);
+    });
+    println!("gemm {m} {n} {k} {:.1}", gflops(t));
+}
+
+/// STREAM's triad on three 64 MiB f32 arrays, counting 3 arrays of traffic per pass (as STREAM does).
+fn triad(repeats: usize) {
+    let len = 16 << 20;
+    let (b, c) = (vec![1f32; len], vec![2f32; len]);
+    let mut a = vec![0f32; len];
+    let t = best(repeats, || {
+        a.par_chunks_mut(1 << 16).zip(b.par_chunks(1 << 16).zip(c.par_chunks(1 << 16))).for_each(|(a, (b, c))| {
+            for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                *a = b + 3.0 * c;
+            }
+        })
+    });
+    println!("triad {:.1} GB/s on {} threads", 3.0 * 4.0 * len as f64 / t / 1e9, rayon::current_num_threads());
+}
+
+fn main() {
+    let repeats = arg("--repeats").map_or(5, |r| r.parse().expect("--repeats takes a count"));
+    if std::env::args().any(|a| a == "--triad") {
+        return triad(repeats);
+    }
+    eprintln!("AMX-BF16 {}", if amx::available() { "available" } else { "not available: fallback path only" });
+    let shapes: Vec<(usize, usize, usize)> = match arg("--shapes") {
+        Some(s) => s
+            .split(',')
+            .map(|s| {
+                let d: Vec<usize> = s.split('x').map(|v| v.parse().expect("--shapes takes MxNxK,...")).collect();
+                assert!(d.len() == 3 && d.iter().all(|&v| v > 0), "--shapes takes MxNxK,... (positive)");
+                (d[0], d[1], d[2])
+            })
+            .collect(),
+        None => [512, 1024, 2048, 4096].iter().flat_map(|&m| SMOLLM2.map(|(n, k)| (m, n, k))).collect(),
+    };
+    for (m, n, k) in shapes {
+        bench_shape(m, n, k, repeats);
+    }
+}
