@@ -69,15 +69,6 @@ pub struct Row {
     pub runs: Vec<Run>,
 }
 
-/// A prompt of exactly `length` tokens: `text`'s tokens repeated.
-pub fn prompt_of_length(engine: &Engine, text: &str, length: usize) -> Result<Vec<u32>> {
-    let ids = engine.text.encode(text, false)?;
-    if ids.is_empty() {
-        return Err(Error::invalid("--prompt-file", "the text has no tokens"));
-    }
-    Ok(ids.iter().copied().cycle().take(length).collect())
-}
-
 /// Runs the benchmark: for each length, `warmup` then `repeats` rounds, each round running every method once.
 pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
     if cfg.repeats == 0 {
@@ -90,9 +81,14 @@ pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
             .expect("static template")
             .progress_chars("=> "),
     );
+    // Prompts of exactly `length` tokens: the text's tokens (encoded once) repeated.
+    let ids = engine.text.encode(text, false)?;
+    if ids.is_empty() {
+        return Err(Error::invalid("--prompt-file", "the text has no tokens"));
+    }
     let mut rows = Vec::new();
     for &length in &cfg.lengths {
-        let prompt = prompt_of_length(engine, text, length)?;
+        let prompt: Vec<u32> = ids.iter().copied().cycle().take(length).collect();
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cfg.contenders.len()];
         for round in 0..cfg.warmup + cfg.repeats {
             for (c, contender) in cfg.contenders.iter().enumerate() {
