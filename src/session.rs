@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::Prefill;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::policy::{Method, Policy};
@@ -105,6 +106,14 @@ pub struct Output {
     pub prompt_logits: Vec<f32>,
 }
 
+/// A checked, tokenized prompt.
+#[derive(Clone)]
+struct Prepared {
+    ids: Vec<u32>,
+    /// Tokens that may follow it.
+    max_new: usize,
+}
+
 impl Engine {
     /// The full-KV policy (every layer keeps everything): the baseline FastKV is compared with.
     pub fn full_policy(&self) -> Policy {
@@ -112,12 +121,39 @@ impl Engine {
     }
 
     /// Runs `req`, calling `on_token` for every generated token; returning `Break` stops early.
-    pub fn generate(&self, req: &Request, mut on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
+    pub fn generate(&self, req: &Request, on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
         let start = Instant::now();
+        let policy = req.policy.unwrap_or_else(|| self.default_policy());
+        let prompt = self.prepare(req, &[policy])?;
+        let prefill = self.model.prefill(&prompt.ids, &policy, prompt.max_new)?;
+        self.complete(req, &policy, prompt, prefill, start.elapsed().as_secs_f64(), on_token)
+    }
+
+    /// Runs `req` under each of `policies` (its own policy is ignored) with one shared prefill
+    /// ([`crate::cpu::Model::prefill_many`]), so comparing methods on one prompt costs little more
+    /// than its longest prefill. The outputs equal separate [`Engine::generate`] calls', except
+    /// that every TTFT counts the whole shared prefill.
+    pub fn generate_each(&self, req: &Request, policies: &[Policy]) -> Result<Vec<Output>> {
+        let start = Instant::now();
+        let prompt = self.prepare(req, policies)?;
+        let prefills = self.model.prefill_many(&prompt.ids, policies, prompt.max_new)?;
+        let prefill_s = start.elapsed().as_secs_f64();
+        policies
+            .iter()
+            .zip(prefills)
+            .map(|(policy, prefill)| {
+                self.complete(req, policy, prompt.clone(), prefill, prefill_s, |_| ControlFlow::Continue(()))
+            })
+            .collect()
+    }
+
+    /// Checks `req` and its policies, and tokenizes its prompt.
+    fn prepare(&self, req: &Request, policies: &[Policy]) -> Result<Prepared> {
         let spec = self.spec();
         req.sampling.validate()?;
-        let policy = req.policy.unwrap_or_else(|| self.default_policy());
-        policy.validate(spec)?;
+        for policy in policies {
+            policy.validate(spec)?;
+        }
         let ids = match &req.prompt {
             Prompt::Text(t) => self.text.encode(t, true)?,
             Prompt::Chat(m) => self.text.encode_chat(&self.text.chat_prompt(m)?)?,
@@ -141,9 +177,21 @@ impl Engine {
         }
         // New tokens take positions L, L+1, …; stop at the model's last position.
         let max_new = req.max_new_tokens.min(max_pos - ids.len() + 1);
+        Ok(Prepared { ids, max_new })
+    }
 
-        let prefill = self.model.prefill(&ids, &policy, max_new)?;
-        let prefill_s = start.elapsed().as_secs_f64();
+    /// Decodes after `prefill` (which took `prefill_s` seconds) and measures the request.
+    fn complete(
+        &self,
+        req: &Request,
+        policy: &Policy,
+        prompt: Prepared,
+        prefill: Prefill,
+        prefill_s: f64,
+        mut on_token: impl FnMut(&Token) -> ControlFlow<()>,
+    ) -> Result<Output> {
+        let spec = self.spec();
+        let Prepared { ids, max_new } = prompt;
         let mut cache = prefill.cache;
         let kv_cache_bytes = cache.bytes();
         let kv_cache_bytes_full =
@@ -170,6 +218,7 @@ impl Engine {
             filtered_positions: prefill.filtered_positions.clone(),
         });
 
+        let start = Instant::now();
         let mut sampler = Sampler::new(req.sampling);
         let mut detok = Detokenizer::new(&self.text);
         let mut out_ids = Vec::new();
@@ -182,7 +231,7 @@ impl Engine {
             let id = sampler.next(&logits);
             if step == 0 {
                 first_token_at = Instant::now();
-                ttft = (first_token_at - start).as_secs_f64();
+                ttft = prefill_s + (first_token_at - start).as_secs_f64();
             }
             out_ids.push(id);
             if self.text.eos_token_ids().contains(&id) {

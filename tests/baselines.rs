@@ -468,3 +468,54 @@ fn cli_runs_every_method_and_names_bad_flags() {
     fails(&["--method", "h2o", "--h2o-max-len", "10"], "--h2o-max-len");
     fails(&["--method", "gemfilter", "--filter-layer", "9"], "--filter-layer");
 }
+
+#[test]
+fn one_shared_prefill_equals_every_policy_run_alone() {
+    let (_tmp, dir) = build_engine(&fixture("qwen3"), DType::F32);
+    let engine = Engine::open(&dir).unwrap();
+    let model = engine.model();
+    let ids = long_prompt();
+    let base = engine.default_policy();
+    let rate = |method, tsp_layer, retain_rate| Policy {
+        method,
+        tsp_layer,
+        budget: Budget::Rate { tsp_rate: 0.4, retain_rate },
+        ..base
+    };
+    let gemfilter =
+        |f| Policy { params: Params { filter_layer: Some(f), ..Params::default() }, ..rate(Method::Gemfilter, 1, 0.2) };
+    // Streams part at ℓ* = 1 and 2 (FastKV), at every layer (PyramidInfer); GemFilter leaves at f.
+    let policies = [
+        engine.full_policy(),
+        rate(Method::Fastkv, 1, 0.2),
+        rate(Method::Fastkv, 1, 0.3),
+        rate(Method::Fastkv, 2, 0.2),
+        rate(Method::Snapkv, 1, 0.2),
+        rate(Method::Streamingllm, 1, 0.2),
+        gemfilter(1),
+        gemfilter(0),
+        rate(Method::Pyramidinfer, 1, 0.5),
+        rate(Method::Adakv, 1, 0.2),
+    ];
+    let shared = model.prefill_many(&ids, &policies, 2).unwrap();
+    assert_eq!(shared.len(), policies.len());
+    for (p, mut many) in policies.iter().zip(shared) {
+        let mut alone = model.prefill(&ids, p, 2).unwrap();
+        let ctx = format!("{:?} ℓ*={} {:?}", p.method, p.tsp_layer, p.budget);
+        assert_eq!(many.logits, alone.logits, "{ctx}");
+        assert_eq!(many.seq_lens, alone.seq_lens, "{ctx}");
+        assert_eq!(many.tsp_positions, alone.tsp_positions, "{ctx}");
+        assert_eq!(many.filtered_positions, alone.filtered_positions, "{ctx}");
+        assert_eq!(many.next_position, alone.next_position, "{ctx}");
+        for (a, b) in many.cache.layers.iter().zip(&alone.cache.layers) {
+            assert_eq!(a.n_heads(), b.n_heads(), "{ctx}");
+            (0..a.n_heads()).for_each(|h| assert_eq!(a.positions(h), b.positions(h), "{ctx}"));
+        }
+        let t = fastkv::sampling::argmax(&many.logits);
+        let a = model.decode(t, many.next_position, &mut many.cache);
+        assert_eq!(a, model.decode(t, alone.next_position, &mut alone.cache), "{ctx}");
+    }
+    // The streams really part: FastKV at two layers and GemFilter differ from full.
+    let tsp = |i: usize| model.prefill(&ids, &policies[i], 0).unwrap().tsp_positions.unwrap();
+    assert!(tsp(1).len() < ids.len() && tsp(1) != tsp(3));
+}

@@ -80,9 +80,14 @@ fn eval_scores_every_method_on_every_sample() {
     let (_tmp, engine) = engine();
     let haystack = Haystack::load(&essays(), &engine, 1024).unwrap();
     let samples = niah::samples(&engine, &haystack, &Needle::default(), &[512, 1024], &[0.5]).unwrap();
-    let methods = contenders(&engine, &[Method::Full, Method::Fastkv], &[0.1, 0.2]).unwrap();
+    let methods = contenders(&engine, &[Method::Full, Method::Fastkv], &[0.1, 0.2], &[]).unwrap();
     let names: Vec<&str> = methods.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["full", "fastkv r=0.1", "fastkv r=0.2"]);
+    let layers = contenders(&engine, &[Method::Snapkv, Method::Fastkv], &[0.1], &[0, 2]).unwrap();
+    let names: Vec<&str> = layers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["snapkv r=0.1", "fastkv l*=0 r=0.1", "fastkv l*=2 r=0.1"]);
+    assert_eq!(layers[2].policy.tsp_layer, 2);
+    assert!(contenders(&engine, &[Method::Fastkv], &[], &[99]).unwrap_err().to_string().contains("--tsp-layer"));
     let scores = eval::run(&engine, &samples, &methods, false).unwrap();
     assert_eq!(scores.len(), 6);
     for s in &scores {
@@ -98,7 +103,7 @@ fn bench_reports_each_method_and_length_with_spread() {
     let (_tmp, engine) = engine();
     let cfg = BenchConfig {
         lengths: vec![256, 512],
-        contenders: contenders(&engine, &[Method::Full, Method::Fastkv], &[]).unwrap(),
+        contenders: contenders(&engine, &[Method::Full, Method::Fastkv], &[], &[]).unwrap(),
         warmup: 0,
         repeats: 3,
         new_tokens: 4,

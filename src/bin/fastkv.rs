@@ -271,11 +271,14 @@ struct MethodsArgs {
     /// KV retain rates r to run every compressing method at (rate mode; TSP rate stays the engine's).
     #[arg(long, value_delimiter = ',')]
     retain_rates: Vec<f64>,
+    /// TSP layers ℓ* to run FastKV at (0-based; default: the engine's).
+    #[arg(long, value_delimiter = ',')]
+    tsp_layers: Vec<usize>,
 }
 
 impl MethodsArgs {
     fn contenders(&self, engine: &Engine) -> fastkv::Result<Vec<Contender>> {
-        fastkv::eval::contenders(engine, &self.methods, &self.retain_rates)
+        fastkv::eval::contenders(engine, &self.methods, &self.retain_rates, &self.tsp_layers)
     }
 }
 

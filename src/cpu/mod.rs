@@ -206,42 +206,43 @@ impl Model {
     }
 
     /// Runs the prompt through every layer under `policy`, reserving `max_new_tokens` of cache.
-    /// GemFilter first runs layers 0..=f to pick k tokens, then prefills only those, from scratch.
     pub fn prefill(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill> {
-        policy.validate(&self.spec)?;
-        policy.check_prompt(tokens.len())?;
-        let k = policy.kv_budget(0, tokens.len()).max(1);
-        if policy.method != Method::Gemfilter || k >= tokens.len() {
-            return self.run_layers(tokens, policy, max_new_tokens);
-        }
-        let clock = Instant::now();
-        let keep = self.gemfilter_select(tokens, policy.filter_layer(), k)?;
-        let ids: Vec<u32> = keep.iter().map(|&i| tokens[i as usize]).collect();
-        let filter_s = clock.elapsed().as_secs_f64();
-        let mut pre = self.run_layers(&ids, &Policy { method: Method::Full, ..*policy }, max_new_tokens)?;
-        pre.profile.selection_s += filter_s;
-        pre.filtered_positions = Some(keep);
-        Ok(pre)
+        let mut one = self.prefill_many(tokens, std::slice::from_ref(policy), max_new_tokens)?;
+        Ok(one.pop().expect("one prefill per policy"))
     }
 
-    /// GemFilter's filter pass: layers 0..f on the whole prompt, then the top `k` positions by layer
-    /// f's raw last-query scores (fastkv-spec §12).
-    fn gemfilter_select(&self, tokens: &[u32], f: usize, k: usize) -> Result<Vec<u32>> {
-        let s = &self.spec;
-        let (hq, hk, d, seq) = (s.num_heads, s.num_kv_heads, s.head_dim, tokens.len());
-        let positions: Vec<u32> = (0..seq as u32).collect();
-        let rope = self.rope.table(&positions);
-        let mut x = self.embed(tokens);
-        for layer in &self.layers[..f] {
-            let (q, k, v) = split_heads(&self.qkv(layer, &x, &rope), seq, hq, hk, d);
-            let o = self.self_attention(&q, &k, &v, &positions, 0);
-            self.finish_layer(layer, &mut x, &o);
+    /// Prefills one prompt under several policies at once, running each layer once per distinct
+    /// sequence: policies share every layer until their propagated tokens part (FastKV after ℓ*,
+    /// PyramidInfer), and GemFilter's filter pass (layers 0..f, then f's scores) rides along before
+    /// it re-runs the model on its k tokens. Every result equals `prefill` of that policy alone;
+    /// each profile counts the shared work as its own. This is what makes comparing methods on the
+    /// same prompts (`fastkv eval`) cost little more than one full prefill.
+    pub fn prefill_many(&self, tokens: &[u32], policies: &[Policy], max_new_tokens: usize) -> Result<Vec<Prefill>> {
+        for policy in policies {
+            policy.validate(&self.spec)?;
+            policy.check_prompt(tokens.len())?;
         }
-        let (q, keys, _) = split_heads(&self.qkv(&self.layers[f], &x, &rope), seq, hq, hk, d);
-        let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: 1 };
-        let invalid = |e: select::SelectError| Error::invalid("--kv-budget", e.to_string());
-        let raw = select::last_query_scores(&q[(seq - 1) * hq * d..], &keys, &shape).map_err(invalid)?;
-        select::gemfilter_indices(&raw, hq, seq, k).map_err(invalid)
+        let filter_k = |p: &Policy| {
+            let k = p.kv_budget(0, tokens.len()).max(1);
+            (p.method == Method::Gemfilter && k < tokens.len()).then_some(k)
+        };
+        let members = policies.iter().map(|p| Member::new(p, filter_k(p))).collect();
+        let ran = self.run_layers(tokens, members, max_new_tokens)?;
+        ran.into_iter()
+            .zip(policies)
+            .map(|(ran, policy)| match ran {
+                Ran::Prefilled(pre) => Ok(pre),
+                Ran::Filtered { keep, profile } => {
+                    let ids: Vec<u32> = keep.iter().map(|&i| tokens[i as usize]).collect();
+                    let full = Policy { method: Method::Full, ..*policy };
+                    let mut pre = self.prefill(&ids, &full, max_new_tokens)?;
+                    let p = &mut pre.profile;
+                    p.selection_s += profile.projections_s + profile.attention_s + profile.selection_s;
+                    pre.filtered_positions = Some(keep);
+                    Ok(pre)
+                }
+            })
+            .collect()
     }
 
     /// Causal attention of sequence rows `first..` over the layer's full K/V (`[Hk, S, D]`).
@@ -254,70 +255,130 @@ impl Model {
         o
     }
 
-    /// The prefill loop: every layer attends over its full K/V, caches what `policy` keeps, and
-    /// passes on all its tokens or (TSP, PyramidInfer) a subset at their original positions.
-    fn run_layers(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill> {
+    /// The prefill loop: every layer of every stream attends over its full K/V, each member caches
+    /// what its policy keeps, and the members that propagate a subset of the tokens (at their
+    /// original positions) split off into a stream of their own.
+    fn run_layers(&self, tokens: &[u32], mut members: Vec<Member>, max_new_tokens: usize) -> Result<Vec<Ran>> {
         let s = &self.spec;
         let (hq, hk, d, e) = (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size);
         let prompt_len = tokens.len();
-        let mut x = self.embed(tokens);
-        let mut positions: Vec<u32> = (0..prompt_len as u32).collect();
-        let mut rope = self.rope.table(&positions);
-        let mut caches = Vec::with_capacity(s.num_layers);
-        let mut seq_lens = Vec::with_capacity(s.num_layers);
-        let mut tsp_positions = None;
-        let mut profile = PrefillProfile::default();
+        let positions: Vec<u32> = (0..prompt_len as u32).collect();
+        let rope = self.rope.table(&positions);
+        let mut streams =
+            vec![Stream { x: self.embed(tokens), positions, rope, members: (0..members.len()).collect() }];
         let mut clock = Instant::now();
-        let mut lap = |acc: &mut f64| {
+        let mut lap = || {
             let now = Instant::now();
-            *acc += (now - clock).as_secs_f64();
+            let seconds = (now - clock).as_secs_f64();
             clock = now;
+            seconds
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            let seq = positions.len();
-            seq_lens.push(seq);
             let last_layer = l + 1 == s.num_layers;
-            let qkv = self.qkv(layer, &x, &rope);
-            let (q, k, v) = split_heads(&qkv, seq, hq, hk, d);
-            drop(qkv);
-            lap(&mut profile.projections_s);
+            let mut next = Vec::with_capacity(streams.len());
+            for Stream { mut x, positions, rope, members: ids } in streams {
+                let seq = positions.len();
+                let qkv = self.qkv(layer, &x, &rope);
+                let (q, k, v) = split_heads(&qkv, seq, hq, hk, d);
+                drop(qkv);
+                let shared = lap();
+                ids.iter().for_each(|&m| members[m].profile.projections_s += shared);
 
-            let layer_sel = LayerInput { policy, layer: l, prompt_len, q: &q, k: &k, seq, last_layer };
-            let (keep, propagate) = self.select_layer(&layer_sel)?;
-            caches.push(LayerCache::from_prefill(&k, &v, &positions, keep.as_deref(), hk, d, max_new_tokens));
-            lap(&mut profile.selection_s);
-
-            // Attention sees this layer's full K/V; compression only changes what is stored.
-            // Only the last row reaches the LM head, so the last layer computes just that row.
-            let first = if last_layer { seq - 1 } else { 0 };
-            let o = self.self_attention(&q, &k, &v, &positions, first);
-            lap(&mut profile.attention_s);
-            if last_layer {
-                x.drain(..first * e);
-            }
-            self.finish_layer(layer, &mut x, &o);
-            lap(&mut profile.projections_s);
-
-            if let Some(idx) = propagate {
-                x = idx.iter().flat_map(|&i| x[i as usize * e..(i as usize + 1) * e].iter().copied()).collect();
-                positions = idx.iter().map(|&i| positions[i as usize]).collect();
-                rope = self.rope.table(&positions);
-                if policy.method == Method::Fastkv {
-                    tsp_positions = Some(positions.clone());
+                // Members grouped by the rows they propagate (`None`: all of them).
+                let mut branches: Vec<(Option<Vec<u32>>, Vec<usize>)> = vec![(None, Vec::new())];
+                for &m in &ids {
+                    let member = &mut members[m];
+                    match member.filter {
+                        Some(k_filter) if l == member.policy.filter_layer() => {
+                            member.filtered = Some(self.gemfilter_select(&q, &k, seq, k_filter)?);
+                        }
+                        Some(_) => branches[0].1.push(m),
+                        None => {
+                            let inp = LayerInput {
+                                policy: member.policy,
+                                layer: l,
+                                prompt_len,
+                                q: &q,
+                                k: &k,
+                                seq,
+                                last_layer,
+                            };
+                            let (keep, propagate) = self.select_layer(&inp)?;
+                            member.caches.push(LayerCache::from_prefill(
+                                &k,
+                                &v,
+                                &positions,
+                                keep.as_deref(),
+                                hk,
+                                d,
+                                max_new_tokens,
+                            ));
+                            member.seq_lens.push(seq);
+                            match branches.iter_mut().find(|(rows, _)| *rows == propagate) {
+                                Some((_, group)) => group.push(m),
+                                None => branches.push((propagate, vec![m])),
+                            }
+                        }
+                    }
+                    member.profile.selection_s += lap();
                 }
-                lap(&mut profile.selection_s);
+                if branches.iter().all(|(_, group)| group.is_empty()) {
+                    continue;
+                }
+
+                // Attention sees this layer's full K/V; compression only changes what is stored.
+                // Only the last row reaches the LM head, so the last layer computes just that row.
+                let first = if last_layer { seq - 1 } else { 0 };
+                let o = self.self_attention(&q, &k, &v, &positions, first);
+                let shared = lap();
+                ids.iter().for_each(|&m| members[m].profile.attention_s += shared);
+                if last_layer {
+                    x.drain(..first * e);
+                }
+                self.finish_layer(layer, &mut x, &o);
+                let shared = lap();
+                ids.iter().for_each(|&m| members[m].profile.projections_s += shared);
+
+                let mut whole = None;
+                for (rows, group) in branches.into_iter().filter(|(_, group)| !group.is_empty()) {
+                    let Some(rows) = rows else {
+                        whole = Some(group);
+                        continue;
+                    };
+                    let x = rows.iter().flat_map(|&i| x[i as usize * e..][..e].iter().copied()).collect();
+                    let positions: Vec<u32> = rows.iter().map(|&i| positions[i as usize]).collect();
+                    let rope = self.rope.table(&positions);
+                    for &m in &group {
+                        if members[m].policy.method == Method::Fastkv {
+                            members[m].tsp_positions = Some(positions.clone());
+                        }
+                    }
+                    let shared = lap();
+                    group.iter().for_each(|&m| members[m].profile.selection_s += shared);
+                    next.push(Stream { x, positions, rope, members: group });
+                }
+                if let Some(group) = whole {
+                    next.push(Stream { x, positions, rope, members: group });
+                }
             }
+            streams = next;
         }
-        let logits = self.logits(&x[x.len() - e..]);
-        Ok(Prefill {
-            logits,
-            cache: KvCache { layers: caches },
-            seq_lens,
-            tsp_positions,
-            filtered_positions: None,
-            next_position: prompt_len as u32,
-            profile,
-        })
+        for stream in &streams {
+            let logits = self.logits(&stream.x[stream.x.len() - e..]);
+            stream.members.iter().for_each(|&m| members[m].logits = logits.clone());
+        }
+        Ok(members.into_iter().map(|m| m.finish(prompt_len)).collect())
+    }
+
+    /// GemFilter's choice at filter layer f from that layer's q and k (`[Hk, S, D]`): the top `k`
+    /// positions by the last query's raw scores (fastkv-spec §12), ascending.
+    fn gemfilter_select(&self, q: &[f32], keys: &[f32], seq: usize, k: usize) -> Result<Vec<u32>> {
+        let s = &self.spec;
+        let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: 1 };
+        let invalid = |e: select::SelectError| Error::invalid("--kv-budget", e.to_string());
+        let raw = select::last_query_scores(&q[(seq - 1) * hq * d..], keys, &shape).map_err(invalid)?;
+        select::gemfilter_indices(&raw, hq, seq, k).map_err(invalid)
     }
 
     /// What layer `inp.layer` caches (entry rows per cache head; `None`: all rows of every KV head)
@@ -414,6 +475,63 @@ struct LayerInput<'a> {
     k: &'a [f32],
     seq: usize,
     last_layer: bool,
+}
+
+/// One policy's progress through [`Model::run_layers`].
+struct Member<'a> {
+    policy: &'a Policy,
+    /// GemFilter: the k tokens it will pick at its filter layer (it caches nothing before).
+    filter: Option<usize>,
+    filtered: Option<Vec<u32>>,
+    caches: Vec<LayerCache>,
+    seq_lens: Vec<usize>,
+    tsp_positions: Option<Vec<u32>>,
+    logits: Vec<f32>,
+    profile: PrefillProfile,
+}
+
+impl<'a> Member<'a> {
+    fn new(policy: &'a Policy, filter: Option<usize>) -> Self {
+        Member {
+            policy,
+            filter,
+            filtered: None,
+            caches: Vec::new(),
+            seq_lens: Vec::new(),
+            tsp_positions: None,
+            logits: Vec::new(),
+            profile: PrefillProfile::default(),
+        }
+    }
+
+    fn finish(self, prompt_len: usize) -> Ran {
+        match self.filtered {
+            Some(keep) => Ran::Filtered { keep, profile: self.profile },
+            None => Ran::Prefilled(Prefill {
+                logits: self.logits,
+                cache: KvCache { layers: self.caches },
+                seq_lens: self.seq_lens,
+                tsp_positions: self.tsp_positions,
+                filtered_positions: None,
+                next_position: prompt_len as u32,
+                profile: self.profile,
+            }),
+        }
+    }
+}
+
+/// What [`Model::run_layers`] did for one policy: a whole prefill, or GemFilter's choice of tokens.
+enum Ran {
+    Prefilled(Prefill),
+    Filtered { keep: Vec<u32>, profile: PrefillProfile },
+}
+
+/// Hidden states of one sequence of tokens (at original `positions`) and the members that see it.
+struct Stream {
+    x: Vec<f32>,
+    positions: Vec<u32>,
+    rope: RopeTable,
+    members: Vec<usize>,
 }
 
 /// Splits fused q|k|v rows into q (token-major `[S, H·D]`) and head-major k, v (`[Hk, S, D]`).

@@ -6,8 +6,6 @@ pub mod haystack;
 pub mod niah;
 pub mod ruler;
 
-use std::ops::ControlFlow;
-
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -49,28 +47,52 @@ pub struct Contender {
     pub policy: Policy,
 }
 
-/// One contender per method and retain rate (one per method with the engine's defaults when `retain_rates` is
-/// empty; `full` once), each policy validated.
-pub fn contenders(engine: &Engine, methods: &[Method], retain_rates: &[f64]) -> Result<Vec<Contender>> {
+/// One contender per method, retain rate and — FastKV only — TSP layer ℓ* (the engine's default where a list is
+/// empty; `full` once), each policy validated. Rates keep the engine's TSP rate (0.2 if it has absolute budgets).
+pub fn contenders(
+    engine: &Engine,
+    methods: &[Method],
+    retain_rates: &[f64],
+    tsp_layers: &[usize],
+) -> Result<Vec<Contender>> {
+    let default = engine.default_policy();
+    let tsp_rate = match default.budget {
+        Budget::Rate { tsp_rate, .. } => tsp_rate,
+        Budget::Absolute { .. } => 0.2, // FastKV's default TSP rate
+    };
+    fn some_or_default<T>(list: Vec<Option<T>>) -> Vec<Option<T>> {
+        if list.is_empty() {
+            vec![None]
+        } else {
+            list
+        }
+    }
     let mut out = Vec::new();
     for &method in methods {
         let name = method.to_possible_value().expect("every method has a name").get_name().to_string();
-        let base = Policy { method, ..engine.default_policy() };
-        if method == Method::Full || retain_rates.is_empty() {
-            out.push(Contender { name, policy: base });
-            continue;
+        let layers = some_or_default(match method {
+            Method::Fastkv => tsp_layers.iter().copied().map(Some).collect(),
+            _ => Vec::new(),
+        });
+        let rates = some_or_default(match method {
+            Method::Full => Vec::new(),
+            _ => retain_rates.iter().copied().map(Some).collect(),
+        });
+        for &layer in &layers {
+            for &rate in &rates {
+                let mut c = Contender { name: name.clone(), policy: Policy { method, ..default } };
+                if let Some(layer) = layer {
+                    c.policy.tsp_layer = layer;
+                    c.name += &format!(" l*={layer}");
+                }
+                if let Some(retain_rate) = rate {
+                    c.policy.budget = Budget::Rate { tsp_rate, retain_rate };
+                    c.name += &format!(" r={retain_rate}");
+                }
+                c.policy.validate(engine.spec())?;
+                out.push(c);
+            }
         }
-        for &retain_rate in retain_rates {
-            let tsp_rate = match base.budget {
-                Budget::Rate { tsp_rate, .. } => tsp_rate,
-                Budget::Absolute { .. } => 0.2, // FastKV's default TSP rate
-            };
-            let policy = Policy { budget: Budget::Rate { tsp_rate, retain_rate }, ..base };
-            out.push(Contender { name: format!("{name} r={retain_rate}"), policy });
-        }
-    }
-    for c in &out {
-        c.policy.validate(engine.spec())?;
     }
     Ok(out)
 }
@@ -112,23 +134,22 @@ pub fn string_match_all(output: &str, answers: &[String]) -> f64 {
     answers.iter().filter(|a| out.contains(&a.to_lowercase())).count() as f64 / answers.len() as f64
 }
 
-/// Runs every sample under every contender with greedy decoding; a progress bar shows how far it got.
+/// Runs every sample under every contender with greedy decoding, one shared prefill per sample
+/// ([`Engine::generate_each`]); a progress bar shows how far it got.
 pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progress: bool) -> Result<Vec<Score>> {
-    let total = (samples.len() * contenders.len()) as u64;
-    let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let bar = if progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed} < {eta}]")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} samples, {msg} [{elapsed} < {eta}]")
             .expect("static template")
             .progress_chars("=> "),
     );
-    let mut scores = Vec::with_capacity(total as usize);
+    let policies: Vec<Policy> = contenders.iter().map(|c| c.policy).collect();
+    let mut scores = Vec::with_capacity(samples.len() * contenders.len());
     for sample in samples {
-        for c in contenders {
-            bar.set_message(format!("{} {} @ {} tokens", c.name, sample.task, sample.length));
-            let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
-            req.max_new_tokens = sample.max_new_tokens;
-            req.policy = Some(c.policy);
-            let out = engine.generate(&req, |_| ControlFlow::Continue(()))?;
+        bar.set_message(format!("{} @ {} tokens", sample.task, sample.length));
+        let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
+        req.max_new_tokens = sample.max_new_tokens;
+        for (c, out) in contenders.iter().zip(engine.generate_each(&req, &policies)?) {
             scores.push(Score {
                 task: sample.task.clone(),
                 method: c.name.clone(),
@@ -139,8 +160,8 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
                 output: out.text,
                 kv_cache_bytes: out.metrics.kv_cache_bytes,
             });
-            bar.inc(1);
         }
+        bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(scores)
