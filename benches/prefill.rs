@@ -83,7 +83,15 @@ fn engine_dir(dtype: DType) -> PathBuf {
         })
         .unwrap();
     }
-    build(&BuildOptions { checkpoint: ckpt, output: engine.clone(), dtype, force: true, progress: false }).unwrap();
+    build(&BuildOptions {
+        checkpoint: ckpt,
+        output: engine.clone(),
+        dtype,
+        force: true,
+        progress: false,
+        tsp_layer: None,
+    })
+    .unwrap();
     engine
 }
 

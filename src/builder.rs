@@ -23,6 +23,8 @@ pub struct BuildOptions {
     pub force: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// FastKV's default TSP layer ℓ* for this engine; `None`: the preset's, else N/2 − 1.
+    pub tsp_layer: Option<usize>,
 }
 
 /// Presets for known models (`engines/*.json`), compiled in.
@@ -64,6 +66,10 @@ pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
 
 pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let ckpt = Checkpoint::open(&opts.checkpoint)?;
+    let n = ckpt.spec.num_layers;
+    if let Some(layer) = opts.tsp_layer.filter(|&l| l >= n) {
+        return Err(Error::invalid("--tsp-layer", format!("{layer} is not a layer of this model (0..{n})")));
+    }
     if opts.output.exists() && !opts.force {
         return Err(Error::bad_file(&opts.output, "already exists; pass --force to replace it"));
     }
@@ -118,7 +124,11 @@ fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Ma
     std::fs::write(&tok_dst, &ckpt.tokenizer_json).map_err(|e| Error::io(&tok_dst, e))?;
     let tok_bytes = ckpt.tokenizer_json.len() as u64;
     files.insert(TOKENIZER.into(), FileEntry { bytes: tok_bytes, sha256: tensors::sha256_file(&tok_dst)? });
-    let (fastkv, preset) = default_policy(&ckpt.spec);
+    let (mut fastkv, mut preset) = default_policy(&ckpt.spec);
+    if let Some(layer) = opts.tsp_layer {
+        fastkv.tsp_layer = layer;
+        preset = None;
+    }
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         format_version: format!("{}.{}", FORMAT_VERSION.0, FORMAT_VERSION.1),

@@ -238,3 +238,24 @@ fn library_rejects_bad_sampling_and_token_ids() {
     req.sampling = Sampling { temperature: f32::NAN, ..Sampling::default() };
     assert!(engine.generate(&req, |_| ControlFlow::Continue(())).is_err());
 }
+
+#[test]
+fn tsp_layer_flag_sets_the_engine_default_and_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |layer: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fastkv-build"))
+            .args(["--checkpoint", fixture("llama").to_str().unwrap(), "--output"])
+            .arg(tmp.path().join("engine"))
+            .args(["--dtype", "f32", "--tsp-layer", layer])
+            .output()
+            .unwrap()
+    };
+    let bad = build("4");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("--tsp-layer") && stderr.contains("0..4"), "{stderr}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "build left files behind");
+    let good = build("2");
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(String::from_utf8_lossy(&good.stdout).contains("ℓ* = 2 (--tsp-layer)"));
+    assert_eq!(Engine::open(tmp.path().join("engine")).unwrap().default_policy().tsp_layer, 2);
+}

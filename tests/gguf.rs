@@ -108,6 +108,7 @@ fn build_error(bytes: &[u8]) -> String {
         dtype: DType::F32,
         force: false,
         progress: false,
+        tsp_layer: None,
     };
     let err = match build(&opts) {
         Ok(_) => panic!("the build must fail"),

@@ -32,6 +32,11 @@ struct Args {
     /// Replace the output directory if it exists.
     #[arg(long)]
     force: bool,
+    /// FastKV's default TSP layer ℓ* (0-based) stored in the engine. Default: the model's preset
+    /// (engines/*.json), else N/2 − 1. Compare layers on your model with `fastkv eval niah
+    /// --tsp-layers …`; small models can need a later ℓ* than the rule gives.
+    #[arg(long)]
+    tsp_layer: Option<usize>,
     /// Print nothing but errors (no progress bar, no summary).
     #[arg(long)]
     quiet: bool,
@@ -45,19 +50,25 @@ fn main() -> ExitCode {
         dtype: args.dtype,
         force: args.force,
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        tsp_layer: args.tsp_layer,
     };
     match build(&opts) {
         Ok(m) => {
             if !args.quiet {
                 let weights = &m.files["weights.safetensors"];
                 println!(
-                    "built {} ({:?}, {} layers, {} MB {:?} weights, FastKV defaults: {}) from {}",
+                    "built {} ({:?}, {} layers, {} MB {:?} weights, FastKV ℓ* = {} ({})) from {}",
                     opts.output.display(),
                     m.model.arch,
                     m.model.num_layers,
                     weights.bytes / 1_000_000,
                     m.dtype,
-                    m.preset.as_deref().unwrap_or("ℓ* = N/2 − 1 rule"),
+                    m.fastkv.tsp_layer,
+                    match (&m.preset, args.tsp_layer) {
+                        (_, Some(_)) => "--tsp-layer".to_string(),
+                        (Some(name), None) => format!("{name} preset"),
+                        (None, None) => "N/2 − 1 rule".to_string(),
+                    },
                     m.source
                 );
             }

@@ -23,6 +23,7 @@ pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, Path
         dtype,
         force: false,
         progress: false,
+        tsp_layer: None,
     })
     .unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
     (tmp, output)
