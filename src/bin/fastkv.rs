@@ -285,9 +285,9 @@ impl MethodsArgs {
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Needle in a haystack: a sentence hidden at several depths of essay contexts of several lengths.
-    Niah(NiahArgs),
+    Niah(Box<NiahArgs>),
     /// RULER-style synthetic tasks: multi-key / multi-value needles, variable tracking, common words.
-    Ruler(RulerArgs),
+    Ruler(Box<RulerArgs>),
 }
 
 /// What every eval needs: the engine, the haystack, the methods and where results go.
