@@ -6,6 +6,8 @@ pub mod haystack;
 pub mod niah;
 pub mod ruler;
 
+use std::io::IsTerminal;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -143,9 +145,11 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
             .expect("static template")
             .progress_chars("=> "),
     );
+    // Off a terminal the bar stays hidden; a line per sample shows that a long run is alive.
+    let log_lines = progress && !std::io::stderr().is_terminal();
     let policies: Vec<Policy> = contenders.iter().map(|c| c.policy).collect();
     let mut scores = Vec::with_capacity(samples.len() * contenders.len());
-    for sample in samples {
+    for (i, sample) in samples.iter().enumerate() {
         bar.set_message(format!("{} @ {} tokens", sample.task, sample.length));
         let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
         req.max_new_tokens = sample.max_new_tokens;
@@ -162,6 +166,9 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
             });
         }
         bar.inc(1);
+        if log_lines {
+            eprintln!("{}/{} samples done ({} @ {} tokens)", i + 1, samples.len(), sample.task, sample.length);
+        }
     }
     bar.finish_and_clear();
     Ok(scores)
