@@ -66,9 +66,11 @@ pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
 
 pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let ckpt = Checkpoint::open(&opts.checkpoint)?;
-    let n = ckpt.spec.num_layers;
-    if let Some(layer) = opts.tsp_layer.filter(|&l| l >= n) {
-        return Err(Error::invalid("--tsp-layer", format!("{layer} is not a layer of this model (0..{n})")));
+    let (mut fastkv, mut preset) = default_policy(&ckpt.spec);
+    if let Some(layer) = opts.tsp_layer {
+        fastkv.tsp_layer = layer;
+        preset = None;
+        fastkv.validate(&ckpt.spec)?;
     }
     if opts.output.exists() && !opts.force {
         return Err(Error::bad_file(&opts.output, "already exists; pass --force to replace it"));
@@ -82,7 +84,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_engine(&ckpt, opts, &tmp).and_then(|manifest| {
+    let result = write_engine(&ckpt, opts, (fastkv, preset), &tmp).and_then(|manifest| {
         if opts.output.exists() {
             std::fs::remove_dir_all(&opts.output).map_err(|e| Error::io(&opts.output, e))?;
         }
@@ -95,7 +97,13 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     result
 }
 
-fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Manifest> {
+/// Writes the engine's files into `dir`, with `defaults` (FastKV policy, preset name) in its manifest.
+fn write_engine(
+    ckpt: &Checkpoint,
+    opts: &BuildOptions,
+    (fastkv, preset): (Policy, Option<String>),
+    dir: &Path,
+) -> Result<Manifest> {
     let plan: Vec<TensorPlan> = ckpt
         .layout
         .iter()
@@ -124,11 +132,6 @@ fn write_engine(ckpt: &Checkpoint, opts: &BuildOptions, dir: &Path) -> Result<Ma
     std::fs::write(&tok_dst, &ckpt.tokenizer_json).map_err(|e| Error::io(&tok_dst, e))?;
     let tok_bytes = ckpt.tokenizer_json.len() as u64;
     files.insert(TOKENIZER.into(), FileEntry { bytes: tok_bytes, sha256: tensors::sha256_file(&tok_dst)? });
-    let (mut fastkv, mut preset) = default_policy(&ckpt.spec);
-    if let Some(layer) = opts.tsp_layer {
-        fastkv.tsp_layer = layer;
-        preset = None;
-    }
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         format_version: format!("{}.{}", FORMAT_VERSION.0, FORMAT_VERSION.1),

@@ -284,15 +284,16 @@ impl Model {
                 let shared = lap();
                 ids.iter().for_each(|&m| members[m].profile.projections_s += shared);
 
-                // Members grouped by the rows they propagate (`None`: all of them).
-                let mut branches: Vec<(Option<Vec<u32>>, Vec<usize>)> = vec![(None, Vec::new())];
+                // Members that pass on every row, and the others grouped by the rows they pass on.
+                let mut whole = Vec::new();
+                let mut splits: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
                 for &m in &ids {
                     let member = &mut members[m];
                     match member.filter {
                         Some(k_filter) if l == member.policy.filter_layer() => {
                             member.filtered = Some(self.gemfilter_select(&q, &k, seq, k_filter)?);
                         }
-                        Some(_) => branches[0].1.push(m),
+                        Some(_) => whole.push(m),
                         None => {
                             let inp = LayerInput {
                                 policy: member.policy,
@@ -314,16 +315,19 @@ impl Model {
                                 max_new_tokens,
                             ));
                             member.seq_lens.push(seq);
-                            match branches.iter_mut().find(|(rows, _)| *rows == propagate) {
-                                Some((_, group)) => group.push(m),
-                                None => branches.push((propagate, vec![m])),
+                            match propagate {
+                                None => whole.push(m),
+                                Some(rows) => match splits.iter_mut().find(|(r, _)| *r == rows) {
+                                    Some((_, group)) => group.push(m),
+                                    None => splits.push((rows, vec![m])),
+                                },
                             }
                         }
                     }
                     member.profile.selection_s += lap();
                 }
-                if branches.iter().all(|(_, group)| group.is_empty()) {
-                    continue;
+                if whole.is_empty() && splits.is_empty() {
+                    continue; // only GemFilter members, which left at this layer
                 }
 
                 // Attention sees this layer's full K/V; compression only changes what is stored.
@@ -339,12 +343,7 @@ impl Model {
                 let shared = lap();
                 ids.iter().for_each(|&m| members[m].profile.projections_s += shared);
 
-                let mut whole = None;
-                for (rows, group) in branches.into_iter().filter(|(_, group)| !group.is_empty()) {
-                    let Some(rows) = rows else {
-                        whole = Some(group);
-                        continue;
-                    };
+                for (rows, group) in splits {
                     let x = rows.iter().flat_map(|&i| x[i as usize * e..][..e].iter().copied()).collect();
                     let positions: Vec<u32> = rows.iter().map(|&i| positions[i as usize]).collect();
                     let rope = self.rope.table(&positions);
@@ -357,8 +356,8 @@ impl Model {
                     group.iter().for_each(|&m| members[m].profile.selection_s += shared);
                     next.push(Stream { x, positions, rope, members: group });
                 }
-                if let Some(group) = whole {
-                    next.push(Stream { x, positions, rope, members: group });
+                if !whole.is_empty() {
+                    next.push(Stream { x, positions, rope, members: whole });
                 }
             }
             streams = next;
