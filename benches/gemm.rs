@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use fastkv::cpu::{amx, kernels};
+use fastkv::cpu::amx;
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -49,7 +49,7 @@ fn bench_shape(m: usize, n: usize, k: usize, repeats: usize) {
     let mut wide = vec![0f32; n * k];
     let t = best(repeats, || {
         wide.par_chunks_mut(k).zip(w.par_chunks(k)).for_each(|(o, w)| w.convert_to_f32_slice(o));
-        kernels::gemm_f32(m, n, k, &mut out, n, false, (&x, k, 1), (&wide, 1, k), 1.0, true);
+        fastkv::hostmath::gemm_f32(m, n, k, &mut out, n, false, (&x, k, 1), (&wide, 1, k), 1.0, true);
     });
     println!("gemm {m} {n} {k} {:.1}", gflops(t));
 }

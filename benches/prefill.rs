@@ -121,7 +121,7 @@ fn main() {
     let engine = Engine::open(&dir).unwrap();
     if let Some(len) = arg("--rss") {
         let len: usize = len.parse().unwrap();
-        engine.model().prefill(&tokens(len), &engine.full_policy(), 0).unwrap();
+        engine.backend().prefill(&tokens(len), &engine.full_policy(), 0).unwrap();
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let hwm = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?");
         println!("prefill {len} tokens (full KV, {dtype:?}): peak RSS {}", hwm.trim_start_matches("VmHWM:").trim());
@@ -131,7 +131,7 @@ fn main() {
         arg("--lengths").unwrap_or("512,2048".into()).split(',').map(|s| s.trim().parse().unwrap()).collect();
     let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().unwrap());
     let warmup: usize = arg("--warmup").map_or(1, |r| r.parse().unwrap());
-    let model = engine.model();
+    let model = engine.backend();
     println!("engine: SmolLM2-135M shapes, random weights, {dtype:?}, {} threads", rayon::current_num_threads());
     println!(
         "{:>6} {:>6} {:>9} {:>9} {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6} | {:>10} {:>10}",

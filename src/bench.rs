@@ -72,7 +72,7 @@ pub struct Row {
 /// Runs the benchmark: for each length, `warmup` then `repeats` rounds, each round running every method once.
 pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
     if cfg.repeats == 0 {
-        return Err(Error::invalid("--repeats", "must be at least 1"));
+        return Err(Error::invalid("repeats", "must be at least 1"));
     }
     let rounds = (cfg.warmup + cfg.repeats) * cfg.contenders.len() * cfg.lengths.len();
     let bar = if cfg.progress { ProgressBar::new(rounds as u64) } else { ProgressBar::hidden() };
@@ -84,7 +84,7 @@ pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
     // Prompts of exactly `length` tokens: the text's tokens (encoded once) repeated.
     let ids = engine.text.encode(text, false)?;
     if ids.is_empty() {
-        return Err(Error::invalid("--prompt-file", "the text has no tokens"));
+        return Err(Error::invalid("prompt_file", "the text has no tokens"));
     }
     let mut rows = Vec::new();
     for &length in &cfg.lengths {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::TokenizerInfo;
-use crate::cpu::Model;
+use crate::tokenizer_info::TokenizerInfo;
+use crate::backend::{Backend, Device};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::spec::ModelSpec;
@@ -106,13 +106,18 @@ impl Manifest {
 pub struct Engine {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    pub(crate) model: Model,
+    pub(crate) backend: Backend,
     pub(crate) text: TextCodec,
 }
 
 impl Engine {
     /// Opens an engine directory written by `fastkv-build`, on the CPU backend.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_on(dir, Device::Cpu)
+    }
+
+    /// Opens an engine directory on `device`.
+    pub fn open_on(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.join(MANIFEST).exists() {
             return Err(Error::bad_file(dir, "not an engine directory (no engine.json); build one with fastkv-build"));
@@ -120,18 +125,18 @@ impl Engine {
         let manifest = Manifest::read(dir)?;
         manifest.check_files(dir, false)?;
         let weights = TensorFile::open(&dir.join(WEIGHTS))?;
-        let model = Model::load(&manifest.model, &weights)?;
         let text = TextCodec::load(&dir.join(TOKENIZER), &manifest.tokenizer)?;
-        Ok(Engine { dir: dir.into(), manifest, model, text })
+        let backend = Backend::load(&manifest.model, &weights, device)?;
+        Ok(Engine { dir: dir.into(), manifest, backend, text })
     }
 
     pub fn spec(&self) -> &ModelSpec {
         &self.manifest.model
     }
 
-    /// The model on the CPU backend, for callers that drive prefill and decode themselves.
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The model on its backend, for callers that drive prefill and decode themselves.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The engine's default FastKV policy.

@@ -1,10 +1,12 @@
 //! The library's error type: every bad input ends here with a message that names the file, tensor or
-//! flag at fault, so callers (CLI, Triton backend, services) can show it as is.
+//! field at fault, in the library's own vocabulary (a policy field is `kv_budget`, not a CLI flag), so
+//! every front end — CLI, Triton backend, services — can show it as is or translate it.
 
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong in fastkv, with enough context to act on it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
@@ -24,18 +26,29 @@ pub enum Error {
     #[error("{}: engine format version {found} is newer than this fastkv reads ({supported}); rebuild the engine or upgrade fastkv", path.display())]
     EngineVersion { path: PathBuf, found: String, supported: String },
 
-    #[error("invalid {flag}: {msg}")]
-    InvalidArgument { flag: &'static str, msg: String },
+    /// A request, policy or option value out of range. `field` is the library's name for it
+    /// (`kv_budget`, `prompt`); the CLI shows it as `--kv-budget`.
+    #[error("invalid {field}: {msg}")]
+    InvalidArgument { field: &'static str, msg: String },
 
     #[error("{0}")]
     Tokenizer(String),
 
-    /// No NVIDIA driver or no device: CUDA paths report it and callers (tests) may skip.
-    #[error("no CUDA device: {0}")]
-    NoCudaDevice(String),
+    /// The backend was not compiled into this build.
+    #[error("the {device} backend is not in this build of fastkv: rebuild with `--features {feature}`")]
+    NotBuilt { device: String, feature: &'static str },
 
-    #[error("CUDA: {0}")]
-    Cuda(String),
+    /// The backend cannot run what was asked (e.g. a baseline that exists only on the CPU).
+    #[error("{what} is not supported on the {backend} backend (it supports: {supported})")]
+    Unsupported { backend: &'static str, what: String, supported: String },
+
+    /// No driver, library or device for a backend: what is missing and what to do about it.
+    #[error("no {backend} device: {reason}")]
+    NoDevice { backend: &'static str, reason: String },
+
+    /// A device call failed: which operation, the backend's error code, and its message.
+    #[error("{backend} {operation} failed{}: {message}", code.map(|c| format!(" (code {c})")).unwrap_or_default())]
+    Device { backend: &'static str, operation: String, code: Option<i64>, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,7 +62,16 @@ impl Error {
         Error::BadFile { path: path.to_path_buf(), msg: msg.into() }
     }
 
-    pub(crate) fn invalid(flag: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument { flag, msg: msg.into() }
+    /// The message as the command-line tools show it: a field (`kv_budget`) is named by its flag
+    /// (`--kv-budget`).
+    pub fn cli_message(&self) -> String {
+        match self {
+            Error::InvalidArgument { field, msg } => format!("invalid --{}: {msg}", field.replace('_', "-")),
+            other => other.to_string(),
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument { field, msg: msg.into() }
     }
 }

@@ -27,6 +27,7 @@
 //! # Ok::<(), fastkv::Error>(())
 //! ```
 
+pub mod backend;
 pub mod bench;
 pub mod builder;
 pub mod checkpoint;
@@ -37,8 +38,10 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod gguf;
+pub mod hostmath;
 pub mod plot;
 pub mod policy;
+pub mod prefill;
 pub mod rope;
 pub mod sampling;
 pub mod select;
@@ -46,9 +49,11 @@ pub mod session;
 pub mod spec;
 pub mod tensors;
 pub mod text;
+pub mod tokenizer_info;
 
+pub use backend::Device;
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use policy::{Budget, Method, Policy};
+pub use policy::{Budget, Method, Overrides, Policy};
 pub use sampling::Sampling;
 pub use session::{FinishReason, Metrics, Output, Prompt, Request, Token};

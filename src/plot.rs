@@ -166,7 +166,7 @@ impl Format {
         match path.extension().and_then(|e| e.to_str()) {
             Some("svg") => Ok(Format::Svg),
             Some("png") => Ok(Format::Png),
-            _ => Err(Error::invalid("--plot", format!("{}: name the chart *.svg or *.png", path.display()))),
+            _ => Err(Error::invalid("plot", format!("{}: name the chart *.svg or *.png", path.display()))),
         }
     }
 }
@@ -192,5 +192,5 @@ fn load_font() -> Result<()> {
                 .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
         })
         .clone()
-        .map_err(|msg| Error::invalid("--plot", msg))
+        .map_err(|msg| Error::invalid("plot", msg))
 }

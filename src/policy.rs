@@ -41,6 +41,11 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's name on the command line and in reports (`fastkv`, `snapkv-gqa`, …).
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
+
     /// Methods whose caches hold one entry list per query head (H heads) instead of per KV head.
     pub fn per_query_head(self) -> bool {
         matches!(self, Method::Snapkv | Method::Adakv | Method::Headkv | Method::Pyramidkv | Method::H2o)
@@ -91,6 +96,13 @@ impl Default for Params {
         }
     }
 }
+
+/// FastKV's published budgets (fastkv-spec §7): rates of paper v3, and the absolute budgets of v1/v2
+/// used when a request switches an engine with rate defaults to absolute mode.
+pub const DEFAULT_TSP_RATE: f64 = 0.2;
+pub const DEFAULT_RETAIN_RATE: f64 = 0.1;
+pub const DEFAULT_KV_BUDGET: usize = 512;
+pub const DEFAULT_TSP_LEN: usize = 2048;
 
 /// A complete per-request compression policy.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,7 +196,7 @@ impl Policy {
         Policy {
             method: Method::Fastkv,
             tsp_layer: (spec.num_layers / 2).saturating_sub(1),
-            budget: Budget::Rate { tsp_rate: 0.2, retain_rate: 0.1 },
+            budget: Budget::Rate { tsp_rate: DEFAULT_TSP_RATE, retain_rate: DEFAULT_RETAIN_RATE },
             window: 8,
             kernel: 7,
             pool: Pool::Max,
@@ -196,60 +208,60 @@ impl Policy {
     pub fn validate(&self, spec: &ModelSpec) -> Result<()> {
         if self.tsp_layer >= spec.num_layers {
             return Err(Error::invalid(
-                "--tsp-layer",
+                "tsp_layer",
                 format!("{} is not a layer of this model (0..{})", self.tsp_layer, spec.num_layers),
             ));
         }
         if self.window == 0 {
-            return Err(Error::invalid("--window", "must be at least 1"));
+            return Err(Error::invalid("window", "must be at least 1"));
         }
         if self.kernel == 0 || self.kernel % 2 == 0 {
-            return Err(Error::invalid("--kernel", format!("{} must be odd and positive", self.kernel)));
+            return Err(Error::invalid("kernel", format!("{} must be odd and positive", self.kernel)));
         }
         let in_range = |x: f64| x > 0.0 && x <= 1.0;
         match self.budget {
             Budget::Rate { tsp_rate, retain_rate } => {
                 if !in_range(tsp_rate) {
-                    return Err(Error::invalid("--tsp-rate", format!("{tsp_rate} is not in (0, 1]")));
+                    return Err(Error::invalid("tsp_rate", format!("{tsp_rate} is not in (0, 1]")));
                 }
                 if !in_range(retain_rate) {
-                    return Err(Error::invalid("--retain-rate", format!("{retain_rate} is not in (0, 1]")));
+                    return Err(Error::invalid("retain_rate", format!("{retain_rate} is not in (0, 1]")));
                 }
             }
             Budget::Absolute { kv_budget, tsp_len } => {
                 if kv_budget == 0 {
-                    return Err(Error::invalid("--kv-budget", "must be at least 1"));
+                    return Err(Error::invalid("kv_budget", "must be at least 1"));
                 }
                 if tsp_len == 0 {
-                    return Err(Error::invalid("--tsp-len", "must be at least 1"));
+                    return Err(Error::invalid("tsp_len", "must be at least 1"));
                 }
             }
         }
         let p = &self.params;
         if let Some(f) = p.filter_layer.filter(|&f| f >= spec.num_layers) {
             return Err(Error::invalid(
-                "--filter-layer",
+                "filter_layer",
                 format!("{f} is not a layer of this model (0..{})", spec.num_layers),
             ));
         }
         if !(0.0..=1.0).contains(&p.ada_alpha) {
-            return Err(Error::invalid("--ada-alpha", format!("{} is not in [0, 1]", p.ada_alpha)));
+            return Err(Error::invalid("ada_alpha", format!("{} is not in [0, 1]", p.ada_alpha)));
         }
         if p.h2o_max_len == 0 {
-            return Err(Error::invalid("--h2o-max-len", "must be at least 1"));
+            return Err(Error::invalid("h2o_max_len", "must be at least 1"));
         }
         if let Some(rho) = p.decay_ratio.filter(|&r| !(0.0..=1.0).contains(&r)) {
-            return Err(Error::invalid("--decay-ratio", format!("{rho} is not in [0, 1]")));
+            return Err(Error::invalid("decay_ratio", format!("{rho} is not in [0, 1]")));
         }
         if !(0.0..1.0).contains(&p.recent_ratio) {
-            return Err(Error::invalid("--recent-ratio", format!("{} is not in [0, 1)", p.recent_ratio)));
+            return Err(Error::invalid("recent_ratio", format!("{} is not in [0, 1)", p.recent_ratio)));
         }
         if self.method == Method::Headkv {
             match p.head_scores {
-                None => return Err(Error::invalid("--head-scores", "HeadKV needs a head-score JSON file")),
+                None => return Err(Error::invalid("head_scores", "HeadKV needs a head-score JSON file")),
                 Some(s) if (s.num_layers, s.num_heads) != (spec.num_layers, spec.num_heads) => {
                     return Err(Error::invalid(
-                        "--head-scores",
+                        "head_scores",
                         format!(
                             "scores are for {} layers × {} heads, the model has {} × {}",
                             s.num_layers, s.num_heads, spec.num_layers, spec.num_heads
@@ -267,7 +279,7 @@ impl Policy {
         let max = self.params.h2o_max_len;
         if self.method == Method::H2o && prompt_len > max {
             return Err(Error::invalid(
-                "--h2o-max-len",
+                "h2o_max_len",
                 format!("H2O's O(L²) scores are limited to {max} tokens; the prompt has {prompt_len}"),
             ));
         }
@@ -310,7 +322,7 @@ impl Policy {
     pub fn head_budgets(&self, layer: usize, c: usize, seq_len: usize) -> Result<Vec<usize>> {
         let scores = self.params.head_scores.filter(|s| layer < s.num_layers);
         let scores =
-            scores.ok_or_else(|| Error::invalid("--head-scores", format!("no HeadKV scores for layer {layer}")))?;
+            scores.ok_or_else(|| Error::invalid("head_scores", format!("no HeadKV scores for layer {layer}")))?;
         let base = c.saturating_sub(self.window) as f64;
         let small = (base / 1.2).floor();
         let pool = small * scores.scores.len() as f64;
@@ -389,6 +401,124 @@ impl Policy {
         let t = self.tsp_len(prompt_len);
         let tsp = self.method == Method::Fastkv && layer == self.tsp_layer && seq_len > t;
         LayerPlan { kv_budget: Some(c.max(self.window)), tsp_len: tsp.then_some(t) }
+    }
+}
+
+/// Changes to a policy that a request asks for — CLI flags (the struct is the CLI's flag group),
+/// Triton parameters, `fastkv eval`'s contenders — merged by one rule, [`Overrides::apply`], so every
+/// front end gives the same policy for the same request. Unset fields keep the base policy's value.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct Overrides {
+    /// Compression method; the baselines take their budget from --retain-rate / --kv-budget.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// ℓ*: the last layer that sees the whole prompt (0-based).
+    #[arg(long)]
+    pub tsp_layer: Option<usize>,
+    /// Fraction of prompt tokens propagated past ℓ* (rate mode; an absolute-mode engine switches to
+    /// rates with the unset one at FastKV's default: t = 0.2, r = 0.1).
+    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
+    pub tsp_rate: Option<f64>,
+    /// Fraction of KV entries each layer keeps (rate mode).
+    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
+    pub retain_rate: Option<f64>,
+    /// KV entries kept per layer and cache head, window included (absolute mode; a rate-mode
+    /// engine switches to absolute budgets with the unset one at the paper's v1/v2 default: C = 512,
+    /// T = 2048).
+    #[arg(long)]
+    pub kv_budget: Option<usize>,
+    /// Tokens propagated past ℓ*, window included (absolute mode).
+    #[arg(long)]
+    pub tsp_len: Option<usize>,
+    /// Observation window W: the last W prompt tokens score the others and are always kept.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Pooling kernel K (odd).
+    #[arg(long)]
+    pub kernel: Option<usize>,
+    /// Pooling of window scores before the group sum.
+    #[arg(long, value_enum)]
+    pub pool: Option<Pool>,
+    /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}.
+    #[arg(long)]
+    pub head_scores: Option<PathBuf>,
+    /// GemFilter: the layer whose last-query scores select the tokens [default: ℓ*].
+    #[arg(long)]
+    pub filter_layer: Option<usize>,
+    /// StreamingLLM / PyramidInfer: leading tokens always kept [default: 4].
+    #[arg(long)]
+    pub sink: Option<usize>,
+    /// AdaKV: share α of each head's budget kept out of the global allocation [default: 0.2].
+    #[arg(long)]
+    pub ada_alpha: Option<f64>,
+    /// H2O: refuse prompts longer than this (its scores are O(L²)) [default: 8192].
+    #[arg(long)]
+    pub h2o_max_len: Option<usize>,
+    /// PyramidInfer: final keep ratio ρ of the cosine schedule [default: matches the retain rate].
+    #[arg(long)]
+    pub decay_ratio: Option<f64>,
+    /// PyramidInfer: fraction of the prompt (+1 token) that scores the context and is always kept
+    /// [default: 0.01].
+    #[arg(long)]
+    pub recent_ratio: Option<f64>,
+}
+
+impl Overrides {
+    /// `base` with these changes, checked against the model. A budget stays in the base's mode
+    /// unless the other mode's fields are given; fields of the new mode that are not given take the
+    /// published defaults ([`DEFAULT_TSP_RATE`], [`DEFAULT_KV_BUDGET`], …). Rate and absolute
+    /// fields together are an error.
+    pub fn apply(&self, base: Policy, spec: &ModelSpec) -> Result<Policy> {
+        let absolute = self.kv_budget.is_some() || self.tsp_len.is_some();
+        let rates = self.tsp_rate.is_some() || self.retain_rate.is_some();
+        if absolute && rates {
+            return Err(Error::invalid(
+                "kv_budget",
+                "an absolute budget (kv_budget / tsp_len) cannot be combined with rates (tsp_rate / retain_rate)",
+            ));
+        }
+        let budget = match base.budget {
+            Budget::Absolute { kv_budget, tsp_len } if !rates => Budget::Absolute {
+                kv_budget: self.kv_budget.unwrap_or(kv_budget),
+                tsp_len: self.tsp_len.unwrap_or(tsp_len),
+            },
+            Budget::Rate { .. } if absolute => Budget::Absolute {
+                kv_budget: self.kv_budget.unwrap_or(DEFAULT_KV_BUDGET),
+                tsp_len: self.tsp_len.unwrap_or(DEFAULT_TSP_LEN),
+            },
+            Budget::Rate { tsp_rate, retain_rate } => Budget::Rate {
+                tsp_rate: self.tsp_rate.unwrap_or(tsp_rate),
+                retain_rate: self.retain_rate.unwrap_or(retain_rate),
+            },
+            Budget::Absolute { .. } => Budget::Rate {
+                tsp_rate: self.tsp_rate.unwrap_or(DEFAULT_TSP_RATE),
+                retain_rate: self.retain_rate.unwrap_or(DEFAULT_RETAIN_RATE),
+            },
+        };
+        let b = base.params;
+        let params = Params {
+            filter_layer: self.filter_layer.or(b.filter_layer),
+            sink: self.sink.unwrap_or(b.sink),
+            ada_alpha: self.ada_alpha.unwrap_or(b.ada_alpha),
+            h2o_max_len: self.h2o_max_len.unwrap_or(b.h2o_max_len),
+            decay_ratio: self.decay_ratio.or(b.decay_ratio),
+            recent_ratio: self.recent_ratio.unwrap_or(b.recent_ratio),
+            head_scores: match &self.head_scores {
+                Some(path) => Some(HeadScores::load(path, spec)?),
+                None => b.head_scores,
+            },
+        };
+        let policy = Policy {
+            method: self.method.unwrap_or(base.method),
+            tsp_layer: self.tsp_layer.unwrap_or(base.tsp_layer),
+            budget,
+            window: self.window.unwrap_or(base.window),
+            kernel: self.kernel.unwrap_or(base.kernel),
+            pool: self.pool.unwrap_or(base.pool),
+            params,
+        };
+        policy.validate(spec)?;
+        Ok(policy)
     }
 }
 

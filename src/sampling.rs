@@ -27,10 +27,10 @@ impl Default for Sampling {
 impl Sampling {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::invalid("--temperature", format!("{} must be a finite number ≥ 0", self.temperature)));
+            return Err(Error::invalid("temperature", format!("{} must be a finite number ≥ 0", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid("--top-p", format!("{} is not in (0, 1]", self.top_p)));
+            return Err(Error::invalid("top_p", format!("{} is not in (0, 1]", self.top_p)));
         }
         Ok(())
     }

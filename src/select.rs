@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::kernels::gemm_f32;
+use crate::hostmath::gemm_f32;
 
 /// Pooling of per-head window scores along the key axis (stride 1, padding K/2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -343,4 +343,16 @@ pub fn pyramidinfer_indices(scores: &[f32], seq_len: usize, sink: usize, keep: u
     let mut idx: Vec<u32> = top_k(&scores[sinks..], keep).into_iter().map(|i| i + sinks as u32).collect();
     idx.sort_unstable();
     (0..sinks as u32).chain(idx).chain(n as u32..seq_len as u32).collect()
+}
+
+/// The last `rows` query rows of every head of token-major `q` (`[S, H·D]`), as `[H, rows, D]`: the
+/// layout the scoring functions take.
+pub fn last_rows_per_head(q: &[f32], seq: usize, n_heads: usize, head_dim: usize, rows: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n_heads * rows * head_dim);
+    for h in 0..n_heads {
+        for i in seq - rows..seq {
+            out.extend_from_slice(&q[(i * n_heads + h) * head_dim..][..head_dim]);
+        }
+    }
+    out
 }

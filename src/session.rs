@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::Prefill;
+use crate::backend::KvCache;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::policy::{Method, Policy};
+use crate::prefill::Prefill;
 use crate::sampling::{Sampler, Sampling};
 use crate::text::Detokenizer;
 
@@ -99,6 +100,8 @@ pub struct Output {
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub metrics: Metrics,
+    /// The compression policy the request ran under.
+    pub policy: Policy,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub selection: Option<Selection>,
     /// Last-position logits of the prompt (for parity checks); not serialized.
@@ -125,18 +128,18 @@ impl Engine {
         let start = Instant::now();
         let policy = req.policy.unwrap_or_else(|| self.default_policy());
         let prompt = self.prepare(req, &[policy])?;
-        let prefill = self.model.prefill(&prompt.ids, &policy, prompt.max_new)?;
+        let prefill = self.backend.prefill(&prompt.ids, &policy, prompt.max_new)?;
         self.complete(req, &policy, prompt, prefill, start.elapsed().as_secs_f64(), on_token)
     }
 
     /// Runs `req` under each of `policies` (its own policy is ignored) with one shared prefill
-    /// ([`crate::cpu::Model::prefill_many`]), so comparing methods on one prompt costs little more
+    /// ([`crate::backend::Backend::prefill_many`]), so comparing methods on one prompt costs little more
     /// than its longest prefill. The outputs equal separate [`Engine::generate`] calls', except
     /// that every TTFT counts the whole shared prefill.
     pub fn generate_each(&self, req: &Request, policies: &[Policy]) -> Result<Vec<Output>> {
         let start = Instant::now();
         let prompt = self.prepare(req, policies)?;
-        let prefills = self.model.prefill_many(&prompt.ids, policies, prompt.max_new)?;
+        let prefills = self.backend.prefill_many(&prompt.ids, policies, prompt.max_new)?;
         let prefill_s = start.elapsed().as_secs_f64();
         policies
             .iter()
@@ -160,18 +163,18 @@ impl Engine {
             Prompt::Tokens(ids) => ids.clone(),
         };
         if ids.is_empty() {
-            return Err(Error::invalid("--prompt", "the prompt is empty"));
+            return Err(Error::invalid("prompt", "the prompt is empty"));
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= spec.vocab_size) {
             return Err(Error::invalid(
-                "--prompt",
+                "prompt",
                 format!("token id {bad} is outside the vocabulary ({})", spec.vocab_size),
             ));
         }
         let max_pos = spec.max_position_embeddings;
         if ids.len() > max_pos {
             return Err(Error::invalid(
-                "--prompt",
+                "prompt",
                 format!("the prompt is {} tokens; this model takes at most {max_pos}", ids.len()),
             ));
         }
@@ -186,7 +189,7 @@ impl Engine {
         req: &Request,
         policy: &Policy,
         prompt: Prepared,
-        prefill: Prefill,
+        prefill: Prefill<KvCache>,
         prefill_s: f64,
         mut on_token: impl FnMut(&Token) -> ControlFlow<()>,
     ) -> Result<Output> {
@@ -195,28 +198,24 @@ impl Engine {
         let mut cache = prefill.cache;
         let kv_cache_bytes = cache.bytes();
         let kv_cache_bytes_full =
-            2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * std::mem::size_of::<f32>();
-        let selection = req.record_selection.then(|| Selection {
-            layers: cache
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(l, lc)| LayerSelection {
-                    layer: l,
-                    seq_len: prefill.seq_lens[l],
-                    kept: (0..lc.n_heads())
-                        .map(|g| {
-                            let mut p = lc.positions(g).to_vec();
+            2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * self.backend.kv_element_bytes();
+        let selection = match req.record_selection {
+            false => None,
+            true => Some(Selection {
+                layers: (0..cache.num_layers())
+                    .map(|l| {
+                        let kept = cache.positions(l)?.into_iter().map(|mut p| {
                             p.sort_unstable();
                             p
-                        })
-                        .collect(),
-                })
-                .collect(),
-            tsp_layer: prefill.tsp_positions.as_ref().map(|_| policy.tsp_layer),
-            tsp_positions: prefill.tsp_positions.clone(),
-            filtered_positions: prefill.filtered_positions.clone(),
-        });
+                        });
+                        Ok(LayerSelection { layer: l, seq_len: prefill.seq_lens[l], kept: kept.collect() })
+                    })
+                    .collect::<Result<_>>()?,
+                tsp_layer: prefill.tsp_positions.as_ref().map(|_| policy.tsp_layer),
+                tsp_positions: prefill.tsp_positions.clone(),
+                filtered_positions: prefill.filtered_positions.clone(),
+            }),
+        };
 
         let start = Instant::now();
         let mut sampler = Sampler::new(req.sampling);
@@ -245,7 +244,7 @@ impl Engine {
                 break;
             }
             if step + 1 < max_new {
-                logits = self.model.decode(id, prefill.next_position + step as u32, &mut cache);
+                logits = self.backend.decode(id, prefill.next_position + step as u32, &mut cache)?;
             }
         }
         let decode_s = first_token_at.elapsed().as_secs_f64();
@@ -265,6 +264,7 @@ impl Engine {
             token_ids: out_ids,
             finish_reason: finish,
             metrics,
+            policy: *policy,
             selection,
             prompt_logits: prefill.logits,
         })

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::checkpoint::TokenizerInfo;
+use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
 
 pub struct TextCodec {
@@ -43,14 +43,14 @@ impl TextCodec {
             .info
             .chat_template
             .as_deref()
-            .ok_or_else(|| Error::invalid("--chat", "this engine's tokenizer has no chat template"))?;
+            .ok_or_else(|| Error::invalid("chat", "this engine's tokenizer has no chat template"))?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        let bad = |e: minijinja::Error| Error::invalid("--chat", format!("chat template failed: {e}"));
+        let bad = |e: minijinja::Error| Error::invalid("chat", format!("chat template failed: {e}"));
         env.add_template("chat", template).map_err(bad)?;
         let ctx = minijinja::context! {
             messages => vec![minijinja::context! { role => "user", content => user_message }],

@@ -225,6 +225,35 @@ fn bad_requests_get_clear_errors() {
     run_fails(&engine, &["--prompt-file", "/nonexistent/prompt.txt"], "prompt.txt");
     let missing = engine.with_file_name("nope");
     run_fails(&missing, &["--prompt", "hi"], "engine.json");
+    run_fails(&engine, &["--prompt", "hi", "--device", "gpu"], "cuda:N");
+    run_fails(&engine, &["--prompt", "hi", "--device", "tensorrt:0"], "tensorrt");
+}
+
+#[test]
+fn a_device_this_machine_or_build_lacks_is_one_clear_line() {
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    // Without the feature the build says how to get it; with it, this GPU-less machine has no driver.
+    let needle = if cfg!(feature = "cuda") { "no cuda device" } else { "--features cuda" };
+    for device in ["cuda", "cuda:3"] {
+        let run = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+            .args(["run", "--engine", engine.to_str().unwrap(), "--prompt", "hi", "--device", device])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        if cfg!(feature = "cuda") && !stderr.contains(needle) && run.status.success() {
+            println!("skipped: this machine has a CUDA device");
+            return;
+        }
+        assert!(!run.status.success(), "{device}: {stderr}");
+        assert!(stderr.contains(needle) && stderr.trim().lines().count() == 1, "{device}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // The CPU backend keeps working in the same build.
+    let ok = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+        .args(["run", "--engine", engine.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }
 
 #[test]

@@ -382,7 +382,7 @@ fn gemfilter_reruns_the_selected_tokens_from_position_zero() {
         params: Params { filter_layer: Some(1), ..Params::default() },
         ..engine.default_policy()
     };
-    let model = engine.model();
+    let model = engine.backend();
     let mut pre = model.prefill(&ids, &p, 2).unwrap();
     let kept = pre.filtered_positions.clone().unwrap();
     assert_eq!(kept.len(), k);
@@ -392,13 +392,13 @@ fn gemfilter_reruns_the_selected_tokens_from_position_zero() {
     let mut full = model.prefill(&picked, &engine.full_policy(), 2).unwrap();
     assert!(rel_err(&pre.logits, &full.logits) < 1e-6);
     assert_eq!(pre.next_position, k as u32);
-    for c in &pre.cache.layers {
-        assert_eq!(c.positions(0), (0..k as u32).collect::<Vec<_>>());
+    for l in 0..pre.cache.num_layers() {
+        assert_eq!(pre.cache.positions(l).unwrap()[0], (0..k as u32).collect::<Vec<_>>());
     }
     // Decoding continues at position k, exactly like the full run on the picked tokens.
     let t = fastkv::sampling::argmax(&pre.logits);
-    let a = model.decode(t, pre.next_position, &mut pre.cache);
-    let b = model.decode(t, full.next_position, &mut full.cache);
+    let a = model.decode(t, pre.next_position, &mut pre.cache).unwrap();
+    let b = model.decode(t, full.next_position, &mut full.cache).unwrap();
     assert!(rel_err(&a, &b) < 1e-6);
     // The filter layer matters: a different f selects differently on this prompt.
     let other = Policy { params: Params { filter_layer: Some(0), ..p.params }, ..p };
@@ -414,12 +414,12 @@ fn bad_baseline_parameters_name_their_flag() {
     let with = |method, params| Policy { method, params, ..base };
     let d = Params::default();
     let cases = [
-        (with(Method::Headkv, d), "--head-scores"),
-        (with(Method::Gemfilter, Params { filter_layer: Some(99), ..d }), "--filter-layer"),
-        (with(Method::Adakv, Params { ada_alpha: 1.5, ..d }), "--ada-alpha"),
-        (with(Method::Pyramidinfer, Params { decay_ratio: Some(-0.1), ..d }), "--decay-ratio"),
-        (with(Method::Pyramidinfer, Params { recent_ratio: 1.0, ..d }), "--recent-ratio"),
-        (with(Method::H2o, Params { h2o_max_len: 0, ..d }), "--h2o-max-len"),
+        (with(Method::Headkv, d), "head_scores"),
+        (with(Method::Gemfilter, Params { filter_layer: Some(99), ..d }), "filter_layer"),
+        (with(Method::Adakv, Params { ada_alpha: 1.5, ..d }), "ada_alpha"),
+        (with(Method::Pyramidinfer, Params { decay_ratio: Some(-0.1), ..d }), "decay_ratio"),
+        (with(Method::Pyramidinfer, Params { recent_ratio: 1.0, ..d }), "recent_ratio"),
+        (with(Method::H2o, Params { h2o_max_len: 0, ..d }), "h2o_max_len"),
     ];
     for (p, flag) in cases {
         let err = p.validate(spec).unwrap_err().to_string();
@@ -429,11 +429,11 @@ fn bad_baseline_parameters_name_their_flag() {
     let other: &'static HeadScores =
         Box::leak(Box::new(HeadScores::parse(Path::new("h.json"), TINY_SCORES, 2, 2).unwrap()));
     let err = with(Method::Headkv, Params { head_scores: Some(other), ..d }).validate(spec).unwrap_err().to_string();
-    assert!(err.contains("--head-scores") && err.contains("2 layers × 2 heads"), "{err}");
+    assert!(err.contains("head_scores") && err.contains("2 layers × 2 heads"), "{err}");
     // H2O refuses prompts above --h2o-max-len, naming the flag.
     let ids = long_prompt();
     let err = run(&engine, &ids, with(Method::H2o, Params { h2o_max_len: 100, ..d }), 1).unwrap_err().to_string();
-    assert!(err.contains("--h2o-max-len") && err.contains(&ids.len().to_string()), "{err}");
+    assert!(err.contains("h2o_max_len") && err.contains(&ids.len().to_string()), "{err}");
 }
 
 #[test]
@@ -473,7 +473,7 @@ fn cli_runs_every_method_and_names_bad_flags() {
 fn one_shared_prefill_equals_every_policy_run_alone() {
     let (_tmp, dir) = build_engine(&fixture("qwen3"), DType::F32);
     let engine = Engine::open(&dir).unwrap();
-    let model = engine.model();
+    let model = engine.backend();
     let ids = long_prompt();
     let base = engine.default_policy();
     let rate = |method, tsp_layer, retain_rate| Policy {
@@ -507,13 +507,14 @@ fn one_shared_prefill_equals_every_policy_run_alone() {
         assert_eq!(many.tsp_positions, alone.tsp_positions, "{ctx}");
         assert_eq!(many.filtered_positions, alone.filtered_positions, "{ctx}");
         assert_eq!(many.next_position, alone.next_position, "{ctx}");
-        for (a, b) in many.cache.layers.iter().zip(&alone.cache.layers) {
-            assert_eq!(a.n_heads(), b.n_heads(), "{ctx}");
-            (0..a.n_heads()).for_each(|h| assert_eq!(a.positions(h), b.positions(h), "{ctx}"));
+        for l in 0..many.cache.num_layers() {
+            let (a, b) = (many.cache.positions(l).unwrap(), alone.cache.positions(l).unwrap());
+            assert_eq!(a.len(), b.len(), "{ctx}");
+            (0..a.len()).for_each(|h| assert_eq!(a[h], b[h], "{ctx}"));
         }
         let t = fastkv::sampling::argmax(&many.logits);
-        let a = model.decode(t, many.next_position, &mut many.cache);
-        assert_eq!(a, model.decode(t, alone.next_position, &mut alone.cache), "{ctx}");
+        let a = model.decode(t, many.next_position, &mut many.cache).unwrap();
+        assert_eq!(a, model.decode(t, alone.next_position, &mut alone.cache).unwrap(), "{ctx}");
     }
     // The streams really part: FastKV at two layers and GemFilter differ from full.
     let tsp = |i: usize| model.prefill(&ids, &policies[i], 0).unwrap().tsp_positions.unwrap();

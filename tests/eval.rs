@@ -87,7 +87,7 @@ fn eval_scores_every_method_on_every_sample() {
     let names: Vec<&str> = layers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["snapkv r=0.1", "fastkv l*=0 r=0.1", "fastkv l*=2 r=0.1"]);
     assert_eq!(layers[2].policy.tsp_layer, 2);
-    assert!(contenders(&engine, &[Method::Fastkv], &[], &[99]).unwrap_err().to_string().contains("--tsp-layer"));
+    assert!(contenders(&engine, &[Method::Fastkv], &[], &[99]).unwrap_err().to_string().contains("tsp_layer"));
     let scores = eval::run(&engine, &samples, &methods, false).unwrap();
     assert_eq!(scores.len(), 6);
     for s in &scores {

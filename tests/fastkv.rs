@@ -118,17 +118,18 @@ fn decode_appends_at_positions_after_the_prompt() {
     let ids = long_prompt(&engine);
     let l = ids.len();
     let policy = engine.default_policy();
-    let model = engine.model();
+    let model = engine.backend();
     let mut pre = model.prefill(&ids, &policy, 4).unwrap();
-    let kept: Vec<usize> = pre.cache.layers.iter().map(|c| c.len()).collect();
+    let len = |cache: &fastkv::backend::KvCache, l: usize| cache.positions(l).unwrap()[0].len();
+    let kept: Vec<usize> = (0..pre.cache.num_layers()).map(|l| len(&pre.cache, l)).collect();
     let mut token = fastkv::sampling::argmax(&pre.logits);
     for step in 0..3 {
-        let logits = model.decode(token, (l + step) as u32, &mut pre.cache);
+        let logits = model.decode(token, (l + step) as u32, &mut pre.cache).unwrap();
         token = fastkv::sampling::argmax(&logits);
-        for (c, k) in pre.cache.layers.iter().zip(&kept) {
-            assert_eq!(c.len(), k + step + 1);
-            for g in 0..engine.spec().num_kv_heads {
-                assert_eq!(*c.positions(g).last().unwrap(), (l + step) as u32);
+        for (layer, k) in kept.iter().enumerate() {
+            assert_eq!(len(&pre.cache, layer), k + step + 1);
+            for positions in pre.cache.positions(layer).unwrap() {
+                assert_eq!(*positions.last().unwrap(), (l + step) as u32);
             }
         }
     }

@@ -8,9 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fastkv::eval::Contender;
-use fastkv::policy::{HeadScores, Params};
-use fastkv::select::Pool;
-use fastkv::{Budget, Engine, Method, Policy, Prompt, Request, Sampling};
+use fastkv::{Device, Engine, Method, Overrides, Prompt, Request, Sampling};
 
 /// Run LLM engines with FastKV (Token-Selective Propagation + GQA-aware KV compression).
 #[derive(Parser)]
@@ -62,8 +60,25 @@ struct RunArgs {
     dump_selection: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Compression policy; every value not given comes from the engine's defaults (engine.json).
     #[command(flatten)]
-    policy: PolicyArgs,
+    policy: Overrides,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// Where the engine runs.
+#[derive(Args)]
+struct DeviceArg {
+    /// Device to run on: cpu, cuda:N (NVIDIA GPU N; builds with the `cuda` feature) or tensorrt:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+impl DeviceArg {
+    fn open(&self, engine: &std::path::Path) -> fastkv::Result<Engine> {
+        Engine::open_on(engine, self.device)
+    }
 }
 
 #[derive(Args)]
@@ -82,97 +97,8 @@ struct SamplingArgs {
     seed: u64,
 }
 
-/// Compression policy; every value not given comes from the engine's defaults (engine.json).
-#[derive(Args)]
-struct PolicyArgs {
-    /// Compression method; the baselines take their budget from --retain-rate / --kv-budget.
-    #[arg(long, value_enum)]
-    method: Option<Method>,
-    /// ℓ*: the last layer that sees the whole prompt (0-based).
-    #[arg(long)]
-    tsp_layer: Option<usize>,
-    /// Fraction of prompt tokens propagated past ℓ* (rate mode).
-    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
-    tsp_rate: Option<f64>,
-    /// Fraction of KV entries each layer keeps (rate mode).
-    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
-    retain_rate: Option<f64>,
-    /// KV entries kept per layer and cache head, window included (absolute mode).
-    #[arg(long)]
-    kv_budget: Option<usize>,
-    /// Tokens propagated past ℓ*, window included (absolute mode).
-    #[arg(long)]
-    tsp_len: Option<usize>,
-    /// Observation window W: the last W prompt tokens score the others and are always kept.
-    #[arg(long)]
-    window: Option<usize>,
-    /// Pooling kernel K (odd).
-    #[arg(long)]
-    kernel: Option<usize>,
-    /// Pooling of window scores before the group sum.
-    #[arg(long, value_enum)]
-    pool: Option<Pool>,
-    /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}.
-    #[arg(long)]
-    head_scores: Option<PathBuf>,
-    /// GemFilter: the layer whose last-query scores select the tokens [default: ℓ*].
-    #[arg(long)]
-    filter_layer: Option<usize>,
-    /// StreamingLLM / PyramidInfer: leading tokens always kept.
-    #[arg(long, default_value_t = Params::default().sink)]
-    sink: usize,
-    /// AdaKV: share α of each head's budget kept out of the global allocation.
-    #[arg(long, default_value_t = Params::default().ada_alpha)]
-    ada_alpha: f64,
-    /// H2O: refuse prompts longer than this (its scores are O(L²)).
-    #[arg(long, default_value_t = Params::default().h2o_max_len)]
-    h2o_max_len: usize,
-    /// PyramidInfer: final keep ratio ρ of the cosine schedule [default: matches the retain rate].
-    #[arg(long)]
-    decay_ratio: Option<f64>,
-    /// PyramidInfer: fraction of the prompt (+1 token) that scores the context and is always kept.
-    #[arg(long, default_value_t = Params::default().recent_ratio)]
-    recent_ratio: f64,
-}
-
-impl PolicyArgs {
-    /// The policy these flags select for `engine`: its defaults, overridden flag by flag, checked.
-    fn to_policy(&self, engine: &Engine) -> fastkv::Result<Policy> {
-        let mut p = engine.default_policy();
-        p.method = self.method.unwrap_or(p.method);
-        p.tsp_layer = self.tsp_layer.unwrap_or(p.tsp_layer);
-        p.window = self.window.unwrap_or(p.window);
-        p.kernel = self.kernel.unwrap_or(p.kernel);
-        p.pool = self.pool.unwrap_or(p.pool);
-        p.budget = match (p.budget, self.kv_budget.is_some() || self.tsp_len.is_some()) {
-            // Absolute mode: the paper's v1/v2 CLI defaults fill what is not given.
-            (_, true) => {
-                Budget::Absolute { kv_budget: self.kv_budget.unwrap_or(512), tsp_len: self.tsp_len.unwrap_or(2048) }
-            }
-            (Budget::Rate { tsp_rate, retain_rate }, false) => Budget::Rate {
-                tsp_rate: self.tsp_rate.unwrap_or(tsp_rate),
-                retain_rate: self.retain_rate.unwrap_or(retain_rate),
-            },
-            (Budget::Absolute { .. }, false) => {
-                Budget::Rate { tsp_rate: self.tsp_rate.unwrap_or(0.2), retain_rate: self.retain_rate.unwrap_or(0.1) }
-            }
-        };
-        p.params = Params {
-            filter_layer: self.filter_layer,
-            sink: self.sink,
-            ada_alpha: self.ada_alpha,
-            h2o_max_len: self.h2o_max_len,
-            decay_ratio: self.decay_ratio,
-            recent_ratio: self.recent_ratio,
-            head_scores: self.head_scores.as_deref().map(|f| HeadScores::load(f, engine.spec())).transpose()?,
-        };
-        p.validate(engine.spec())?;
-        Ok(p)
-    }
-}
-
 fn run(args: &RunArgs) -> Result<()> {
-    let engine = Engine::open(&args.engine)?;
+    let engine = args.device.open(&args.engine)?;
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
@@ -188,7 +114,7 @@ fn run(args: &RunArgs) -> Result<()> {
         top_p: args.sampling.top_p,
         seed: args.sampling.seed,
     };
-    req.policy = Some(args.policy.to_policy(&engine)?);
+    req.policy = Some(args.policy.apply(engine.default_policy(), engine.spec())?);
     req.record_selection = args.dump_selection.is_some();
     let mut stdout = std::io::stdout().lock();
     let out = engine.generate(&req, |t| {
@@ -260,6 +186,8 @@ struct BenchArgs {
     /// Also draw median TTFT per length and method to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Which methods to compare, at which KV retain rates.
@@ -310,6 +238,8 @@ struct EvalArgs {
     /// Draw one score heat map per method to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -340,7 +270,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         fastkv::plot::check_path(path)?;
     }
-    let engine = Engine::open(&args.engine)?;
+    let engine = args.device.open(&args.engine)?;
     let text = std::fs::read_to_string(&args.prompt_file)
         .with_context(|| format!("{}: cannot read prompt file", args.prompt_file.display()))?;
     let cfg = fastkv::bench::BenchConfig {
@@ -380,7 +310,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
     if let Some(path) = &common.plot {
         fastkv::plot::check_path(path)?;
     }
-    let engine = Engine::open(&common.engine)?;
+    let engine = common.device.open(&common.engine)?;
     let longest = common.lengths.iter().copied().max().unwrap_or(0);
     let haystack = Haystack::load(&common.haystack, &engine, longest)?;
     let contenders = common.methods.contenders(&engine)?;
@@ -430,8 +360,22 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli_message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain in the CLI's words ([`fastkv::Error::cli_message`]); a library error's own
+/// message already includes its sources.
+fn cli_message(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(fe) = cause.downcast_ref::<fastkv::Error>() {
+            parts.push(fe.cli_message());
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
 }

@@ -8,7 +8,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::kernels::gemm_f32;
+use crate::hostmath::gemm_f32;
 
 const QUERY_BLOCK: usize = 64;
 const KEY_TILE: usize = 128;
@@ -42,9 +42,9 @@ pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &K
     let tasks: Vec<(usize, usize)> = (0..m.div_ceil(block)).flat_map(|b| (0..hk).map(move |g| (b, g))).collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(b, g)| {
+        .map_init(Scratch::default, |scratch, &(b, g)| {
             let rows = b * block..((b + 1) * block).min(m);
-            Task { q, q_pos, q_offset, causal, kv, heads, g, rows }.run()
+            Task { q, q_pos, q_offset, causal, kv, heads, g, rows }.run(scratch)
         })
         .collect();
     for (&(b, g), r) in tasks.iter().zip(&results) {
@@ -55,6 +55,16 @@ pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &K
             out[(i * h + head) * d..][..d].copy_from_slice(row);
         }
     }
+}
+
+/// Buffers a worker thread reuses from task to task: packed queries, running max and sum, one tile
+/// of scores.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 /// The query heads of KV head `g` over a block of query rows.
@@ -70,13 +80,14 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
-    fn run(&self) -> Vec<f32> {
+    fn run(&self, scratch: &mut Scratch) -> Vec<f32> {
         let (h, d) = (self.heads.n_heads, self.heads.head_dim);
         let group = h / self.heads.n_kv_heads;
         let rows = self.rows.len();
         let n = rows * group;
         // Pack the group's queries as [head][row] so one GEMM serves them all.
-        let mut q = vec![0f32; n * d];
+        let Scratch { q, max, sum, scores } = scratch;
+        q.resize(n * d, 0.0);
         for (k, dst) in q.chunks_exact_mut(d).enumerate() {
             let (head, i) = (self.g * group + k / rows, self.rows.start + k % rows);
             dst.copy_from_slice(&self.q[(i * h + head) * d..][..d]);
@@ -85,16 +96,18 @@ impl Task<'_> {
         let (keys, values) = (&self.kv.k[base * d..], &self.kv.v[base * d..]);
         let key_pos = &self.kv.pos[base..base + self.kv.len];
         let scale = 1.0 / (d as f32).sqrt();
-        let mut max = vec![f32::NEG_INFINITY; n];
-        let mut sum = vec![0f32; n];
+        max.clear();
+        max.resize(n, f32::NEG_INFINITY);
+        sum.clear();
+        sum.resize(n, 0.0);
+        scores.resize(n * KEY_TILE, 0.0);
         let mut acc = vec![0f32; n * d];
-        let mut scores = vec![0f32; n * KEY_TILE];
         let first_row = self.q_offset + self.rows.start;
         let limit = if self.causal { (first_row + rows).min(self.kv.len) } else { self.kv.len };
         for t0 in (0..limit).step_by(KEY_TILE) {
             let width = (limit - t0).min(KEY_TILE);
             // scores[r, j] = scale · q_r · k_(t0+j)
-            gemm_f32(n, width, d, &mut scores, KEY_TILE, false, (&q, d, 1), (&keys[t0 * d..], 1, d), scale, false);
+            gemm_f32(n, width, d, scores, KEY_TILE, false, (q, d, 1), (&keys[t0 * d..], 1, d), scale, false);
             for r in 0..n {
                 let i = r % rows;
                 let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
@@ -120,7 +133,7 @@ impl Task<'_> {
                 sum[r] += tile_sum;
             }
             // acc += P · V_tile
-            gemm_f32(n, d, width, &mut acc, d, true, (&scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);
+            gemm_f32(n, d, width, &mut acc, d, true, (scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);
         }
         for (r, a) in acc.chunks_exact_mut(d).enumerate() {
             let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };

@@ -102,18 +102,20 @@ impl Linear {
     /// One input row: every weight is read once, in parallel blocks of output rows.
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         let cols = self.cols;
-        out.par_chunks_mut(MATVEC_ROWS).enumerate().for_each(|(b, out)| {
-            let start = b * MATVEC_ROWS;
-            let mut row = vec![0f32; cols];
-            for (i, o) in out.iter_mut().enumerate() {
-                self.rows_f32(start + i..start + i + 1, &mut row);
-                *o = super::kernels::dot(x, &row);
-            }
-        });
+        out.par_chunks_mut(MATVEC_ROWS).enumerate().for_each_init(
+            || vec![0f32; cols],
+            |row, (b, out)| {
+                let start = b * MATVEC_ROWS;
+                for (i, o) in out.iter_mut().enumerate() {
+                    self.rows_f32(start + i..start + i + 1, row);
+                    *o = super::kernels::dot(x, row);
+                }
+            },
+        );
     }
 }
 
 /// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `w` of `n` rows; `out` rows are `out_stride` apart.
 fn gemm_xwt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32], out_stride: usize) {
-    super::kernels::gemm_f32(m, n, k, out, out_stride, false, (x, k, 1), (w, 1, k), 1.0, true);
+    crate::hostmath::gemm_f32(m, n, k, out, out_stride, false, (x, k, 1), (w, 1, k), 1.0, true);
 }

@@ -11,12 +11,10 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use clap::ValueEnum;
-
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::plot::Grid;
-use crate::policy::{Budget, Method, Policy};
+use crate::policy::{Method, Overrides, Policy};
 use crate::session::{Prompt, Request};
 
 /// One prompt and what a right answer contains.
@@ -50,18 +48,14 @@ pub struct Contender {
 }
 
 /// One contender per method, retain rate and — FastKV only — TSP layer ℓ* (the engine's default where a list is
-/// empty; `full` once), each policy validated. Rates keep the engine's TSP rate (0.2 if it has absolute budgets).
+/// empty; `full` once), each an [`Overrides`] of the engine's default policy, so it is the policy the CLI and the
+/// Triton backend would run for the same request.
 pub fn contenders(
     engine: &Engine,
     methods: &[Method],
     retain_rates: &[f64],
     tsp_layers: &[usize],
 ) -> Result<Vec<Contender>> {
-    let default = engine.default_policy();
-    let tsp_rate = match default.budget {
-        Budget::Rate { tsp_rate, .. } => tsp_rate,
-        Budget::Absolute { .. } => 0.2, // FastKV's default TSP rate
-    };
     fn some_or_default<T>(list: Vec<Option<T>>) -> Vec<Option<T>> {
         if list.is_empty() {
             vec![None]
@@ -71,7 +65,6 @@ pub fn contenders(
     }
     let mut out = Vec::new();
     for &method in methods {
-        let name = method.to_possible_value().expect("every method has a name").get_name().to_string();
         let layers = some_or_default(match method {
             Method::Fastkv => tsp_layers.iter().copied().map(Some).collect(),
             _ => Vec::new(),
@@ -80,19 +73,17 @@ pub fn contenders(
             Method::Full => Vec::new(),
             _ => retain_rates.iter().copied().map(Some).collect(),
         });
-        for &layer in &layers {
-            for &rate in &rates {
-                let mut c = Contender { name: name.clone(), policy: Policy { method, ..default } };
-                if let Some(layer) = layer {
-                    c.policy.tsp_layer = layer;
-                    c.name += &format!(" l*={layer}");
+        for &tsp_layer in &layers {
+            for &retain_rate in &rates {
+                let mut name = method.name();
+                if let Some(layer) = tsp_layer {
+                    name += &format!(" l*={layer}");
                 }
-                if let Some(retain_rate) = rate {
-                    c.policy.budget = Budget::Rate { tsp_rate, retain_rate };
-                    c.name += &format!(" r={retain_rate}");
+                if let Some(rate) = retain_rate {
+                    name += &format!(" r={rate}");
                 }
-                c.policy.validate(engine.spec())?;
-                out.push(c);
+                let overrides = Overrides { method: Some(method), tsp_layer, retain_rate, ..Overrides::default() };
+                out.push(Contender { name, policy: overrides.apply(engine.default_policy(), engine.spec())? });
             }
         }
     }

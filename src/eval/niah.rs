@@ -47,7 +47,7 @@ pub fn samples(
     let mut out = Vec::new();
     for &length in lengths {
         let tokens = length.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
-            Error::invalid("--lengths", format!("{length} tokens leaves no room for text beside the question"))
+            Error::invalid("lengths", format!("{length} tokens leaves no room for text beside the question"))
         })?;
         for &depth in depths {
             let context = haystack.fill(engine, tokens, &[(depth, needle.sentence.clone())])?;

@@ -53,7 +53,7 @@ pub fn samples(
 ) -> Result<Vec<Sample>> {
     let words = vocabulary(haystack.text());
     if words.len() < 200 {
-        return Err(Error::invalid("--haystack", "the haystack has too few distinct words for RULER tasks"));
+        return Err(Error::invalid("haystack", "the haystack has too few distinct words for RULER tasks"));
     }
     let mut out = Vec::new();
     for &length in lengths {
@@ -186,7 +186,7 @@ fn common_words(engine: &Engine, length: usize, words: &[&str], rng: &mut StdRng
 /// Tokens left for filler text in a `length`-token prompt whose fixed parts take `overhead`.
 fn room(length: usize, overhead: usize) -> Result<usize> {
     length.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
-        Error::invalid("--lengths", format!("{length} tokens leaves no room for text beside the task ({overhead})"))
+        Error::invalid("lengths", format!("{length} tokens leaves no room for text beside the task ({overhead})"))
     })
 }
 

@@ -8,7 +8,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-use crate::checkpoint::TokenizerInfo;
+use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
 use crate::spec::{Arch, ModelSpec, RopeScaling};
 use crate::tensors::{DType, Tensor};

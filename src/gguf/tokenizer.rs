@@ -5,7 +5,7 @@
 use serde_json::{json, Value as Json};
 
 use super::reader::{GgufFile, Value};
-use crate::checkpoint::TokenizerInfo;
+use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
 
 /// llama.cpp's token types (`enum llama_token_type`).

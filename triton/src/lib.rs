@@ -16,9 +16,9 @@ use std::ops::ControlFlow;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use fastkv::{Engine, Policy};
+use fastkv::{Device, Engine, Policy};
 
-use params::{Job, PolicyFields};
+use params::Job;
 use server::{log, Factory, ModelInfo, Value};
 
 /// What every worker of a model shares.
@@ -43,15 +43,12 @@ const DEFAULT_CONCURRENCY: usize = 8;
 impl ModelState {
     fn new(info: ModelInfo) -> Result<Self, String> {
         let param = |name: &str| info.config["parameters"][name]["string_value"].as_str().filter(|s| !s.is_empty());
-        let backend = param("backend").unwrap_or("cpu");
-        if backend != "cpu" {
-            return Err(format!("parameter backend: {backend:?} is not available in this build (only \"cpu\")"));
-        }
+        let device = device(&info.config)?;
         let engine_path = param("engine_path").ok_or("parameter engine_path is missing from config.pbtxt")?;
         let engine_dir = info.dir.join(engine_path);
-        let engine = Engine::open(&engine_dir).map_err(|e| format!("engine {}: {e}", engine_dir.display()))?;
-        let policy = PolicyFields::from_config(&info.config)?
-            .apply(engine.default_policy(), &engine)
+        let engine =
+            Engine::open_on(&engine_dir, device).map_err(|e| format!("engine {} on {device}: {e}", engine_dir.display()))?;
+        let policy = params::apply(&params::overrides_from_config(&info.config)?, engine.default_policy(), &engine)
             .map_err(|e| format!("default compression policy: {e}"))?;
         let workers = match param("max_concurrency") {
             None => DEFAULT_CONCURRENCY,
@@ -80,6 +77,19 @@ impl ModelState {
             .collect();
         Ok(ModelState { shared, queue: Some(tx), workers })
     }
+}
+
+/// The device the model configuration asks for: the `device` parameter (`cpu`, `cuda:N`), else the
+/// first instance group's kind (`KIND_GPU` → `cuda:` its first GPU), else the CPU.
+fn device(config: &serde_json::Value) -> Result<Device, String> {
+    if let Some(d) = config["parameters"]["device"]["string_value"].as_str().filter(|s| !s.is_empty()) {
+        return d.parse().map_err(|e| format!("parameter device: {e}"));
+    }
+    let group = &config["instance_group"][0];
+    Ok(match group["kind"].as_str() {
+        Some("KIND_GPU") => Device::Cuda(group["gpus"][0].as_u64().unwrap_or(0) as usize),
+        _ => Device::Cpu,
+    })
 }
 
 impl Drop for ModelState {

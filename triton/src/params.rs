@@ -1,6 +1,6 @@
 //! Request tensors (Triton's LLM generate conventions) and model parameters → a fastkv request.
 
-use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
+use fastkv::{Engine, Method, Overrides, Policy, Prompt, Request};
 
 use crate::ffi;
 use crate::server::Tensor;
@@ -13,61 +13,30 @@ pub struct Job {
     pub stream: bool,
 }
 
-/// Compression fields given per request or as model parameters; unset ones keep the defaults.
-#[derive(Clone, Copy, Default)]
-pub struct PolicyFields {
-    pub method: Option<Method>,
-    pub tsp_rate: Option<f64>,
-    pub retain_rate: Option<f64>,
-    pub kv_budget: Option<usize>,
+/// The model parameters that set the compression policy (strings in config.pbtxt): `method`,
+/// `tsp_rate`, `retain_rate`, `kv_budget`, `tsp_len`, `tsp_layer`.
+pub fn overrides_from_config(config: &serde_json::Value) -> Result<Overrides, String> {
+    let param = |name: &str| config["parameters"][name]["string_value"].as_str().filter(|s| !s.is_empty());
+    let num = |name: &str| -> Result<Option<f64>, String> {
+        param(name)
+            .map(|s| s.trim().parse().map_err(|_| format!("parameter {name}: {s:?} is not a number")))
+            .transpose()
+    };
+    let int = |name: &'static str| num(name)?.map(|x| count(name, x)).transpose();
+    Ok(Overrides {
+        method: param("method").map(parse_method).transpose()?,
+        tsp_rate: num("tsp_rate")?,
+        retain_rate: num("retain_rate")?,
+        kv_budget: int("kv_budget")?,
+        tsp_len: int("tsp_len")?,
+        tsp_layer: int("tsp_layer")?,
+        ..Overrides::default()
+    })
 }
 
-/// `tsp_len` when `kv_budget` switches a rate policy to absolute mode: the CLI's default.
-const DEFAULT_TSP_LEN: usize = 2048;
-
-impl PolicyFields {
-    /// The model parameters `method`, `tsp_rate`, `retain_rate`, `kv_budget` (strings).
-    pub fn from_config(config: &serde_json::Value) -> Result<Self, String> {
-        let param = |name: &str| config["parameters"][name]["string_value"].as_str().filter(|s| !s.is_empty());
-        let num = |name: &str| -> Result<Option<f64>, String> {
-            param(name)
-                .map(|s| s.trim().parse().map_err(|_| format!("parameter {name}: {s:?} is not a number")))
-                .transpose()
-        };
-        Ok(PolicyFields {
-            method: param("method").map(parse_method).transpose()?,
-            tsp_rate: num("tsp_rate")?,
-            retain_rate: num("retain_rate")?,
-            kv_budget: num("kv_budget")?.map(|x| count("kv_budget", x)).transpose()?,
-        })
-    }
-
-    /// `base` with these fields applied and checked against the engine's model.
-    pub fn apply(&self, base: Policy, engine: &Engine) -> Result<Policy, String> {
-        let mut p = base;
-        p.method = self.method.unwrap_or(p.method);
-        let rates = self.tsp_rate.is_some() || self.retain_rate.is_some();
-        p.budget = match (self.kv_budget, p.budget) {
-            (Some(_), _) if rates => return Err("kv_budget cannot be combined with tsp_rate / retain_rate".into()),
-            (Some(kv_budget), Budget::Absolute { tsp_len, .. }) => Budget::Absolute { kv_budget, tsp_len },
-            (Some(kv_budget), Budget::Rate { .. }) => Budget::Absolute { kv_budget, tsp_len: DEFAULT_TSP_LEN },
-            (None, Budget::Rate { tsp_rate, retain_rate }) => Budget::Rate {
-                tsp_rate: self.tsp_rate.unwrap_or(tsp_rate),
-                retain_rate: self.retain_rate.unwrap_or(retain_rate),
-            },
-            (None, b @ Budget::Absolute { .. }) if !rates => b,
-            (None, Budget::Absolute { .. }) => {
-                let d = engine.default_policy();
-                let (t, r) = match d.budget {
-                    Budget::Rate { tsp_rate, retain_rate } => (tsp_rate, retain_rate),
-                    Budget::Absolute { .. } => (0.2, 0.1),
-                };
-                Budget::Rate { tsp_rate: self.tsp_rate.unwrap_or(t), retain_rate: self.retain_rate.unwrap_or(r) }
-            }
-        };
-        p.validate(engine.spec()).map_err(|e| e.to_string())?;
-        Ok(p)
-    }
+/// `base` with `overrides` applied by the library's one rule, the error in words for a client.
+pub fn apply(overrides: &Overrides, base: Policy, engine: &Engine) -> Result<Policy, String> {
+    overrides.apply(base, engine.spec()).map_err(|e| e.to_string())
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -116,13 +85,19 @@ pub fn parse(
     }
     s.validate().map_err(|e| e.to_string())?;
     let method = get("method")?.map(|t| strings("method", &t)).transpose()?;
-    let fields = PolicyFields {
+    let int = |name: &'static str| -> Result<Option<usize>, String> {
+        scalar(&get, name, ffi::TYPE_INT32)?.map(|x| count(name, x)).transpose()
+    };
+    let overrides = Overrides {
         method: method.as_ref().and_then(|m| m.first()).map(|m| parse_method(m)).transpose()?,
         tsp_rate: scalar(&get, "tsp_rate", ffi::TYPE_FP32)?,
         retain_rate: scalar(&get, "retain_rate", ffi::TYPE_FP32)?,
-        kv_budget: scalar(&get, "kv_budget", ffi::TYPE_INT32)?.map(|x| count("kv_budget", x)).transpose()?,
+        kv_budget: int("kv_budget")?,
+        tsp_len: int("tsp_len")?,
+        tsp_layer: int("tsp_layer")?,
+        ..Overrides::default()
     };
-    request.policy = Some(fields.apply(*policy, engine)?);
+    request.policy = Some(apply(&overrides, *policy, engine)?);
     let stops = get("stop")?.map(|t| strings("stop", &t)).transpose()?.unwrap_or_default();
     let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
     let stream = scalar(&get, "stream", ffi::TYPE_BOOL)?.is_some_and(|x| x != 0.0);
@@ -167,4 +142,100 @@ fn scalar(
         _ => b.get(..4).map(|v| f32::from_le_bytes(v.try_into().unwrap()) as f64),
     };
     x.map(Some).ok_or_else(|| format!("{name} has no element"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+    use fastkv::builder::{build, BuildOptions};
+    use fastkv::eval::contenders;
+    use fastkv::policy::{DEFAULT_TSP_LEN, DEFAULT_TSP_RATE};
+    use fastkv::tensors::DType;
+    use fastkv::Budget;
+
+    use super::*;
+
+    /// The CLI's flags are `Overrides` itself, flattened.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        policy: Overrides,
+    }
+
+    fn cli(engine: &Engine, args: &[&str]) -> Policy {
+        let cli = Cli::try_parse_from(std::iter::once("fastkv").chain(args.iter().copied())).unwrap();
+        cli.policy.apply(engine.default_policy(), engine.spec()).unwrap()
+    }
+
+    fn model_parameters(engine: &Engine, params: &[(&str, &str)]) -> Policy {
+        let mut config = serde_json::json!({ "parameters": {} });
+        for (k, v) in params {
+            config["parameters"][*k] = serde_json::json!({ "string_value": v });
+        }
+        apply(&overrides_from_config(&config).unwrap(), engine.default_policy(), engine).unwrap()
+    }
+
+    fn request_tensors(engine: &Engine, method: &str, retain_rate: Option<f32>, kv_budget: Option<i32>) -> Policy {
+        let get = |name: &str| -> Result<Option<Tensor>, String> {
+            let tensor = |dtype, data: Vec<u8>| Some(Tensor { dtype, data });
+            Ok(match name {
+                "text_input" => tensor(ffi::TYPE_BYTES, [&2u32.to_le_bytes()[..], b"hi"].concat()),
+                "method" => {
+                    tensor(ffi::TYPE_BYTES, [&(method.len() as u32).to_le_bytes()[..], method.as_bytes()].concat())
+                }
+                "retain_rate" => retain_rate.and_then(|r| tensor(ffi::TYPE_FP32, r.to_le_bytes().to_vec())),
+                "kv_budget" => kv_budget.and_then(|c| tensor(ffi::TYPE_INT32, c.to_le_bytes().to_vec())),
+                _ => None,
+            })
+        };
+        parse(get, engine, &engine.default_policy()).unwrap().request.policy.unwrap()
+    }
+
+    #[test]
+    fn cli_triton_and_eval_give_the_same_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("engine");
+        let checkpoint = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama");
+        let options = BuildOptions {
+            checkpoint,
+            output: dir.clone(),
+            dtype: DType::F32,
+            force: false,
+            progress: false,
+            tsp_layer: None,
+        };
+        build(&options).unwrap();
+        for absolute in [false, true] {
+            let mut engine = Engine::open(&dir).unwrap();
+            if absolute {
+                engine.manifest.fastkv.budget = Budget::Absolute { kv_budget: 64, tsp_len: 96 };
+            }
+            // A retain rate: rate mode on both engines (the absolute one takes FastKV's TSP rate).
+            let by_cli = cli(&engine, &["--method", "snapkv-gqa", "--retain-rate", "0.25"]);
+            let by_params = model_parameters(&engine, &[("method", "snapkv-gqa"), ("retain_rate", "0.25")]);
+            let by_request = request_tensors(&engine, "snapkv-gqa", Some(0.25), None);
+            let by_eval = contenders(&engine, &[Method::SnapkvGqa], &[0.25], &[]).unwrap().remove(0).policy;
+            assert_eq!(by_cli, by_params, "absolute engine: {absolute}");
+            assert_eq!(by_cli, by_request, "absolute engine: {absolute}");
+            assert_eq!(by_cli, by_eval, "absolute engine: {absolute}");
+            let t = match engine.default_policy().budget {
+                Budget::Rate { tsp_rate, .. } => tsp_rate,
+                Budget::Absolute { .. } => DEFAULT_TSP_RATE,
+            };
+            assert_eq!(by_cli.budget, Budget::Rate { tsp_rate: t, retain_rate: 0.25 });
+            // A KV budget: absolute mode; the absolute engine keeps its TSP length.
+            let by_cli = cli(&engine, &["--method", "fastkv", "--kv-budget", "32"]);
+            let by_params = model_parameters(&engine, &[("method", "fastkv"), ("kv_budget", "32")]);
+            let by_request = request_tensors(&engine, "fastkv", None, Some(32));
+            assert_eq!(by_cli, by_params, "absolute engine: {absolute}");
+            assert_eq!(by_cli, by_request, "absolute engine: {absolute}");
+            let tsp_len = if absolute { 96 } else { DEFAULT_TSP_LEN };
+            assert_eq!(by_cli.budget, Budget::Absolute { kv_budget: 32, tsp_len });
+            // No budget fields: the engine's own budget, whatever its mode.
+            assert_eq!(cli(&engine, &[]).budget, engine.default_policy().budget);
+            assert_eq!(model_parameters(&engine, &[]).budget, engine.default_policy().budget);
+        }
+    }
 }

@@ -1,0 +1,183 @@
+//! The backend seam: where a backend plugs in. A [`Device`] names where an engine runs; a
+//! [`Backend`] is that device's model (weights loaded once, shared by every request) and a
+//! [`KvCache`] one request's cache on it. Prefill goes through the one backend-neutral driver
+//! ([`crate::prefill`]) over each backend's [`crate::prefill::Ops`]; decode is the backend's own.
+//! This is the only module that names the backends.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use crate::prefill::{self, Prefill};
+use crate::spec::ModelSpec;
+use crate::tensors::TensorFile;
+
+/// Where an engine runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU, with the fastest kernels it has (chosen at run time).
+    #[default]
+    Cpu,
+    /// NVIDIA GPU `N` through the CUDA kernels of plugin/ and cuBLAS (feature `cuda`).
+    Cuda(usize),
+    /// NVIDIA GPU `N` through a TensorRT engine (not supported yet).
+    TensorRt(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::TensorRt(n) => write!(f, "tensorrt:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+
+    /// `cpu`, `cuda`, `cuda:N`, `tensorrt` or `tensorrt:N` (N defaults to 0).
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, index) = match s.trim().split_once(':') {
+            Some((kind, n)) => (kind, Some(n)),
+            None => (s.trim(), None),
+        };
+        let ordinal = || -> Result<usize> {
+            index.map_or(Ok(0), |n| {
+                n.parse().map_err(|_| Error::invalid("device", format!("`{s}`: `{n}` is not a device number")))
+            })
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "cpu" if index.is_none() => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(ordinal()?)),
+            "tensorrt" | "trt" => Ok(Device::TensorRt(ordinal()?)),
+            _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu, cuda:N or tensorrt:N"))),
+        }
+    }
+}
+
+/// A model loaded on its device.
+pub enum Backend {
+    Cpu(cpu::Model),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::Model),
+}
+
+/// One request's KV cache on the backend that prefilled it.
+pub enum KvCache {
+    Cpu(cpu::KvCache),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::KvCache),
+}
+
+impl Backend {
+    /// Loads the engine's weights (`file`, checked against `spec`) on `device`.
+    pub fn load(spec: &ModelSpec, file: &TensorFile, device: Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Backend::Cpu(cpu::Model::load(spec, file)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Backend::Cuda(cuda::Model::load(spec, file, n)?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::NotBuilt { device: device.to_string(), feature: "cuda" }),
+            Device::TensorRt(_) => Err(Error::Unsupported {
+                backend: "tensorrt",
+                what: "running engines".into(),
+                supported: "nothing yet: export the network with `fastkv-build --export-onnx` and build it with \
+                            TensorRT, or run on --device cuda:N"
+                    .into(),
+            }),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Backend::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => Device::Cuda(m.ordinal()),
+        }
+    }
+
+    /// Bytes of one cached K or V element.
+    pub fn kv_element_bytes(&self) -> usize {
+        match self {
+            Backend::Cpu(_) => std::mem::size_of::<f32>(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => 2,
+        }
+    }
+
+    /// Runs the prompt through every layer under `policy`, reserving `max_new_tokens` of cache.
+    pub fn prefill(&self, tokens: &[u32], policy: &Policy, max_new_tokens: usize) -> Result<Prefill<KvCache>> {
+        let mut one = self.prefill_many(tokens, std::slice::from_ref(policy), max_new_tokens)?;
+        Ok(one.pop().expect("one prefill per policy"))
+    }
+
+    /// Prefills one prompt under several policies at once, sharing every layer until their
+    /// propagated tokens part ([`prefill::prefill_many`]); each result equals that policy's
+    /// prefill alone, and each profile counts the shared work as its own.
+    pub fn prefill_many(
+        &self,
+        tokens: &[u32],
+        policies: &[Policy],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Prefill<KvCache>>> {
+        match self {
+            Backend::Cpu(m) => Ok(prefill::prefill_many(m, tokens, policies, max_new_tokens)?
+                .into_iter()
+                .map(|p| p.map_cache(|layers| KvCache::Cpu(cpu::KvCache { layers })))
+                .collect()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => Ok(prefill::prefill_many(m, tokens, policies, max_new_tokens)?
+                .into_iter()
+                .map(|p| p.map_cache(|layers| KvCache::Cuda(m.cache(layers))))
+                .collect()),
+        }
+    }
+
+    /// One new token at `position` through every layer, appending to `cache`; its logits.
+    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        match (self, cache) {
+            (Backend::Cpu(m), KvCache::Cpu(c)) => Ok(m.decode(token, position, c)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(m), KvCache::Cuda(c)) => m.decode(token, position, c),
+            #[cfg(feature = "cuda")]
+            _ => Err(Error::invalid("cache", "this KV cache was prefilled on another backend")),
+        }
+    }
+}
+
+impl KvCache {
+    /// Bytes of K and V held, not counting the reserve for tokens not generated yet.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.bytes(),
+            #[cfg(feature = "cuda")]
+            KvCache::Cuda(c) => c.bytes(),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.layers.len(),
+            #[cfg(feature = "cuda")]
+            KvCache::Cuda(c) => c.num_layers(),
+        }
+    }
+
+    /// Original positions of the entries of every cache head of `layer`, in cache order.
+    pub fn positions(&self, layer: usize) -> Result<Vec<Vec<u32>>> {
+        match self {
+            KvCache::Cpu(c) => {
+                let lc = &c.layers[layer];
+                Ok((0..lc.n_heads()).map(|h| lc.positions(h).to_vec()).collect())
+            }
+            #[cfg(feature = "cuda")]
+            KvCache::Cuda(c) => c.positions(layer),
+        }
+    }
+}

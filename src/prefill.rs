@@ -1,0 +1,439 @@
+//! The backend-neutral prefill driver: **where TSP and KV compression are decided**. Per layer and
+//! per policy it chooses what the layer caches and which rows go on to the next layer (fastkv-spec
+//! §2–§4, §8 and the baselines of §12), and runs the layer's pieces through [`Ops`], which each
+//! backend implements over its own buffers. The driver owns the neutral types ([`Prefill`],
+//! [`PrefillProfile`]) and imports no backend, so the CPU, CUDA and any later backend share one
+//! decision path that cannot drift.
+//!
+//! Several policies can prefill one prompt at once: each layer runs once per distinct sequence of
+//! tokens, and a policy's stream splits off only where its propagated rows part (FastKV after its
+//! ℓ*, PyramidInfer per layer); GemFilter's filter pass rides along until its filter layer, then
+//! re-runs the model on the tokens it picked. Every result equals a prefill of that policy alone.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::policy::{Method, Policy};
+use crate::select;
+use crate::spec::ModelSpec;
+
+/// The pieces of a decoder layer a backend provides, over its own buffers. Layouts are the
+/// backend's; the driver only passes values between calls.
+pub trait Ops {
+    /// Hidden states of one sequence (`[S, E]`).
+    type Hidden;
+    /// Original positions of one sequence's rows, with what the backend derives from them (RoPE).
+    type Positions;
+    /// One layer's rotated q, k and v of one sequence.
+    type Qkv;
+    /// One layer's attention output of one sequence.
+    type Attention;
+    /// Pooled GQA group scores `[Hk, S−W]` (fastkv-spec §3.3).
+    type Scores;
+    /// Row indices of one sequence, ascending.
+    type Rows;
+    /// Cache entries to keep, per cache head.
+    type Keep;
+    /// One layer's KV cache.
+    type LayerCache;
+
+    /// The backend's name in messages (`cpu`, `cuda`).
+    const NAME: &'static str;
+    /// Whether [`Ops::host_qk`] gives host q and k, which the selection math that exists only on
+    /// the host needs (per-query-head baselines, H2O, PyramidInfer, GemFilter).
+    const HOST_SELECTION: bool;
+
+    fn spec(&self) -> &ModelSpec;
+    fn embed(&self, tokens: &[u32]) -> Result<Self::Hidden>;
+    fn positions(&self, positions: &[u32]) -> Result<Self::Positions>;
+    /// RMSNorm, the q|k|v projection (+ bias, q/k norm) and RoPE at the rows' positions.
+    fn qkv(&self, layer: usize, x: &Self::Hidden, pos: &Self::Positions) -> Result<Self::Qkv>;
+    /// Causal attention over the layer's full K/V; with `last_row_only`, of the last row alone.
+    fn attention(&self, qkv: &Self::Qkv, pos: &Self::Positions, last_row_only: bool) -> Result<Self::Attention>;
+    /// `x += o·Woᵀ; x += MLP(RMSNorm(x))`. With `last_row_only`, `x` keeps only its last row first.
+    fn output_and_mlp(&self, layer: usize, x: &mut Self::Hidden, o: Self::Attention, last_row_only: bool)
+        -> Result<()>;
+    /// Logits of the last row of `x` (final norm and LM head).
+    fn logits(&self, x: &Self::Hidden) -> Result<Vec<f32>>;
+
+    /// FastKV's window scores, pooled per query head and summed per GQA group (spec §3.2–3.3).
+    fn group_scores(&self, qkv: &Self::Qkv, policy: &Policy) -> Result<Self::Scores>;
+    /// Per KV head: the top `budget − W` of its group scores, then the window (spec §3.4).
+    fn kv_keep(&self, scores: &Self::Scores, budget: usize, window: usize) -> Result<Self::Keep>;
+    /// TSP: the top `tsp_len − W` of the group scores summed over KV heads, plus the window,
+    /// ascending (spec §3.5).
+    fn tsp_rows(&self, scores: &Self::Scores, tsp_len: usize, window: usize) -> Result<Self::Rows>;
+    /// Entries chosen on the host, one list per cache head (KV heads, or query heads for
+    /// per-query-head methods).
+    fn keep_from_host(&self, keep: Vec<Vec<u32>>) -> Result<Self::Keep>;
+    fn rows_from_host(&self, rows: Vec<u32>) -> Result<Self::Rows>;
+    fn same_rows(&self, a: &Self::Rows, b: &Self::Rows) -> Result<bool>;
+    /// The layer's cache: the `keep` entries of every cache head (`None`: all rows of every KV
+    /// head), with room for `reserve` more tokens.
+    fn store(
+        &self,
+        qkv: &Self::Qkv,
+        pos: &Self::Positions,
+        keep: Option<&Self::Keep>,
+        reserve: usize,
+    ) -> Result<Self::LayerCache>;
+    /// The hidden rows and positions of `rows`: what goes on to the next layer.
+    fn propagate(
+        &self,
+        x: &Self::Hidden,
+        pos: &Self::Positions,
+        rows: &Self::Rows,
+    ) -> Result<(Self::Hidden, Self::Positions)>;
+    fn positions_to_host(&self, pos: &Self::Positions) -> Result<Vec<u32>>;
+    /// Host q (token-major `[S, H·D]`) and k (head-major `[Hk, S, D]`); `None` when the backend
+    /// keeps them on a device ([`Ops::HOST_SELECTION`] is false).
+    fn host_qk<'a>(&self, qkv: &'a Self::Qkv) -> Option<(&'a [f32], &'a [f32])>;
+    /// Waits for the work enqueued so far, so the profile's clock measures it (no-op on the CPU).
+    fn fence(&self) -> Result<()>;
+}
+
+/// What prefill produced besides the cache: the last token's logits and what TSP did.
+pub struct Prefill<C> {
+    pub logits: Vec<f32>,
+    pub cache: C,
+    /// Tokens each layer saw (L up to ℓ*, T after when TSP fired).
+    pub seq_lens: Vec<usize>,
+    /// Original positions propagated past ℓ*, ascending, when TSP fired.
+    pub tsp_positions: Option<Vec<u32>>,
+    /// GemFilter: the prompt positions it selected, ascending; the re-run saw only these tokens, at
+    /// fresh positions 0..k−1.
+    pub filtered_positions: Option<Vec<u32>>,
+    /// Position of the first generated token: L, or k after GemFilter's re-run.
+    pub next_position: u32,
+    pub profile: PrefillProfile,
+}
+
+impl<C> Prefill<C> {
+    pub fn map_cache<D>(self, f: impl FnOnce(C) -> D) -> Prefill<D> {
+        let Prefill { logits, cache, seq_lens, tsp_positions, filtered_positions, next_position, profile } = self;
+        Prefill { logits, cache: f(cache), seq_lens, tsp_positions, filtered_positions, next_position, profile }
+    }
+}
+
+/// Where prefill time went, in seconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PrefillProfile {
+    /// Norms, q|k|v, o, gate|up and down projections, RoPE, SwiGLU.
+    pub projections_s: f64,
+    pub attention_s: f64,
+    /// Scores, pooling, top-k, the cache / propagation gathers, and GemFilter's filter pass.
+    pub selection_s: f64,
+}
+
+/// The methods whose selection runs on any backend; the others need [`Ops::HOST_SELECTION`].
+pub const ANY_BACKEND_METHODS: [Method; 4] = [Method::Full, Method::Fastkv, Method::SnapkvGqa, Method::Streamingllm];
+
+/// Prefills `tokens` under every policy (one result per policy, in order), reserving cache for
+/// `reserve` generated tokens.
+pub fn prefill_many<O: Ops>(
+    ops: &O,
+    tokens: &[u32],
+    policies: &[Policy],
+    reserve: usize,
+) -> Result<Vec<Prefill<Vec<O::LayerCache>>>> {
+    for policy in policies {
+        policy.validate(ops.spec())?;
+        policy.check_prompt(tokens.len())?;
+        if !O::HOST_SELECTION && !ANY_BACKEND_METHODS.contains(&policy.method) {
+            return Err(Error::Unsupported {
+                backend: O::NAME,
+                what: format!("method `{}`", policy.method.name()),
+                supported: ANY_BACKEND_METHODS.map(Method::name).join(", "),
+            });
+        }
+    }
+    let filter_k = |p: &Policy| {
+        let k = p.kv_budget(0, tokens.len()).max(1);
+        (p.method == Method::Gemfilter && k < tokens.len()).then_some(k)
+    };
+    let runs = policies.iter().map(|p| PolicyRun::new(p, filter_k(p))).collect();
+    let ends = run_layers(ops, tokens, runs, reserve)?;
+    ends.into_iter()
+        .zip(policies)
+        .map(|(end, policy)| match end {
+            RunEnd::Prefilled(pre) => Ok(pre),
+            RunEnd::Filtered { keep, profile } => {
+                let ids: Vec<u32> = keep.iter().map(|&i| tokens[i as usize]).collect();
+                let full = Policy { method: Method::Full, ..*policy };
+                let mut pre = prefill_many(ops, &ids, std::slice::from_ref(&full), reserve)?.pop().expect("one");
+                let p = &mut pre.profile;
+                p.selection_s += profile.projections_s + profile.attention_s + profile.selection_s;
+                pre.filtered_positions = Some(keep);
+                Ok(pre)
+            }
+        })
+        .collect()
+}
+
+/// One policy's progress through the layers.
+struct PolicyRun<'a, O: Ops> {
+    policy: &'a Policy,
+    /// GemFilter: the k tokens it will pick at its filter layer (it caches nothing before).
+    filter: Option<usize>,
+    filtered: Option<Vec<u32>>,
+    caches: Vec<O::LayerCache>,
+    seq_lens: Vec<usize>,
+    tsp_positions: Option<Vec<u32>>,
+    logits: Vec<f32>,
+    profile: PrefillProfile,
+}
+
+impl<'a, O: Ops> PolicyRun<'a, O> {
+    fn new(policy: &'a Policy, filter: Option<usize>) -> Self {
+        PolicyRun {
+            policy,
+            filter,
+            filtered: None,
+            caches: Vec::new(),
+            seq_lens: Vec::new(),
+            tsp_positions: None,
+            logits: Vec::new(),
+            profile: PrefillProfile::default(),
+        }
+    }
+
+    fn finish(self, prompt_len: usize) -> RunEnd<Vec<O::LayerCache>> {
+        match self.filtered {
+            Some(keep) => RunEnd::Filtered { keep, profile: self.profile },
+            None => RunEnd::Prefilled(Prefill {
+                logits: self.logits,
+                cache: self.caches,
+                seq_lens: self.seq_lens,
+                tsp_positions: self.tsp_positions,
+                filtered_positions: None,
+                next_position: prompt_len as u32,
+                profile: self.profile,
+            }),
+        }
+    }
+}
+
+/// How a policy's run ended: a whole prefill, or GemFilter's choice of tokens to re-run.
+enum RunEnd<C> {
+    Prefilled(Prefill<C>),
+    Filtered { keep: Vec<u32>, profile: PrefillProfile },
+}
+
+/// Hidden states of one sequence of tokens (at original positions) and the runs that see it.
+struct Stream<O: Ops> {
+    x: O::Hidden,
+    pos: O::Positions,
+    seq: usize,
+    runs: Vec<usize>,
+}
+
+/// What one layer does for one policy.
+struct LayerChoice<O: Ops> {
+    /// Entries each cache head keeps; `None`: every row of every KV head.
+    keep: Option<O::Keep>,
+    /// Rows passed on to the next layer; `None`: all.
+    propagate: Option<O::Rows>,
+}
+
+/// A stopwatch whose laps are charged to the runs that shared the work.
+struct Clock {
+    last: Instant,
+}
+
+impl Clock {
+    fn lap<O: Ops>(&mut self, ops: &O) -> Result<f64> {
+        ops.fence()?;
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(seconds)
+    }
+}
+
+/// The prefill loop: every layer of every stream attends over its full K/V, each run caches what
+/// its policy keeps, and the runs that propagate a subset of the tokens (at their original
+/// positions) split off into a stream of their own.
+fn run_layers<'a, O: Ops>(
+    ops: &O,
+    tokens: &[u32],
+    mut runs: Vec<PolicyRun<'a, O>>,
+    reserve: usize,
+) -> Result<Vec<RunEnd<Vec<O::LayerCache>>>> {
+    let n_layers = ops.spec().num_layers;
+    let prompt_len = tokens.len();
+    let positions: Vec<u32> = (0..prompt_len as u32).collect();
+    let mut clock = Clock { last: Instant::now() };
+    let mut streams = vec![Stream::<O> {
+        x: ops.embed(tokens)?,
+        pos: ops.positions(&positions)?,
+        seq: prompt_len,
+        runs: (0..runs.len()).collect(),
+    }];
+    for layer in 0..n_layers {
+        let last_layer = layer + 1 == n_layers;
+        let mut next = Vec::with_capacity(streams.len());
+        for Stream { mut x, pos, seq, runs: ids } in streams {
+            let qkv = ops.qkv(layer, &x, &pos)?;
+            let shared = clock.lap(ops)?;
+            ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
+
+            // Runs that pass on every row, and the others grouped by the rows they pass on.
+            let mut whole = Vec::new();
+            let mut splits: Vec<(O::Rows, Vec<usize>)> = Vec::new();
+            for &r in &ids {
+                let run = &mut runs[r];
+                match run.filter {
+                    Some(k) if layer == run.policy.filter_layer() => {
+                        let (q, keys) = ops.host_qk(&qkv).expect("checked: GemFilter needs host selection");
+                        run.filtered = Some(gemfilter_select(ops.spec(), q, keys, seq, k)?);
+                    }
+                    Some(_) => whole.push(r),
+                    None => {
+                        let step = LayerStep { policy: run.policy, layer, prompt_len, seq, last_layer };
+                        let choice = choose(ops, &step, &qkv)?;
+                        run.caches.push(ops.store(&qkv, &pos, choice.keep.as_ref(), reserve)?);
+                        run.seq_lens.push(seq);
+                        match choice.propagate {
+                            None => whole.push(r),
+                            Some(rows) => {
+                                let mut group = None;
+                                for (i, (other, _)) in splits.iter().enumerate() {
+                                    if ops.same_rows(other, &rows)? {
+                                        group = Some(i);
+                                        break;
+                                    }
+                                }
+                                match group {
+                                    Some(i) => splits[i].1.push(r),
+                                    None => splits.push((rows, vec![r])),
+                                }
+                            }
+                        }
+                    }
+                }
+                runs[r].profile.selection_s += clock.lap(ops)?;
+            }
+            if whole.is_empty() && splits.is_empty() {
+                continue; // only GemFilter runs, which left at this layer
+            }
+
+            // Attention sees this layer's full K/V; compression only changes what is stored.
+            // Only the last row reaches the LM head, so the last layer computes just that row.
+            let o = ops.attention(&qkv, &pos, last_layer)?;
+            drop(qkv);
+            let shared = clock.lap(ops)?;
+            ids.iter().for_each(|&r| runs[r].profile.attention_s += shared);
+            ops.output_and_mlp(layer, &mut x, o, last_layer)?;
+            let shared = clock.lap(ops)?;
+            ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
+
+            for (rows, group) in splits {
+                let (x, pos) = ops.propagate(&x, &pos, &rows)?;
+                let kept = ops.positions_to_host(&pos)?;
+                for &r in &group {
+                    if runs[r].policy.method == Method::Fastkv {
+                        runs[r].tsp_positions = Some(kept.clone());
+                    }
+                }
+                let shared = clock.lap(ops)?;
+                group.iter().for_each(|&r| runs[r].profile.selection_s += shared);
+                next.push(Stream { x, pos, seq: kept.len(), runs: group });
+            }
+            if !whole.is_empty() {
+                next.push(Stream { x, pos, seq: if last_layer { 1 } else { seq }, runs: whole });
+            }
+        }
+        streams = next;
+    }
+    for stream in &streams {
+        let logits = ops.logits(&stream.x)?;
+        stream.runs.iter().for_each(|&r| runs[r].logits = logits.clone());
+    }
+    Ok(runs.into_iter().map(|r| r.finish(prompt_len)).collect())
+}
+
+/// One prefill layer as one policy sees it.
+#[derive(Clone, Copy)]
+struct LayerStep<'a> {
+    policy: &'a Policy,
+    layer: usize,
+    prompt_len: usize,
+    seq: usize,
+    last_layer: bool,
+}
+
+/// What layer `step.layer` caches and which rows it propagates, per `step.policy`.
+fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv) -> Result<LayerChoice<O>> {
+    let s = ops.spec();
+    let (hq, hk, d, n_layers) = (s.num_heads, s.num_kv_heads, s.head_dim, s.num_layers);
+    let LayerStep { policy, layer, prompt_len, seq, last_layer } = *step;
+    let all = LayerChoice { keep: None, propagate: None };
+    let invalid = |field: &'static str| move |e: select::SelectError| Error::invalid(field, e.to_string());
+    let shape = |window| select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window };
+    let host = || ops.host_qk(qkv).expect("checked: this method needs host selection");
+    if policy.method == Method::Pyramidinfer {
+        let recent = policy.recent_len(prompt_len);
+        if last_layer || seq <= recent {
+            return Ok(all);
+        }
+        let (q, k) = host();
+        let q_recent = select::last_rows_per_head(q, seq, hq, d, recent);
+        let scores = select::recent_scores(&q_recent, k, &shape(recent)).map_err(invalid("recent_ratio"))?;
+        let n = seq - recent;
+        // Σ over heads (identity pooling): ranks like the paper's mean.
+        let total =
+            select::pool_group_scores(&scores, hq, 1, n, 1, select::Pool::Max).map_err(invalid("recent_ratio"))?;
+        let context = n - policy.params.sink.min(n);
+        let keep = policy.pyramid_keep(layer, n_layers, prompt_len, context);
+        let propagate = (keep < context)
+            .then(|| ops.rows_from_host(select::pyramidinfer_indices(&total, seq, policy.params.sink, keep)))
+            .transpose()?;
+        return Ok(LayerChoice { keep: None, propagate });
+    }
+    let plan = policy.plan(layer, n_layers, prompt_len, seq);
+    let Some(budget) = plan.kv_budget else { return Ok(all) };
+    let w = policy.window;
+    let keep = match policy.method {
+        Method::Fastkv | Method::SnapkvGqa => {
+            let scores = ops.group_scores(qkv, policy)?;
+            let propagate = match plan.tsp_len.filter(|_| !last_layer) {
+                Some(t) => Some(ops.tsp_rows(&scores, t, w)?),
+                None => None,
+            };
+            return Ok(LayerChoice { keep: Some(ops.kv_keep(&scores, budget, w)?), propagate });
+        }
+        Method::Streamingllm => vec![select::streaming_indices(seq, policy.params.sink, budget); hk],
+        _ => {
+            // Per query head: SnapKV, PyramidKV, AdaKV, HeadKV (pooled window scores) and H2O.
+            let (q, k) = host();
+            let n = seq - w;
+            let scores = if policy.method == Method::H2o {
+                select::h2o_scores(&select::last_rows_per_head(q, seq, hq, d, seq), k, &shape(w))
+            } else {
+                select::window_scores(&select::last_rows_per_head(q, seq, hq, d, w), k, &shape(w))
+                    .and_then(|s| select::pool_group_scores(&s, hq, hq, n, policy.kernel, policy.pool))
+            }
+            .map_err(invalid("window"))?;
+            let budgets = match policy.method {
+                Method::Adakv => select::ada_budgets(&scores, hq, n, budget - w, policy.params.ada_alpha)
+                    .map_err(invalid("kv_budget"))?,
+                Method::Headkv => policy.head_budgets(layer, budget, seq)?,
+                _ => vec![budget - w; hq],
+            };
+            select::head_indices(&scores, seq, w, &budgets).map_err(invalid("kv_budget"))?
+        }
+    };
+    Ok(LayerChoice { keep: Some(ops.keep_from_host(keep)?), propagate: None })
+}
+
+/// GemFilter's choice at its filter layer from that layer's host q (`[S, H·D]`) and k
+/// (`[Hk, S, D]`): the top `k` positions by the last query's raw scores (fastkv-spec §12), ascending.
+fn gemfilter_select(spec: &ModelSpec, q: &[f32], keys: &[f32], seq: usize, k: usize) -> Result<Vec<u32>> {
+    let (hq, hk, d) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: 1 };
+    let invalid = |e: select::SelectError| Error::invalid("kv_budget", e.to_string());
+    let raw = select::last_query_scores(&q[(seq - 1) * hq * d..], keys, &shape).map_err(invalid)?;
+    select::gemfilter_indices(&raw, hq, seq, k).map_err(invalid)
+}
