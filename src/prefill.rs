@@ -58,8 +58,9 @@ pub trait Ops {
     /// Logits of the last row of `x` (final norm and LM head).
     fn logits(&self, x: &Self::Hidden) -> Result<Vec<f32>>;
 
-    /// FastKV's window scores, pooled per query head and summed per GQA group (spec §3.2–3.3).
-    fn group_scores(&self, qkv: &Self::Qkv, policy: &Policy) -> Result<Self::Scores>;
+    /// FastKV's window scores, pooled per query head and summed per GQA group (spec §3.2–3.3); the
+    /// layer's attention is at hand for backends that reuse its softmax normalisers.
+    fn group_scores(&self, qkv: &Self::Qkv, attention: &Self::Attention, policy: &Policy) -> Result<Self::Scores>;
     /// Per KV head: the top `budget − W` of its group scores, then the window (spec §3.4).
     fn kv_keep(&self, scores: &Self::Scores, budget: usize, window: usize) -> Result<Self::Keep>;
     /// TSP: the top `tsp_len − W` of the group scores summed over KV heads, plus the window,
@@ -279,20 +280,31 @@ fn run_layers<'a, O: Ops>(
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
 
+            // Attention sees this layer's full K/V; compression only changes what is stored. Only
+            // the last row reaches the LM head, so the last layer computes just that row. GemFilter
+            // runs that leave at this layer need none.
+            let leaving = |r: usize| runs[r].filter.is_some() && layer == runs[r].policy.filter_layer();
+            let o = match ids.iter().all(|&r| leaving(r)) {
+                true => None,
+                false => Some(ops.attention(&qkv, &pos, last_layer)?),
+            };
+            let shared = clock.lap(ops)?;
+            ids.iter().for_each(|&r| runs[r].profile.attention_s += shared);
+
             // Runs that pass on every row, and the others grouped by the rows they pass on.
             let mut whole = Vec::new();
             let mut splits: Vec<(O::Rows, Vec<usize>)> = Vec::new();
             for &r in &ids {
                 let run = &mut runs[r];
-                match run.filter {
-                    Some(k) if layer == run.policy.filter_layer() => {
+                match (run.filter, &o) {
+                    (Some(k), _) if layer == run.policy.filter_layer() => {
                         let (q, keys) = ops.host_qk(&qkv).expect("checked: GemFilter needs host selection");
                         run.filtered = Some(gemfilter_select(ops.spec(), q, keys, seq, k)?);
                     }
-                    Some(_) => whole.push(r),
-                    None => {
+                    (Some(_), _) => whole.push(r),
+                    (None, Some(o)) => {
                         let step = LayerStep { policy: run.policy, layer, prompt_len, seq, last_layer };
-                        let choice = choose(ops, &step, &qkv)?;
+                        let choice = choose(ops, &step, &qkv, o)?;
                         run.caches.push(ops.store(&qkv, &pos, choice.keep.as_ref(), reserve)?);
                         run.seq_lens.push(seq);
                         match choice.propagate {
@@ -312,19 +324,12 @@ fn run_layers<'a, O: Ops>(
                             }
                         }
                     }
+                    (None, None) => unreachable!("attention runs unless every run leaves here"),
                 }
                 runs[r].profile.selection_s += clock.lap(ops)?;
             }
-            if whole.is_empty() && splits.is_empty() {
-                continue; // only GemFilter runs, which left at this layer
-            }
-
-            // Attention sees this layer's full K/V; compression only changes what is stored.
-            // Only the last row reaches the LM head, so the last layer computes just that row.
-            let o = ops.attention(&qkv, &pos, last_layer)?;
             drop(qkv);
-            let shared = clock.lap(ops)?;
-            ids.iter().for_each(|&r| runs[r].profile.attention_s += shared);
+            let Some(o) = o else { continue }; // only GemFilter runs, which left at this layer
             ops.output_and_mlp(layer, &mut x, o, last_layer)?;
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
@@ -365,7 +370,7 @@ struct LayerStep<'a> {
 }
 
 /// What layer `step.layer` caches and which rows it propagates, per `step.policy`.
-fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv) -> Result<LayerChoice<O>> {
+fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv, attention: &O::Attention) -> Result<LayerChoice<O>> {
     let s = ops.spec();
     let (hq, hk, d, n_layers) = (s.num_heads, s.num_kv_heads, s.head_dim, s.num_layers);
     let LayerStep { policy, layer, prompt_len, seq, last_layer } = *step;
@@ -397,7 +402,7 @@ fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv) -> Result<LayerChoice
     let w = policy.window;
     let keep = match policy.method {
         Method::Fastkv | Method::SnapkvGqa => {
-            let scores = ops.group_scores(qkv, policy)?;
+            let scores = ops.group_scores(qkv, attention, policy)?;
             let propagate = match plan.tsp_len.filter(|_| !last_layer) {
                 Some(t) => Some(ops.tsp_rows(&scores, t, w)?),
                 None => None,

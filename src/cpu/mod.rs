@@ -266,7 +266,7 @@ impl Ops for Model {
         Ok(self.logits_of(&x[x.len() - self.spec.hidden_size..]))
     }
 
-    fn group_scores(&self, qkv: &Qkv, policy: &Policy) -> Result<Vec<f32>> {
+    fn group_scores(&self, qkv: &Qkv, _: &Vec<f32>, policy: &Policy) -> Result<Vec<f32>> {
         let s = &self.spec;
         let (hq, hk, d, w) = (s.num_heads, s.num_kv_heads, s.head_dim, policy.window);
         let seq = qkv.q.len() / (hq * d);
