@@ -17,7 +17,7 @@ use fastkv::onnx::export::{export, GRAPHS};
 use fastkv::onnx::proto::{ModelProto, NodeProto, ATTR_INT};
 use fastkv::onnx::{Flavour, DOMAIN};
 use fastkv::tensors::DType;
-use fastkv::{Budget, Engine, Prompt, Request};
+use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
 use prost::Message;
 use serde::Deserialize;
 
@@ -207,17 +207,23 @@ fn the_flavours_differ_only_in_the_fastkv_nodes() {
 fn export_refuses_policies_it_cannot_express() {
     let (_tmp, engine) = build_engine(&fixture("qwen3"), DType::F32);
     let path = engine.join("engine.json");
-    let mut manifest = Manifest::read(&engine).unwrap();
+    let default = Manifest::read(&engine).unwrap().fastkv;
     let out = tempfile::tempdir().unwrap();
-    manifest.fastkv.budget = Budget::Absolute { kv_budget: 64, tsp_len: 128 };
-    std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
-    let err = export(&engine, out.path()).unwrap_err().to_string();
-    assert!(err.contains("--export-onnx") && err.contains("rate mode"), "{err}");
-    manifest.fastkv.budget = Budget::Rate { tsp_rate: 0.2, retain_rate: 0.1 };
-    manifest.fastkv.tsp_layer = manifest.model.num_layers - 1;
-    std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
-    let err = export(&engine, out.path()).unwrap_err().to_string();
-    assert!(err.contains("before the last layer"), "{err}");
+    let last_layer = Manifest::read(&engine).unwrap().model.num_layers - 1;
+    let refused = [
+        (Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 128 }, ..default }, "rate mode"),
+        (Policy { method: Method::SnapkvGqa, ..default }, "default method is SnapkvGqa"),
+        (Policy { tsp_layer: last_layer, ..default }, "before the last layer"),
+        // T = L: TSP never fires, so no prompt length opens every gate.
+        (Policy { budget: Budget::Rate { tsp_rate: 1.0, retain_rate: 0.1 }, ..default }, "no prompt length"),
+    ];
+    for (policy, message) in refused {
+        let mut manifest = Manifest::read(&engine).unwrap();
+        manifest.fastkv = policy;
+        std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
+        let err = export(&engine, out.path()).unwrap_err().to_string();
+        assert!(err.contains("--export-onnx") && err.contains(message), "{err}");
+    }
 }
 
 #[test]
