@@ -16,6 +16,7 @@ use fastkv::engine::Manifest;
 use fastkv::onnx::export::{export, GRAPHS};
 use fastkv::onnx::proto::{ModelProto, NodeProto, ATTR_INT};
 use fastkv::onnx::{Flavour, DOMAIN};
+use fastkv::select::Pool;
 use fastkv::tensors::DType;
 use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
 use prost::Message;
@@ -108,6 +109,24 @@ fn lowered_graphs_match_the_cpu_engine_on_every_architecture() {
         let (_tmp, engine) = build_engine(&fixture(name), DType::F32);
         lowered_matches_cpu(name, &engine, &prompt[..len]);
     }
+}
+
+/// Average pooling (zero padding, divided by K), another kernel, window and rates: the engine's
+/// default policy is what both sides run.
+#[test]
+fn lowered_graphs_match_the_cpu_engine_with_avg_pooling_and_other_budgets() {
+    let prompt = expected("llama").prompts.into_iter().max_by_key(|p| p.ids.len()).unwrap().ids;
+    let (_tmp, engine) = build_engine(&fixture("qwen2"), DType::F32);
+    let mut manifest = Manifest::read(&engine).unwrap();
+    manifest.fastkv = Policy {
+        pool: Pool::Avg,
+        kernel: 5,
+        window: 16,
+        budget: Budget::Rate { tsp_rate: 0.25, retain_rate: 0.125 },
+        ..manifest.fastkv
+    };
+    std::fs::write(engine.join("engine.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+    lowered_matches_cpu("qwen2, avg pooling", &engine, &prompt[..450]);
 }
 
 #[test]
