@@ -14,6 +14,7 @@
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
 //! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
+//! - [`onnx`]: the network as ONNX (FastKV steps as TensorRT plugin nodes, or lowered to standard ops).
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
 //!
@@ -39,6 +40,7 @@ pub mod error;
 pub mod eval;
 pub mod gguf;
 pub mod hostmath;
+pub mod onnx;
 pub mod plot;
 pub mod policy;
 pub mod prefill;

@@ -1,4 +1,5 @@
-//! `fastkv-build`: compile an HF checkpoint or a GGUF file into a fastkv engine directory.
+//! `fastkv-build`: compile an HF checkpoint or a GGUF file into a fastkv engine directory, and/or
+//! export an engine as ONNX.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -12,6 +13,12 @@ use fastkv::tensors::DType;
 /// (llama and qwen2 archs) into a fastkv engine directory: engine.json (versioned manifest with
 /// checksums and FastKV defaults), weights.safetensors (normalised, fused, in the chosen dtype) and
 /// tokenizer.json.
+///
+/// With --export-onnx DIR it also writes the engine as ONNX (after building it, or from an existing
+/// engine with --engine ENGINE --export-onnx DIR): prefill.onnx and decode.onnx with the FastKV steps
+/// as TensorRT plugin nodes (domain `fastkv`), prefill.reference.onnx and decode.reference.onnx with
+/// those steps lowered to standard ONNX ops (runs on onnxruntime), all four reading DIR/weights.bin
+/// (f32). Only the engine's default FastKV policy in rate mode is exported.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -20,12 +27,19 @@ struct Args {
     /// Or a GGUF v2/v3 file: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K tensors
     /// are dequantized to --dtype; the tokenizer (byte-level BPE, pre-tokenizer smollm, qwen2 or
     /// llama-bpe) and chat template come from its metadata.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
+    checkpoint: Option<PathBuf>,
     /// Engine directory to create. It is written to a temporary folder beside it and renamed at the
     /// end, so a failed build leaves nothing behind.
+    #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
+    output: Option<PathBuf>,
+    /// An engine directory built before, to export with --export-onnx (instead of building one).
+    #[arg(long, requires = "export_onnx")]
+    engine: Option<PathBuf>,
+    /// Write the engine as ONNX into this directory (created if missing; its files are replaced).
+    /// Prompts of the exported prefill graph must be at least the printed minimum length.
     #[arg(long)]
-    output: PathBuf,
+    export_onnx: Option<PathBuf>,
     /// Element type of the engine's weights (computation is always accumulated in f32).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DType,
@@ -44,39 +58,65 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let engine = match (&args.engine, args.checkpoint.clone(), args.output.clone()) {
+        (Some(engine), _, _) => engine.clone(),
+        (None, Some(checkpoint), Some(output)) => match build_engine(&args, checkpoint, output) {
+            Ok(dir) => dir,
+            Err(e) => return fail(e),
+        },
+        _ => unreachable!("clap requires --checkpoint and --output without --engine"),
+    };
+    if let Some(dir) = &args.export_onnx {
+        match fastkv::onnx::export::export(&engine, dir) {
+            Ok(x) if !args.quiet => println!(
+                "exported {} as ONNX into {}: {} + {} (prompts of {}..={} tokens)",
+                engine.display(),
+                x.dir.display(),
+                x.graphs.join(", "),
+                fastkv::onnx::export::WEIGHTS_FILE,
+                x.min_prompt_len,
+                x.max_prompt_len
+            ),
+            Ok(_) => {}
+            Err(e) => return fail(e),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn fail(e: fastkv::Error) -> ExitCode {
+    eprintln!("error: {}", e.cli_message());
+    ExitCode::FAILURE
+}
+
+/// Builds `checkpoint` into the engine directory `output` and returns it.
+fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Result<PathBuf> {
     let opts = BuildOptions {
-        checkpoint: args.checkpoint,
-        output: args.output,
+        checkpoint,
+        output,
         dtype: args.dtype,
         force: args.force,
         progress: !args.quiet && std::io::stderr().is_terminal(),
         tsp_layer: args.tsp_layer,
     };
-    match build(&opts) {
-        Ok(m) => {
-            if !args.quiet {
-                let weights = &m.files["weights.safetensors"];
-                println!(
-                    "built {} ({:?}, {} layers, {} MB {:?} weights, FastKV ℓ* = {} ({})) from {}",
-                    opts.output.display(),
-                    m.model.arch,
-                    m.model.num_layers,
-                    weights.bytes / 1_000_000,
-                    m.dtype,
-                    m.fastkv.tsp_layer,
-                    match (&m.preset, args.tsp_layer) {
-                        (_, Some(_)) => "--tsp-layer".to_string(),
-                        (Some(name), None) => format!("{name} preset"),
-                        (None, None) => "N/2 − 1 rule".to_string(),
-                    },
-                    m.source
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {}", e.cli_message());
-            ExitCode::FAILURE
-        }
+    let m = build(&opts)?;
+    if !args.quiet {
+        let weights = &m.files["weights.safetensors"];
+        println!(
+            "built {} ({:?}, {} layers, {} MB {:?} weights, FastKV ℓ* = {} ({})) from {}",
+            opts.output.display(),
+            m.model.arch,
+            m.model.num_layers,
+            weights.bytes / 1_000_000,
+            m.dtype,
+            m.fastkv.tsp_layer,
+            match (&m.preset, args.tsp_layer) {
+                (_, Some(_)) => "--tsp-layer".to_string(),
+                (Some(name), None) => format!("{name} preset"),
+                (None, None) => "N/2 − 1 rule".to_string(),
+            },
+            m.source
+        );
     }
+    Ok(opts.output)
 }

@@ -1,0 +1,259 @@
+//! The ONNX export (`fastkv-build --export-onnx`) against the CPU engine: every graph passes
+//! `onnx.checker`, the lowered graphs run on onnxruntime (`scripts/onnx_run.py`) give the CPU
+//! engine's last-token logits, kept KV positions, TSP positions and greedy tokens, and the plugin
+//! graphs differ from the lowered ones only where a FastKV node was replaced.
+//! Needs `scripts/onnx-deps.sh` (scripts/test.sh runs it).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use fastkv::engine::Manifest;
+use fastkv::onnx::export::{export, GRAPHS};
+use fastkv::onnx::proto::{ModelProto, NodeProto, ATTR_INT};
+use fastkv::onnx::{Flavour, DOMAIN};
+use fastkv::select::Pool;
+use fastkv::tensors::DType;
+use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
+use prost::Message;
+use serde::Deserialize;
+
+/// Tokens chosen per prompt: the prefill's and four decode steps.
+const NEW_TOKENS: usize = 5;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `python3 scripts/onnx_run.py ARGS` with the packages of scripts/onnx-deps.sh.
+fn onnx_run(args: &[&str]) -> Output {
+    let packages = root().join("target/onnx-py");
+    assert!(packages.is_dir(), "{} is missing: run scripts/onnx-deps.sh", packages.display());
+    Command::new("python3")
+        .arg(root().join("scripts/onnx_run.py"))
+        .args(args)
+        .env("PYTHONPATH", &packages)
+        .output()
+        .expect("python3 runs")
+}
+
+fn succeed(out: Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn exported(engine: &Path) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("onnx");
+    export(engine, &dir).unwrap_or_else(|e| panic!("exporting {}: {e}", engine.display()));
+    (tmp, dir)
+}
+
+/// What `onnx_run.py run` wrote.
+#[derive(Deserialize)]
+struct OrtRun {
+    logits: Vec<f32>,
+    kept: Vec<Vec<Vec<u32>>>,
+    tsp_positions: Vec<u32>,
+    tokens: Vec<u32>,
+}
+
+/// Exports `engine`, checks every graph, runs the lowered one on `ids` and compares with
+/// `Engine::generate`; returns the logits' relative error.
+fn lowered_matches_cpu(name: &str, engine_dir: &Path, ids: &[u32]) -> f32 {
+    let (tmp, dir) = exported(engine_dir);
+    let dir_s = dir.to_str().unwrap();
+    succeed(onnx_run(&["check", dir_s]), &format!("{name}: onnx.checker"));
+    let ids_path = tmp.path().join("ids.json");
+    std::fs::write(&ids_path, serde_json::to_string(ids).unwrap()).unwrap();
+    let out_path = tmp.path().join("ort.json");
+    let n = NEW_TOKENS.to_string();
+    let args =
+        ["run", dir_s, "--ids", ids_path.to_str().unwrap(), "--new-tokens", &n, "--out", out_path.to_str().unwrap()];
+    succeed(onnx_run(&args), &format!("{name}: onnxruntime"));
+    let ort: OrtRun = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+
+    let engine = Engine::open(engine_dir).unwrap();
+    let mut req = Request::new(Prompt::Tokens(ids.to_vec()));
+    req.max_new_tokens = NEW_TOKENS;
+    req.record_selection = true;
+    let cpu = engine.generate(&req, |_| ControlFlow::Continue(())).unwrap();
+    let err = rel_err(&ort.logits, &cpu.prompt_logits);
+    eprintln!("{name}, {} tokens: lowered ONNX logits relative error {err:.2e}", ids.len());
+    assert!(err < 1e-4, "{name}: logits relative error {err:e}");
+    let sel = cpu.selection.unwrap();
+    assert_eq!(ort.kept.len(), sel.layers.len(), "{name}: layers");
+    for (ls, kept) in sel.layers.iter().zip(&ort.kept) {
+        assert_eq!(&ls.kept, kept, "{name}: kept positions of layer {}", ls.layer);
+    }
+    assert_eq!(sel.tsp_positions.as_ref(), Some(&ort.tsp_positions), "{name}: TSP positions");
+    assert_eq!(cpu.token_ids.len(), NEW_TOKENS, "{name}: the CPU engine stopped early (EOS); pick another prompt");
+    assert_eq!(cpu.token_ids, ort.tokens, "{name}: greedy tokens");
+    err
+}
+
+#[test]
+fn lowered_graphs_match_the_cpu_engine_on_every_architecture() {
+    let prompt = expected("llama").prompts.into_iter().max_by_key(|p| p.ids.len()).unwrap().ids;
+    // Lengths that round differently under t = 0.2, r = 0.1; the sliding window (mistral, 128) is
+    // shorter than each.
+    for (name, len) in [("llama", 400), ("mistral", 333), ("qwen2", 257), ("qwen3", 512)] {
+        let (_tmp, engine) = build_engine(&fixture(name), DType::F32);
+        lowered_matches_cpu(name, &engine, &prompt[..len]);
+    }
+}
+
+/// Average pooling (zero padding, divided by K), another kernel, window and rates: the engine's
+/// default policy is what both sides run.
+#[test]
+fn lowered_graphs_match_the_cpu_engine_with_avg_pooling_and_other_budgets() {
+    let prompt = expected("llama").prompts.into_iter().max_by_key(|p| p.ids.len()).unwrap().ids;
+    let (_tmp, engine) = build_engine(&fixture("qwen2"), DType::F32);
+    let mut manifest = Manifest::read(&engine).unwrap();
+    manifest.fastkv = Policy {
+        pool: Pool::Avg,
+        kernel: 5,
+        window: 16,
+        budget: Budget::Rate { tsp_rate: 0.25, retain_rate: 0.125 },
+        ..manifest.fastkv
+    };
+    std::fs::write(engine.join("engine.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+    lowered_matches_cpu("qwen2, avg pooling", &engine, &prompt[..450]);
+}
+
+#[test]
+fn lowered_graphs_match_the_cpu_engine_on_smollm2() {
+    let model = root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        eprintln!("skipped: {} is absent (scripts/models.sh installs it)", model.display());
+        return;
+    }
+    let (_tmp, engine_dir) = build_engine(&model, DType::F32);
+    let text = expected("llama").prompts.into_iter().max_by_key(|p| p.ids.len()).unwrap().text;
+    let ids = Engine::open(&engine_dir).unwrap().encode(&text).unwrap();
+    assert!(ids.len() >= 480, "{} tokens", ids.len());
+    lowered_matches_cpu("SmolLM2-135M", &engine_dir, &ids[..480]);
+}
+
+fn read_model(path: &Path) -> ModelProto {
+    ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap()
+}
+
+/// Checks that `reference` is `plugin` with every FastKV node replaced by standard nodes in its
+/// scope (`<node name>/…`) that read only that node's inputs and their own constants and produce
+/// its outputs; returns the FastKV op types seen.
+fn only_fastkv_nodes_differ(plugin: &ModelProto, reference: &ModelProto) -> HashSet<String> {
+    let (pg, rg) = (plugin.graph.as_ref().unwrap(), reference.graph.as_ref().unwrap());
+    assert_eq!(pg.input, rg.input);
+    assert_eq!(pg.output, rg.output);
+    let ref_nodes: HashMap<&str, &NodeProto> = rg.node.iter().map(|n| (n.name.as_str(), n)).collect();
+    assert_eq!(ref_nodes.len(), rg.node.len(), "node names are unique");
+    let (plugins, standard): (Vec<&NodeProto>, Vec<&NodeProto>) = pg.node.iter().partition(|n| n.domain == DOMAIN);
+    assert!(pg.node.iter().all(|n| n.domain.is_empty() || n.domain == DOMAIN));
+    for node in &standard {
+        assert_eq!(ref_nodes.get(node.name.as_str()), Some(node), "standard node {} differs", node.name);
+    }
+    assert!(rg.node.iter().all(|n| n.domain.is_empty()), "a FastKV node is left in the reference graph");
+    assert!(rg
+        .initializer
+        .iter()
+        .all(|t| pg.initializer.contains(t) || plugins.iter().any(|p| t.name.starts_with(&format!("{}/", p.name)))));
+    assert!(pg.initializer.iter().all(|t| rg.initializer.contains(t)));
+    let owned = |n: &NodeProto, p: &NodeProto| n.name.starts_with(&format!("{}/", p.name));
+    let plugin_names: HashSet<&str> = pg.node.iter().map(|n| n.name.as_str()).collect();
+    for node in rg.node.iter().filter(|n| !plugin_names.contains(n.name.as_str())) {
+        assert_eq!(plugins.iter().filter(|p| owned(node, p)).count(), 1, "{} replaces no FastKV node", node.name);
+    }
+    for p in &plugins {
+        assert!(p.attribute.iter().all(|a| a.r#type == ATTR_INT), "{}: attributes are integers", p.name);
+        let sub: Vec<&NodeProto> = rg.node.iter().filter(|n| owned(n, p)).collect();
+        let produced: HashSet<&str> = sub.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+        for out in &p.output {
+            assert!(produced.contains(out.as_str()), "{}: output {out} is not produced by its lowering", p.name);
+        }
+        for input in sub.iter().flat_map(|n| &n.input) {
+            let own_constant =
+                input.starts_with(&format!("{}/", p.name)) && rg.initializer.iter().any(|t| &t.name == input);
+            assert!(
+                p.input.contains(input) || produced.contains(input.as_str()) || own_constant,
+                "{}: its lowering reads {input} from outside",
+                p.name
+            );
+        }
+        for n in rg.node.iter().filter(|n| !owned(n, p)) {
+            for input in &n.input {
+                assert!(
+                    !produced.contains(input.as_str()) || p.output.contains(input),
+                    "{} reads inside {}",
+                    n.name,
+                    p.name
+                );
+            }
+        }
+    }
+    let imports = |m: &ModelProto| m.opset_import.iter().any(|o| o.domain == DOMAIN);
+    assert!(imports(plugin) && !imports(reference));
+    plugins.iter().map(|p| p.op_type.clone()).collect()
+}
+
+#[test]
+fn the_flavours_differ_only_in_the_fastkv_nodes() {
+    for name in FIXTURES {
+        let (_tmp, engine) = build_engine(&fixture(name), DType::F32);
+        let (_otmp, dir) = exported(&engine);
+        for graph in GRAPHS {
+            let plugin = read_model(&dir.join(Flavour::Plugin.file_name(graph)));
+            let reference = read_model(&dir.join(Flavour::Reference.file_name(graph)));
+            let ops = only_fastkv_nodes_differ(&plugin, &reference);
+            let expected: &[&str] = match graph {
+                "prefill" => &["FastKVAttention", "FastKVWindowScores", "FastKVTopK", "FastKVGather"],
+                _ => &["FastKVAttention"],
+            };
+            assert_eq!(ops, expected.iter().map(|s| s.to_string()).collect(), "{name} {graph}");
+        }
+    }
+}
+
+#[test]
+fn export_refuses_policies_it_cannot_express() {
+    let (_tmp, engine) = build_engine(&fixture("qwen3"), DType::F32);
+    let path = engine.join("engine.json");
+    let default = Manifest::read(&engine).unwrap().fastkv;
+    let out = tempfile::tempdir().unwrap();
+    let last_layer = Manifest::read(&engine).unwrap().model.num_layers - 1;
+    let refused = [
+        (Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 128 }, ..default }, "rate mode"),
+        (Policy { method: Method::SnapkvGqa, ..default }, "default method is SnapkvGqa"),
+        (Policy { tsp_layer: last_layer, ..default }, "before the last layer"),
+        // T = L: TSP never fires, so no prompt length opens every gate.
+        (Policy { budget: Budget::Rate { tsp_rate: 1.0, retain_rate: 0.1 }, ..default }, "no prompt length"),
+    ];
+    for (policy, message) in refused {
+        let mut manifest = Manifest::read(&engine).unwrap();
+        manifest.fastkv = policy;
+        std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
+        let err = export(&engine, out.path()).unwrap_err().to_string();
+        assert!(err.contains("export_onnx") && err.contains(message), "{err}");
+    }
+}
+
+#[test]
+fn the_harness_refuses_prompts_shorter_than_the_export_supports() {
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let (tmp, dir) = exported(&engine);
+    let ids = tmp.path().join("ids.json");
+    std::fs::write(&ids, "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]").unwrap();
+    let out = tmp.path().join("out.json");
+    let run = onnx_run(&["run", dir.to_str().unwrap(), "--ids", ids.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("the prompt has 10 tokens; this export takes 90..="), "{stderr}");
+}
