@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use fastkv::cuda::Device;
+use fastkv::cuda::{decode_workspace_len, Device, KvCache};
 use fastkv::select::{Pool, Shape};
 use fastkv::Error;
 use half::bf16;
@@ -67,10 +67,24 @@ fn main() {
     let (t128, tflops128) = attention(&dev, l, 2);
 
     // Decode over a 128K cache: K and V of every KV head read once.
-    let (q1, kc, vc) = (values(&dev, H * D, 4), values(&dev, HK * l * D, 5), values(&dev, HK * l * D, 6));
-    let t_dec = time(&dev, 20, || drop(dev.decode_attention(&q1, &kc, &vc, HK, l, l).expect("decode")));
+    let mut cache = KvCache {
+        k: values(&dev, HK * l * D, 5),
+        v: values(&dev, HK * l * D, 6),
+        pos: dev.zeros(HK * l).expect("alloc"),
+        len: dev.zeros(1).expect("alloc"),
+        n_kv_heads: HK,
+        capacity: l,
+        head_dim: D,
+    };
+    dev.write(&[l as u32], &mut cache.len).expect("cache length");
+    let q1 = values(&dev, H * D, 4);
+    let mut out = dev.zeros::<bf16>(H * D).expect("alloc");
+    let mut workspace = dev.zeros::<f32>(decode_workspace_len(H, l, D).expect("workspace")).expect("alloc");
+    let t_dec = time(&dev, 20, || {
+        dev.decode_attention_into(&q1, &cache, H, None, &mut out, &mut workspace).expect("decode");
+    });
     let dec_tbs = (2 * HK * l * D * 2) as f64 / t_dec / 1e12;
-    drop((q1, kc, vc));
+    drop((q1, cache, out, workspace));
 
     // The selection path of one FastKV layer at L = 128K (KV budget and TSP length 20 %).
     let shape = Shape { n_heads: H, n_kv_heads: HK, head_dim: D, seq_len: l, window: W };

@@ -1,22 +1,29 @@
 // Attention with GQA (fastkv-spec §2): causal flash attention for prefill on tensor cores, and
-// split-key decode attention over a layer's cache of any length.
+// split-key decode attention over a layer's cache, both for head dims 16, 32, 64 and 128 and with an
+// optional sliding window masked by original positions (TSP compacts rows but keeps their positions).
 //
 // Prefill (FlashAttention-2's loop): a block owns 64 query rows of one query head, 4 warps × 16
 // rows; K/V tiles of 64 keys of the head's KV head stream through shared memory (cp.async), S = Q·Kᵀ
 // and O += P·V run as mma.sync m16n8k16 with f32 accumulators, and the softmax is online (log2
 // domain). P never leaves registers: the accumulator layout of two n8 tiles is the A layout of one
-// k16 step. Every row's natural-log normaliser lse = ln Σ_j exp(q·k_j/√D) is written for the
-// window scoring (`fastkv_window_scores` takes the last W rows of it).
+// k16 step. Every loop over D steps by 16 (k16 steps, or two n8 tiles per ldmatrix_x4), so D = 16 is
+// the smallest head dim the path takes. Every row's natural-log normaliser lse = ln Σ_j exp(q·k_j/√D)
+// is written for the window scoring (`fastkv_window_scores` takes the last W rows of it).
+//
+// Decode: graph-friendly — the cache length is read from device memory and the grid is sized by the
+// cache's capacity, so one captured launch serves every step.
 #include "common.cuh"
 
 namespace attention {
 
-constexpr int D = 128;        // head dim of the tensor-core path
-constexpr int BM = 64;        // query rows per block (16 per warp)
-constexpr int BN = 64;        // keys per tile
+constexpr int BM = 64;  // query rows per block (16 per warp)
+constexpr int BN = 64;  // keys per tile
 constexpr int WARPS = BM / 16;
-constexpr int PAD = D + 8;    // smem row stride (halves): ldmatrix rows land in distinct banks
 constexpr float LOG2E = 1.4426950408889634f;
+
+// Shared-memory row stride (elements) of a tile of head dim D: 16 bytes of padding put the 8 rows
+// of an ldmatrix in distinct banks for every D of 16..128.
+template <int D> __host__ __device__ constexpr int pad() { return D + 8; }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -59,25 +66,28 @@ template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float* c, const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Copies `rows` rows of D elements (row r at src + r·stride) into smem tile [rows][PAD]; rows at or
-// past `valid` are zeros.
-template <typename T, int ROWS>
+// Copies `rows` rows of D elements (row r at src + r·stride) into smem tile [rows][pad<D>()]; rows at
+// or past `valid` are zeros.
+template <typename T, int D, int ROWS>
 __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t stride, int valid) {
   constexpr int CHUNKS = ROWS * D / 8;
   for (int c = threadIdx.x; c < CHUNKS; c += WARPS * 32) {
     const int r = c / (D / 8), d = (c % (D / 8)) * 8;
     const bool ok = r < valid;
-    cp_async16(tile + r * PAD + d, src + (ok ? r * stride + d : 0), ok);
+    cp_async16(tile + r * pad<D>() + d, src + (ok ? r * stride + d : 0), ok);
   }
 }
 
-// q/out element (i, h, d) at [i·q_row + h·D + d]; k/v element (j, g, d) at [j·kv_row + g·kv_head + d].
-// Query row i sees keys 0..=i + (n_keys − n_queries) (bottom-right aligned causal mask).
-template <typename T>
+// q element (i, h, d) at [i·q_row + h·D + d], out at [i·out_row + h·D + d]; k/v element (j, g, d) at
+// [j·kv_row + g·kv_head + d]. Query row i sees keys 0..=i + (n_keys − n_queries) (bottom-right aligned
+// causal mask) and, with window > 0, only those with q_pos[i] − k_pos[j] < window (both ascending).
+template <typename T, int D>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_prefill(const T* __restrict__ q, int64_t q_row, const T* __restrict__ k, const T* __restrict__ v,
-                  int64_t kv_row, int64_t kv_head, T* __restrict__ out, float* __restrict__ lse, int n_queries,
+                  int64_t kv_row, int64_t kv_head, T* __restrict__ out, int64_t out_row, float* __restrict__ lse,
+                  const uint32_t* __restrict__ q_pos, const uint32_t* __restrict__ k_pos, int window, int n_queries,
                   int n_keys, int group, float scale) {
+  constexpr int PAD = pad<D>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);
   T* ks = qs + BM * PAD;
@@ -89,7 +99,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const T* kg = k + g * kv_head;
   const T* vg = v + g * kv_head;
 
-  load_tile<T, BM>(qs, q + q0 * q_row + h * D, q_row, n_queries - q0);
+  load_tile<T, D, BM>(qs, q + q0 * q_row + h * D, q_row, n_queries - q0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -102,12 +112,19 @@ __global__ void __launch_bounds__(WARPS * 32)
   const float sl2 = scale * LOG2E;
   const int row0 = q0 + warp * 16 + gid;  // this thread's rows: row0 and row0 + 8
   const int last_key = min(n_keys, q0 + BM + offset);  // keys past it are masked for the whole block
+  // Positions of the sliding window: the block's first and last query, and this thread's two rows.
+  const int64_t pos_lo = window ? q_pos[q0] : 0, pos_hi = window ? q_pos[min(q0 + BM, n_queries) - 1] : 0;
+  int64_t qp[2] = {0, 0};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) qp[r] = window && row0 + r * 8 < n_queries ? q_pos[row0 + r * 8] : 0;
 
   for (int n0 = 0; n0 < last_key; n0 += BN) {
+    // A tile whose newest key is out of the window of the block's oldest query is masked for all rows.
+    if (window && pos_lo - k_pos[min(n0 + BN, n_keys) - 1] >= window) continue;
     __syncthreads();  // previous tile consumed
-    load_tile<T, BN>(ks, kg + n0 * kv_row, kv_row, n_keys - n0);
+    load_tile<T, D, BN>(ks, kg + n0 * kv_row, kv_row, n_keys - n0);
     cp_async_commit();
-    load_tile<T, BN>(vs, vg + n0 * kv_row, kv_row, n_keys - n0);
+    load_tile<T, D, BN>(vs, vg + n0 * kv_row, kv_row, n_keys - n0);
     cp_async_commit();
     cp_async_wait<1>();  // K has landed; V keeps streaming in under Q·Kᵀ and the softmax
     __syncthreads();
@@ -126,6 +143,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 
     // Mask, then the online softmax update of both rows.
     const bool masked = n0 + BN > q0 + offset + 1 || n0 + BN > n_keys;
+    const bool windowed = window && pos_hi - k_pos[n0] >= window;  // some key leaves some row's window
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
@@ -134,16 +152,18 @@ __global__ void __launch_bounds__(WARPS * 32)
         const int j = n0 + nt * 8 + tig * 2 + e % 2, i = row0 + e / 2 * 8;
         float x = s[nt][e] * sl2;
         if (masked && (j > i + offset || j >= n_keys)) x = -INFINITY;
+        if (windowed && j < n_keys && qp[e / 2] - k_pos[j] >= window) x = -INFINITY;
         s[nt][e] = x;
         mx[e / 2] = fmaxf(mx[e / 2], x);
       }
     }
-    float alpha[2], sum[2] = {0.f, 0.f};
+    float alpha[2], ms[2], sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(~0u, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(~0u, mx[r], 2));
-      alpha[r] = exp2f(m[r] - mx[r]);  // m = −∞ only before the first tile, where l = o = 0
+      ms[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row with nothing visible yet: p = 0, l = o = 0
+      alpha[r] = exp2f(m[r] - ms[r]);
       m[r] = mx[r];
     }
     cp_async_wait<0>();
@@ -151,8 +171,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     uint32_t p[BN / 16][4];  // P as A fragments of the k16 steps of P·V
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
-      const float p0 = exp2f(s[nt][0] - m[0]), p1 = exp2f(s[nt][1] - m[0]);
-      const float p2 = exp2f(s[nt][2] - m[1]), p3 = exp2f(s[nt][3] - m[1]);
+      const float p0 = exp2f(s[nt][0] - ms[0]), p1 = exp2f(s[nt][1] - ms[0]);
+      const float p2 = exp2f(s[nt][2] - ms[1]), p3 = exp2f(s[nt][3] - ms[1]);
       sum[0] += p0 + p1, sum[1] += p2 + p3;
       p[nt / 2][nt % 2 * 2] = pack2<T>(p0, p1);
       p[nt / 2][nt % 2 * 2 + 1] = pack2<T>(p2, p3);
@@ -184,8 +204,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + r * 8;
     if (i >= n_queries) continue;
-    const float inv = 1.f / l[r];
-    T* dst = out + i * q_row + h * D;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    T* dst = out + i * out_row + h * D;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const uint32_t w = pack2<T>(o[dt][r * 2] * inv, o[dt][r * 2 + 1] * inv);
@@ -195,63 +215,112 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-// Decode: one query row per head against `len` cached keys, all in its past. Block (g, split)
-// covers keys [split·chunk, …) of KV head g for its G query heads: each warp takes one key at a
-// time, every lane holding D/32 = 4 consecutive dims (coalesced 256-byte rows); results are
-// (max, Σexp, Σexp·v) partials per split, merged by `decode_combine`.
-constexpr int DEC_WARPS = 4;
+template <typename T, int D>
+int launch_prefill(const void* q, int64_t q_row, const void* k, const void* v, int64_t kv_row, int64_t kv_head,
+                   void* out, int64_t out_row, float* lse, const uint32_t* q_pos, const uint32_t* k_pos, int window,
+                   int n_queries, int n_keys, int n_heads, int group, cudaStream_t stream) {
+  const int smem = (BM + 2 * BN) * pad<D>() * 2;
+  cudaError_t e = cudaFuncSetAttribute(flash_prefill<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  flash_prefill<T, D><<<dim3(ceil_div(n_queries, BM), n_heads), WARPS * 32, smem, stream>>>(
+      static_cast<const T*>(q), q_row, static_cast<const T*>(k), static_cast<const T*>(v), kv_row, kv_head,
+      static_cast<T*>(out), out_row, lse, q_pos, k_pos, window, n_queries, n_keys, group,
+      rsqrtf(static_cast<float>(D)));
+  return launch_status();
+}
 
-template <typename T, int G>
+// Decode: one query row per head against the first `*len` entries of a cache [Hk, capacity, D].
+// Block (g, split) covers keys [split·DEC_CHUNK, …) of KV head g for its G query heads; splits at or
+// past `*len` return at once (the combine step never reads them). A key is handled by KL lanes
+// holding E consecutive dims each (KL = 32 and E = D/32 for D ≥ 32; for D = 16 two half-warps take
+// two keys at a time), so each key row is one coalesced read. Results are (max, Σexp, Σexp·v)
+// partials per split, merged by `decode_combine`.
+constexpr int DEC_WARPS = 4;
+constexpr int DEC_CHUNK = 256;  // keys per split: enough splits to fill the GPU from ~8K keys on
+
+template <int D> struct DecodeLanes {
+  static constexpr int KL = D >= 32 ? 32 : D;  // lanes per key
+  static constexpr int E = D / KL;             // dims per lane
+  static constexpr int KPW = 32 / KL;          // keys per warp step
+};
+
+// E consecutive values of T at p (aligned to E values) as f32.
+template <typename T, int E> __device__ __forceinline__ void load_f32(const T* p, float* out) {
+  struct alignas(E * sizeof(T)) Vec {
+    T x[E];
+  };
+  const Vec w = *reinterpret_cast<const Vec*>(p);
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = to_f32(w.x[e]);
+}
+
+template <typename T, int D, int G>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
-    decode_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, int64_t kv_row,
-                 int64_t kv_head, int len, int chunk, float scale, float* __restrict__ part_ml,
+    decode_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                 const uint32_t* __restrict__ cache_pos, const uint32_t* __restrict__ len, int capacity,
+                 const uint32_t* __restrict__ q_pos, int window, float* __restrict__ part_ml,
                  float* __restrict__ part_o) {
+  using L = DecodeLanes<D>;
+  constexpr int E = L::E, STREAMS = DEC_WARPS * L::KPW;
   const int g = blockIdx.x, split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int begin = split * chunk, end = min(len, begin + chunk);
-  float qv[G][4], acc[G][4] = {}, m[G], l[G];
+  const int n = min(*len, static_cast<uint32_t>(capacity));
+  const int begin = split * DEC_CHUNK, end = min(n, begin + DEC_CHUNK);
+  if (begin >= end) return;
+  const int sub = lane / L::KL, d0 = lane % L::KL * E, stream = warp * L::KPW + sub;
+  const int64_t qp = window ? q_pos[0] : 0;
+  const uint32_t* kp = cache_pos + static_cast<int64_t>(g) * capacity;
+  const T* kg = k + static_cast<int64_t>(g) * capacity * D + d0;
+  const T* vg = v + static_cast<int64_t>(g) * capacity * D + d0;
+  const float sl2 = rsqrtf(static_cast<float>(D)) * LOG2E;
+  float qv[G][E], acc[G][E] = {}, m[G], l[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
+    load_f32<T, E>(q + (g * G + h) * D + d0, qv[h]);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) qv[h][e] = to_f32(q[(g * G + h) * D + lane * 4 + e]) * scale * LOG2E;
+    for (int e = 0; e < E; ++e) qv[h][e] *= sl2;
     m[h] = -INFINITY, l[h] = 0.f;
   }
-  for (int j = begin + warp; j < end; j += DEC_WARPS) {
-    const T* kr = k + g * kv_head + j * kv_row + lane * 4;
-    const T* vr = v + g * kv_head + j * kv_row + lane * 4;
-    const uint2 kw = *reinterpret_cast<const uint2*>(kr), vw = *reinterpret_cast<const uint2*>(vr);
-    const T* kx = reinterpret_cast<const T*>(&kw);
-    const T* vx = reinterpret_cast<const T*>(&vw);
-    float kf[4], vf[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) kf[e] = to_f32(kx[e]), vf[e] = to_f32(vx[e]);
+  // Every lane runs every step (the shuffles need the whole warp); keys past `end` or out of the
+  // window only skip the loads and the update.
+  for (int j0 = begin + warp * L::KPW; j0 < end; j0 += DEC_WARPS * L::KPW) {
+    const int j = j0 + sub;
+    const bool ok = j < end && !(window && qp - kp[j] >= window);
+    float kf[E] = {}, vf[E] = {};
+    if (ok) {
+      load_f32<T, E>(kg + static_cast<int64_t>(j) * D, kf);
+      load_f32<T, E>(vg + static_cast<int64_t>(j) * D, vf);
+    }
 #pragma unroll
     for (int h = 0; h < G; ++h) {
-      float s = qv[h][0] * kf[0] + qv[h][1] * kf[1] + qv[h][2] * kf[2] + qv[h][3] * kf[3];
+      float s = 0.f;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
+      for (int e = 0; e < E; ++e) s = fmaf(qv[h][e], kf[e], s);
+#pragma unroll
+      for (int o = L::KL / 2; o > 0; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
+      if (!ok) continue;
       const float mn = fmaxf(m[h], s), a = exp2f(m[h] - mn), p = exp2f(s - mn);
       m[h] = mn, l[h] = l[h] * a + p;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[h][e] = acc[h][e] * a + p * vf[e];
+      for (int e = 0; e < E; ++e) acc[h][e] = acc[h][e] * a + p * vf[e];
     }
   }
-  // Merge the warps of the block through shared memory, then write this split's partial.
-  __shared__ float sm_ml[DEC_WARPS][G][2];
-  __shared__ float sm_o[DEC_WARPS][G][D];
+  // Merge the key streams of the block through shared memory, then write this split's partial.
+  __shared__ float sm_ml[STREAMS][G][2];
+  __shared__ float sm_o[STREAMS][G][D];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
-    if (lane == 0) sm_ml[warp][h][0] = m[h], sm_ml[warp][h][1] = l[h];
+    if (d0 == 0) sm_ml[stream][h][0] = m[h], sm_ml[stream][h][1] = l[h];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sm_o[warp][h][lane * 4 + e] = acc[h][e];
+    for (int e = 0; e < E; ++e) sm_o[stream][h][d0 + e] = acc[h][e];
   }
   __syncthreads();
   for (int c = threadIdx.x; c < G * D; c += DEC_WARPS * 32) {
     const int h = c / D, d = c % D;
     float mx = -INFINITY;
-    for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, sm_ml[w][h][0]);
+    for (int w = 0; w < STREAMS; ++w) mx = fmaxf(mx, sm_ml[w][h][0]);
     float sum = 0.f, o = 0.f;
     if (mx != -INFINITY) {
-      for (int w = 0; w < DEC_WARPS; ++w) {
+      for (int w = 0; w < STREAMS; ++w) {
         const float a = exp2f(sm_ml[w][h][0] - mx);
         sum += sm_ml[w][h][1] * a, o += sm_o[w][h][d] * a;
       }
@@ -262,96 +331,119 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
   }
 }
 
-// out[h, d] = Σ_split exp2(m_s − M) o_s[d] / Σ_split exp2(m_s − M) l_s; one block per query head.
-template <typename T>
+// out[h, d] = Σ_split exp2(m_s − M) o_s[d] / Σ_split exp2(m_s − M) l_s over the splits below `*len`;
+// one block of D threads per query head. Nothing visible (len 0, or all out of the window): zeros.
+template <typename T, int D>
 __global__ void decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_o, int splits,
-                               T* __restrict__ out) {
+                               const uint32_t* __restrict__ len, int capacity, T* __restrict__ out) {
   const int h = blockIdx.x, d = threadIdx.x;
+  const int used = ceil_div(min(*len, static_cast<uint32_t>(capacity)), DEC_CHUNK);
   const float* ml = part_ml + static_cast<int64_t>(h) * splits * 2;
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[s * 2]);
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[s * 2]);
   float sum = 0.f, o = 0.f;
-  for (int s = 0; s < splits; ++s) {
+  for (int s = 0; s < used; ++s) {
     if (ml[s * 2] == -INFINITY) continue;
     const float a = exp2f(ml[s * 2] - mx);
     sum += ml[s * 2 + 1] * a, o += part_o[(static_cast<int64_t>(h) * splits + s) * D + d] * a;
   }
-  out[h * D + d] = from_f32<T>(o / sum);
+  out[h * D + d] = from_f32<T>(sum > 0.f ? o / sum : 0.f);
 }
 
-constexpr int DEC_CHUNK = 256;  // keys per split: enough splits to fill the GPU from ~8K keys on
-
-template <typename T, int G>
-int launch_decode(const void* q, const void* k, const void* v, int64_t kv_row, int64_t kv_head, int n_kv_heads, int len,
-                  float* workspace, void* out, cudaStream_t stream) {
-  const int splits = ceil_div(len, DEC_CHUNK);
+template <typename T, int D, int G>
+int launch_decode(const void* q, const void* k, const void* v, const uint32_t* cache_pos, const uint32_t* len,
+                  int capacity, const uint32_t* q_pos, int window, float* workspace, void* out, int n_kv_heads,
+                  cudaStream_t stream) {
+  const int splits = ceil_div(capacity, DEC_CHUNK);
   float* part_ml = workspace;
   float* part_o = workspace + static_cast<int64_t>(n_kv_heads) * G * splits * 2;
-  decode_split<T, G><<<dim3(n_kv_heads, splits), DEC_WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), kv_row, kv_head, len, DEC_CHUNK,
-      rsqrtf(static_cast<float>(D)), part_ml, part_o);
+  decode_split<T, D, G><<<dim3(n_kv_heads, splits), DEC_WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), cache_pos, len, capacity, q_pos,
+      window, part_ml, part_o);
   int e = launch_status();
   if (e) return e;
-  decode_combine<T><<<n_kv_heads * G, D, 0, stream>>>(part_ml, part_o, splits, static_cast<T*>(out));
+  decode_combine<T, D><<<n_kv_heads * G, D, 0, stream>>>(part_ml, part_o, splits, len, capacity, static_cast<T*>(out));
   return launch_status();
 }
 
-// launch_decode with the group size as a template argument (G ≤ 8).
-template <typename T>
-int decode_group(int group, const void* q, const void* k, const void* v, int64_t kv_row, int64_t kv_head,
-                 int n_kv_heads, int len, float* workspace, void* out, cudaStream_t stream) {
+// launch_decode with the group size (G ≤ 8) as a template argument.
+template <typename T, int D>
+int decode_group(int group, const void* q, const void* k, const void* v, const uint32_t* cache_pos,
+                 const uint32_t* len, int capacity, const uint32_t* q_pos, int window, float* workspace, void* out,
+                 int n_kv_heads, cudaStream_t stream) {
   switch (group) {
-#define FASTKV_G(G) \
-  case G: return launch_decode<T, G>(q, k, v, kv_row, kv_head, n_kv_heads, len, workspace, out, stream);
+#define FASTKV_G(G)                                                                                         \
+  case G:                                                                                                   \
+    return launch_decode<T, D, G>(q, k, v, cache_pos, len, capacity, q_pos, window, workspace, out, n_kv_heads, \
+                                  stream);
     FASTKV_G(1) FASTKV_G(2) FASTKV_G(3) FASTKV_G(4) FASTKV_G(5) FASTKV_G(6) FASTKV_G(7) FASTKV_G(8)
 #undef FASTKV_G
     default: return cudaErrorInvalidValue;
   }
 }
 
+// Instantiates `body` with the constexpr `D` bound to `head_dim` (16, 32, 64 or 128).
+#define FASTKV_HEAD_DIM(head_dim, ...)                       \
+  do {                                                       \
+    switch (head_dim) {                                      \
+      case 16: { constexpr int D = 16; __VA_ARGS__; } break; \
+      case 32: { constexpr int D = 32; __VA_ARGS__; } break; \
+      case 64: { constexpr int D = 64; __VA_ARGS__; } break; \
+      case 128: { constexpr int D = 128; __VA_ARGS__; } break; \
+      default: return cudaErrorInvalidValue;                 \
+    }                                                        \
+  } while (0)
+
 }  // namespace attention
 
 extern "C" {
 
-// Causal GQA flash attention, head dim 128. q/out: rows of `q_row` elements holding H heads of 128
-// (row i at position i + n_keys − n_queries); keys/values: element (j, g, d) at
-// [j·kv_row + g·kv_head + d] (rows and heads 16-byte aligned). lse: [H, n_queries] f32 or NULL.
+// Causal GQA flash attention, head_dim ∈ {16, 32, 64, 128}. q: rows of `q_row` elements holding H heads
+// (row i at position i + n_keys − n_queries), out: rows of `out_row` elements, not overlapping q, k or v;
+// keys/values: element (j, g, d) at [j·kv_row + g·kv_head + d]. Rows and heads 16-byte aligned (strides multiples of 8 elements).
+// lse: [H, n_queries] f32 or NULL. window > 0: key j is also masked for query i when
+// q_pos[i] − k_pos[j] ≥ window (q_pos [n_queries], k_pos [n_keys], ascending, on the device);
+// window = 0: q_pos and k_pos are not read (NULL is fine).
 int fastkv_flash_attention(const void* q, int64_t q_row, const void* k, const void* v, int64_t kv_row,
-                           int64_t kv_head, void* out, float* lse, int n_queries, int n_keys, int n_heads,
-                           int n_kv_heads, int head_dim, int dtype, cudaStream_t stream) {
+                           int64_t kv_head, void* out, int64_t out_row, float* lse, const uint32_t* q_pos,
+                           const uint32_t* k_pos, int window, int n_queries, int n_keys, int n_heads, int n_kv_heads,
+                           int head_dim, int dtype, cudaStream_t stream) {
   using namespace attention;
-  if (head_dim != D || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || n_queries < 0 ||
-      n_keys < n_queries || q_row % 8 || kv_row % 8 || kv_head % 8)
+  if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || n_queries < 0 || n_keys < n_queries ||
+      q_row % 8 || kv_row % 8 || kv_head % 8 || out_row % 8 || window < 0 || (window && (!q_pos || !k_pos)))
     return cudaErrorInvalidValue;
   if (n_queries == 0) return cudaSuccess;
-  const int smem = (BM + 2 * BN) * PAD * 2;
-  const dim3 grid(ceil_div(n_queries, BM), n_heads);
-  FASTKV_DISPATCH(dtype, {
-    cudaError_t e = cudaFuncSetAttribute(flash_prefill<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    flash_prefill<T><<<grid, WARPS * 32, smem, stream>>>(
-        static_cast<const T*>(q), q_row, static_cast<const T*>(k), static_cast<const T*>(v), kv_row, kv_head,
-        static_cast<T*>(out), lse, n_queries, n_keys, n_heads / n_kv_heads, rsqrtf(static_cast<float>(D)));
-  });
-  return launch_status();
+  const int group = n_heads / n_kv_heads;
+  FASTKV_DISPATCH(dtype, FASTKV_HEAD_DIM(head_dim, return launch_prefill<T, D>(q, q_row, k, v, kv_row, kv_head, out,
+                                                                                out_row, lse, q_pos, k_pos, window,
+                                                                                n_queries, n_keys, n_heads, group,
+                                                                                stream)));
+  return cudaErrorInvalidValue;
 }
 
-// f32 values of workspace `fastkv_decode_attention` needs.
-int64_t fastkv_decode_workspace(int n_heads, int len) {
-  return static_cast<int64_t>(n_heads) * ceil_div(len, attention::DEC_CHUNK) * (2 + attention::D);
+// f32 values of workspace `fastkv_decode_attention` needs for a cache of `capacity` entries.
+int64_t fastkv_decode_workspace(int n_heads, int capacity, int head_dim) {
+  return static_cast<int64_t>(n_heads) * ceil_div(capacity, attention::DEC_CHUNK) * (2 + head_dim);
 }
 
-// One decode step: q/out [H, 128]; the cache's `len` ≥ 1 entries of KV head g at
-// [j·kv_row + g·kv_head + d], all visible. G = H/Hk ≤ 8.
-int fastkv_decode_attention(const void* q, const void* k, const void* v, int64_t kv_row, int64_t kv_head, void* out,
-                            float* workspace, int len, int n_heads, int n_kv_heads, int head_dim, int dtype,
+// One decode step, head_dim ∈ {16, 32, 64, 128}, G = H/Hk ≤ 8: q/out [H, D]; the cache k/v
+// [Hk, capacity, D] with positions cache_pos [Hk, capacity]; its length is read from device memory
+// (`len`, u32; values past capacity count as capacity) and the grid is sized by capacity, so the launch
+// can be captured in a CUDA graph once and replayed every step. window > 0: entry j is masked when
+// *q_pos − cache_pos[g, j] ≥ window (q_pos: [1] on the device); window = 0: cache_pos and q_pos are not
+// read. A query with no visible entry gets zeros. workspace: `fastkv_decode_workspace(H, capacity, D)`.
+int fastkv_decode_attention(const void* q, const void* k, const void* v, const uint32_t* cache_pos,
+                            const uint32_t* len, int capacity, const uint32_t* q_pos, int window, void* out,
+                            float* workspace, int n_heads, int n_kv_heads, int head_dim, int dtype,
                             cudaStream_t stream) {
   using namespace attention;
-  if (head_dim != D || len <= 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || kv_row % 4 ||
-      kv_head % 4)
+  if (capacity <= 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || !len || window < 0 ||
+      (window && (!cache_pos || !q_pos)))
     return cudaErrorInvalidValue;
-  if (dtype == FASTKV_F16) return decode_group<__half>(n_heads / n_kv_heads, q, k, v, kv_row, kv_head, n_kv_heads, len, workspace, out, stream);
-  if (dtype == FASTKV_BF16) return decode_group<__nv_bfloat16>(n_heads / n_kv_heads, q, k, v, kv_row, kv_head, n_kv_heads, len, workspace, out, stream);
+  const int group = n_heads / n_kv_heads;
+  FASTKV_DISPATCH(dtype, FASTKV_HEAD_DIM(head_dim, return decode_group<T, D>(group, q, k, v, cache_pos, len, capacity,
+                                                                              q_pos, window, workspace, out,
+                                                                              n_kv_heads, stream)));
   return cudaErrorInvalidValue;
 }
 

@@ -7,8 +7,9 @@
 
 use fastkv::cpu::attention::{attention, Heads, KvView};
 use fastkv::cpu::kernels::{rms_norm, swiglu};
-use fastkv::cuda::{Device, Element};
+use fastkv::cuda::{Device, Element, Gather, KvCache, Prefill, SlidingWindow};
 use fastkv::rope::Rope;
+use fastkv::sampling::argmax;
 use fastkv::select::{self, Pool, Shape};
 use fastkv::spec::{Arch, ModelSpec, RopeScaling};
 use fastkv::Error;
@@ -316,45 +317,89 @@ fn rms_norm_and_swiglu_match_host() {
     check_norm_swiglu::<f16>(&dev, 24);
 }
 
-/// Sizes of a host attention call over head-major K/V.
-struct Sizes {
+/// A host attention call over head-major K/V `[Hk, stride, D]` with positions `[Hk, stride]`.
+struct Host<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    pos: &'a [u32],
     len: usize,
     stride: usize,
     h: usize,
     hk: usize,
+    d: usize,
+    window: Option<usize>,
 }
 
-/// The host attention over head-major keys: `[m, H·D]` outputs for queries at `q_pos`.
-fn host_attention(q: &[f32], q_pos: &[u32], causal: bool, k: &[f32], v: &[f32], sz: Sizes) -> Vec<f32> {
-    let d = 128;
-    let pos: Vec<u32> = (0..sz.hk).flat_map(|_| 0..sz.stride as u32).collect();
-    let kv = KvView { k, v, pos: &pos, len: sz.len, stride: sz.stride };
-    let heads = Heads { n_heads: sz.h, n_kv_heads: sz.hk, head_dim: d, sliding_window: None };
-    let mut out = vec![0f32; q_pos.len() * sz.h * d];
+/// The host attention: `[m, H·D]` outputs for queries at `q_pos` (causal: the keys are the queries' rows).
+fn host_attention(q: &[f32], q_pos: &[u32], causal: bool, a: &Host) -> Vec<f32> {
+    let kv = KvView { k: a.k, v: a.v, pos: a.pos, len: a.len, stride: a.stride };
+    let heads = Heads { n_heads: a.h, n_kv_heads: a.hk, head_dim: a.d, sliding_window: a.window };
+    let mut out = vec![0f32; q_pos.len() * a.h * a.d];
     attention(q, q_pos, 0, causal, &kv, &heads, &mut out);
     out
 }
 
-fn check_flash<T: Half>(dev: &Device, s: usize, h: usize, hk: usize, seed: u64) {
-    let d = 128;
+/// `n` ascending positions with gaps (the rows TSP keeps), starting at `first`.
+fn gappy_positions(rng: &mut StdRng, n: usize, first: u32) -> Vec<u32> {
+    let mut p = first;
+    (0..n)
+        .map(|_| {
+            p += rng.random_range(1..4);
+            p
+        })
+        .collect()
+}
+
+/// One prefill case: S rows, H / Hk heads of D, an optional window over gappy positions.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    s: usize,
+    h: usize,
+    hk: usize,
+    d: usize,
+    window: Option<usize>,
+}
+
+fn check_flash<T: Half>(dev: &Device, c: Case, seed: u64) {
+    let Case { s, h, hk, d, window } = c;
     let mut rng = StdRng::seed_from_u64(seed);
     let (q, qf) = random::<T>(&mut rng, s * h * d, 1.0);
     let (k, kf) = random::<T>(&mut rng, s * hk * d, 1.0);
     let (v, vf) = random::<T>(&mut rng, s * hk * d, 1.0);
     let (kh, vh) = (head_major(&kf, s, hk, d), head_major(&vf, s, hk, d));
-    let pos: Vec<u32> = (0..s as u32).collect();
-    let want = host_attention(&qf, &pos, true, &kh, &vh, Sizes { len: s, stride: s, h, hk });
+    let pos = if window.is_some() { gappy_positions(&mut rng, s, 0) } else { (0..s as u32).collect() };
+    let key_pos: Vec<u32> = (0..hk).flat_map(|_| pos.iter().copied()).collect();
+    let host = Host { k: &kh, v: &vh, pos: &key_pos, len: s, stride: s, h, hk, d, window };
+    let want = host_attention(&qf, &pos, true, &host);
     let (q_dev, k_dev, v_dev) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
-    let (out, lse) = dev.flash_attention(&q_dev, &k_dev, &v_dev, h, hk, d).unwrap();
-    let what = format!("flash attention S {s} H {h} Hk {hk}");
+    let pos_dev = dev.upload(&pos).unwrap();
+    let a = Prefill {
+        q: q_dev.slice(..),
+        k: k_dev.slice(..),
+        v: v_dev.slice(..),
+        q_row: h * d,
+        kv_row: hk * d,
+        kv_head: d,
+        n_queries: s,
+        n_keys: s,
+        n_heads: h,
+        n_kv_heads: hk,
+        head_dim: d,
+        window: window.map(|size| SlidingWindow { size, q_pos: pos_dev.slice(..), k_pos: pos_dev.slice(..) }),
+    };
+    let mut out = dev.zeros::<T>(s * h * d).unwrap();
+    let mut lse = dev.zeros::<f32>(h * s).unwrap();
+    dev.flash_attention_into(&a, &mut out, h * d, Some(&mut lse)).unwrap();
+    let what = format!("flash attention {c:?}");
     assert_close(&what, &to_f32(dev.download(&out).unwrap()), &want, 2.0 * T::EPS, 2.0 * T::EPS);
-    // lse[h, i] = ln Σ_{j ≤ i} exp(q·k/√D), in f64 on the host.
+    // lse[h, i] = ln Σ_{visible j} exp(q·k/√D), in f64 on the host.
     let lse = dev.download(&lse).unwrap();
     let g = h / hk;
     for head in 0..h {
         for i in (0..s).step_by(s.div_ceil(37)) {
             let qi = &qf[(i * h + head) * d..][..d];
             let logits: Vec<f64> = (0..=i)
+                .filter(|&j| !matches!(window, Some(w) if (pos[i] - pos[j]) as usize >= w))
                 .map(|j| {
                     let kj = &kh[((head / g) * s + j) * d..][..d];
                     qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>() / (d as f64).sqrt()
@@ -368,42 +413,279 @@ fn check_flash<T: Half>(dev: &Device, s: usize, h: usize, hk: usize, seed: u64) 
     }
 }
 
+/// Every head dim, partial query/key blocks, GQA groups; with a sliding window over gappy (post-TSP)
+/// positions, windows shorter than a tile, spanning tiles and longer than the sequence.
+/// Tolerance: 2 roundings of T (P and the output are rounded to T; accumulation is f32).
 #[test]
 fn flash_attention_matches_cpu() {
     let Some(dev) = device() else { return };
-    for (i, (s, h, hk)) in
-        [(1, 4, 1), (63, 8, 2), (64, 8, 2), (65, 4, 4), (200, 6, 2), (1030, 32, 8)].into_iter().enumerate()
-    {
-        check_flash::<bf16>(&dev, s, h, hk, 30 + i as u64);
-        check_flash::<f16>(&dev, s, h, hk, 60 + i as u64);
+    let case = |s, h, hk, d, window| Case { s, h, hk, d, window };
+    let mut cases = vec![];
+    for d in [16, 32, 64, 128] {
+        cases.extend([
+            case(1, 4, 1, d, None),
+            case(63, 8, 2, d, None),
+            case(65, 4, 4, d, None),
+            case(200, 6, 2, d, None),
+        ]);
+        cases.extend([case(300, 4, 2, d, Some(7)), case(257, 6, 2, d, Some(100)), case(90, 2, 1, d, Some(1000))]);
     }
-    // Only head_dim 128 has a kernel: anything else is an error, not a launch.
-    let x = dev.zeros::<bf16>(64 * 4 * 64).unwrap();
-    assert!(dev.flash_attention(&x, &x, &x, 4, 4, 64).is_err());
+    cases.extend([case(64, 8, 2, 128, None), case(1030, 32, 8, 128, None), case(1030, 32, 8, 64, Some(256))]);
+    for (i, c) in cases.into_iter().enumerate() {
+        check_flash::<bf16>(&dev, c, 30 + i as u64);
+        check_flash::<f16>(&dev, c, 600 + i as u64);
+    }
+    // Head dims without a kernel are an error, not a launch.
+    let x = dev.zeros::<bf16>(64 * 4 * 80).unwrap();
+    assert!(dev.flash_attention(&x, &x, &x, 4, 4, 80).is_err());
 }
 
-fn check_decode<T: Half>(dev: &Device, len: usize, h: usize, hk: usize, seed: u64) {
-    let (d, capacity) = (128, len + 5);
+/// The model's layout: fused q|k|v rows in, a contiguous `[S, H·D]` output out.
+#[test]
+fn flash_attention_reads_fused_rows() {
+    let Some(dev) = device() else { return };
+    let (s, h, hk, d) = (150, 6, 2, 64);
+    let width = (h + 2 * hk) * d;
+    let mut rng = StdRng::seed_from_u64(77);
+    let (qkv, qkvf) = random::<bf16>(&mut rng, s * width, 1.0);
+    let cols =
+        |lo: usize, n: usize| -> Vec<f32> { (0..s).flat_map(|i| qkvf[i * width + lo..][..n].to_vec()).collect() };
+    let (qf, kf, vf) = (cols(0, h * d), cols(h * d, hk * d), cols((h + hk) * d, hk * d));
+    let (kh, vh) = (head_major(&kf, s, hk, d), head_major(&vf, s, hk, d));
+    let pos: Vec<u32> = (0..hk).flat_map(|_| 0..s as u32).collect();
+    let host = Host { k: &kh, v: &vh, pos: &pos, len: s, stride: s, h, hk, d, window: None };
+    let want = host_attention(&qf, &pos[..s], true, &host);
+    let qkv_dev = dev.upload(&qkv).unwrap();
+    let mut out = dev.zeros::<bf16>(s * h * d).unwrap();
+    dev.flash_attention_into(&Prefill::fused(&qkv_dev, s, h, hk, d), &mut out, h * d, None).unwrap();
+    let eps = 2.0 * bf16::EPS;
+    assert_close("flash attention on fused rows", &to_f32(dev.download(&out).unwrap()), &want, eps, eps);
+}
+
+/// A cache `[Hk, capacity, D]` with `len` entries at per-head gappy positions (KV selection keeps
+/// different tokens per head), uploaded with its length on the device; returns it with its host copy.
+fn random_cache<T: Half>(
+    dev: &Device,
+    rng: &mut StdRng,
+    (hk, capacity, d): (usize, usize, usize),
+    len: usize,
+) -> (KvCache<T>, Vec<f32>, Vec<f32>, Vec<u32>) {
+    let (k, kf) = random::<T>(rng, hk * capacity * d, 1.0);
+    let (v, vf) = random::<T>(rng, hk * capacity * d, 1.0);
+    let mut pos = vec![0u32; hk * capacity];
+    for g in 0..hk {
+        pos[g * capacity..][..len].copy_from_slice(&gappy_positions(rng, len, 0));
+    }
+    let mut cache = dev.kv_cache::<T>(hk, capacity, d).unwrap();
+    cache.k = dev.upload(&k).unwrap();
+    cache.v = dev.upload(&v).unwrap();
+    cache.pos = dev.upload(&pos).unwrap();
+    dev.write(&[len as u32], &mut cache.len).unwrap();
+    (cache, kf, vf, pos)
+}
+
+fn check_decode<T: Half>(
+    dev: &Device,
+    (len, h, hk, d): (usize, usize, usize, usize),
+    window: Option<usize>,
+    seed: u64,
+) {
+    let capacity = len + 300; // splits past len exist in the grid and must not count
     let mut rng = StdRng::seed_from_u64(seed);
+    let (cache, kf, vf, pos) = random_cache::<T>(dev, &mut rng, (hk, capacity, d), len);
     let (q, qf) = random::<T>(&mut rng, h * d, 1.0);
-    let (k, kf) = random::<T>(&mut rng, hk * capacity * d, 1.0);
-    let (v, vf) = random::<T>(&mut rng, hk * capacity * d, 1.0);
-    let want = host_attention(&qf, &[len as u32], false, &kf, &vf, Sizes { len, stride: capacity, h, hk });
-    let (q_dev, k_dev, v_dev) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
-    let out = dev.decode_attention(&q_dev, &k_dev, &v_dev, hk, capacity, len).unwrap();
-    let what = format!("decode attention len {len} H {h} Hk {hk}");
+    let q_pos = (0..hk).map(|g| if len == 0 { 0 } else { pos[g * capacity + len - 1] }).max().unwrap() + 1;
+    let host = Host { k: &kf, v: &vf, pos: &pos, len, stride: capacity, h, hk, d, window };
+    let want = host_attention(&qf, &[q_pos], false, &host);
+    let q_pos_dev = dev.upload(&[q_pos]).unwrap();
+    let out =
+        dev.decode_attention(&dev.upload(&q).unwrap(), &cache, h, window.map(|w| (w, q_pos_dev.slice(..)))).unwrap();
+    let what = format!("decode attention len {len} H {h} Hk {hk} D {d} window {window:?}");
     assert_close(&what, &to_f32(dev.download(&out).unwrap()), &want, T::EPS, T::EPS);
 }
 
+/// Every head dim and group size ≤ 8, lengths around the split size, capacity > len (length read on
+/// the device), sliding windows by position. Tolerance: one rounding of T (f32 accumulation).
 #[test]
 fn decode_attention_matches_cpu() {
     let Some(dev) = device() else { return };
-    for (i, (len, h, hk)) in
-        [(1, 4, 4), (255, 8, 2), (256, 24, 8), (257, 32, 8), (5000, 32, 4), (40_000, 64, 8)].into_iter().enumerate()
-    {
-        check_decode::<bf16>(&dev, len, h, hk, 90 + i as u64);
-        check_decode::<f16>(&dev, len, h, hk, 120 + i as u64);
+    let mut i = 0;
+    for d in [16, 32, 64, 128] {
+        for (len, h, hk) in [(1, 4, 4), (255, 8, 2), (256, 24, 8), (257, 21, 3), (5000, 32, 4), (3000, 14, 2)] {
+            for window in [None, Some(64), Some(1000)] {
+                check_decode::<bf16>(&dev, (len, h, hk, d), window, 90 + i);
+                check_decode::<f16>(&dev, (len, h, hk, d), window, 900 + i);
+                i += 1;
+            }
+        }
     }
-    let x = dev.zeros::<bf16>(4 * 128).unwrap();
-    assert!(dev.decode_attention(&x, &x, &x, 1, 4, 0).is_err(), "an empty cache is an error");
+    check_decode::<bf16>(&dev, (40_000, 64, 8, 128), None, 7);
+    check_decode::<bf16>(&dev, (40_000, 64, 8, 128), Some(4096), 8);
+    // An empty cache gives zeros; a head dim without a kernel is an error.
+    check_decode::<bf16>(&dev, (0, 4, 2, 64), None, 9);
+    let (q, cache) = (dev.zeros::<bf16>(4 * 80).unwrap(), dev.kv_cache::<bf16>(1, 4, 80).unwrap());
+    assert!(dev.decode_attention(&q, &cache, 4, None).is_err());
+}
+
+/// Decode append: K/V of the fused row go to slot len of every KV head with the token's position,
+/// then len advances on the device; a full cache drops the token. A decode step after it sees the
+/// new entries. The prefill fill of a cache from fused rows (gather with head/row strides) too.
+#[test]
+fn kv_append_and_cache_fill() {
+    let Some(dev) = device() else { return };
+    let (s, h, hk, d, capacity) = (40, 6, 2, 32, 48);
+    let width = (h + 2 * hk) * d;
+    let mut rng = StdRng::seed_from_u64(41);
+    let (qkv, _) = random::<bf16>(&mut rng, s * width, 1.0);
+    let qkv_dev = dev.upload(&qkv).unwrap();
+    let mut cache = dev.kv_cache::<bf16>(hk, capacity, d).unwrap();
+    // Prefill: keep every other row for head 0, the last 20 rows for head 1 (ascending indices).
+    let budget = 20;
+    let idx: Vec<u32> = (0..budget as u32).map(|r| r * 2).chain(s as u32 - 20..s as u32).collect();
+    let idx_dev = dev.upload(&idx).unwrap();
+    let g = Gather {
+        batches: hk,
+        count: budget,
+        row: d,
+        src_rows: s,
+        src_batch: d,
+        src_row: width,
+        idx_batch: budget,
+        dst_batch: capacity * d,
+        dst_row: d,
+    };
+    dev.gather_into(&qkv_dev.slice(h * d..), &idx_dev, &g, &mut cache.k).unwrap();
+    dev.gather_into(&qkv_dev.slice((h + hk) * d..), &idx_dev, &g, &mut cache.v).unwrap();
+    let pos: Vec<u32> = (0..s as u32).map(|p| p * 3).collect(); // original positions of the rows
+    let pos_g = Gather { row: 1, src_batch: 0, src_row: 1, dst_batch: capacity, dst_row: 1, ..g };
+    dev.gather_into(&dev.upload(&pos).unwrap(), &idx_dev, &pos_g, &mut cache.pos).unwrap();
+    dev.write(&[budget as u32], &mut cache.len).unwrap();
+    // Two decode tokens (fused rows of their own), at positions 500 and 501.
+    let (tok, _) = random::<bf16>(&mut rng, 2 * width, 1.0);
+    let tok_dev = dev.upload(&tok).unwrap();
+    for t in 0..2 {
+        let p = dev.upload(&[500 + t as u32]).unwrap();
+        dev.kv_append(&tok_dev.slice(t * width..(t + 1) * width), h, &mut cache, &p).unwrap();
+    }
+    assert_eq!(dev.download(&cache.len).unwrap(), [budget as u32 + 2]);
+    let (ck, cv, cp) =
+        (dev.download(&cache.k).unwrap(), dev.download(&cache.v).unwrap(), dev.download(&cache.pos).unwrap());
+    for gh in 0..hk {
+        for r in 0..budget + 2 {
+            let (src, p) = if r < budget {
+                let i = idx[gh * budget + r] as usize;
+                (&qkv[i * width..], pos[i])
+            } else {
+                (&tok[(r - budget) * width..], 500 + (r - budget) as u32)
+            };
+            let slot = (gh * capacity + r) * d;
+            assert_eq!(&ck[slot..][..d], &src[(h + gh) * d..][..d], "K head {gh} slot {r}");
+            assert_eq!(&cv[slot..][..d], &src[(h + hk + gh) * d..][..d], "V head {gh} slot {r}");
+            assert_eq!(cp[gh * capacity + r], p, "position head {gh} slot {r}");
+        }
+    }
+    // Decode over the cache as filled on the device, against the host over the downloaded copy.
+    let f = |x: &[bf16]| to_f32(x.to_vec());
+    let (q, qf) = random::<bf16>(&mut rng, h * d, 1.0);
+    let q_pos = dev.upload(&[502u32]).unwrap();
+    for window in [None, Some(40)] {
+        let host = Host { k: &f(&ck), v: &f(&cv), pos: &cp, len: budget + 2, stride: capacity, h, hk, d, window };
+        let want = host_attention(&qf, &[502], false, &host);
+        let out =
+            dev.decode_attention(&dev.upload(&q).unwrap(), &cache, h, window.map(|w| (w, q_pos.slice(..)))).unwrap();
+        assert_close("decode after append", &to_f32(dev.download(&out).unwrap()), &want, bf16::EPS, bf16::EPS);
+    }
+    // A full cache keeps its length and contents.
+    dev.write(&[capacity as u32], &mut cache.len).unwrap();
+    dev.kv_append(&tok_dev, h, &mut cache, &q_pos).unwrap();
+    assert_eq!(dev.download(&cache.len).unwrap(), [capacity as u32]);
+    assert_eq!(dev.download(&cache.k).unwrap(), ck);
+}
+
+fn check_model_kernels<T: Half>(dev: &Device, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Embedding: an id past the vocabulary gives a zero row.
+    let (vocab, e) = (50, 96);
+    let (table, tablef) = random::<T>(&mut rng, vocab * e, 2.0);
+    let ids: Vec<u32> = vec![3, 0, 49, 7, 3, 50, 1000];
+    let mut x = dev.zeros::<f32>(ids.len() * e).unwrap();
+    dev.embed_into(&dev.upload(&ids).unwrap(), &dev.upload(&table).unwrap(), e, &mut x).unwrap();
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| if (i as usize) < vocab { tablef[i as usize * e..][..e].to_vec() } else { vec![0.0; e] })
+        .collect();
+    assert_eq!(dev.download(&x).unwrap(), want, "embed");
+
+    // RMSNorm of f32 rows into T: the f32 tree sum vs the host's f64 sum is far below one rounding of T.
+    for (rows, n) in [(5, 4096), (3, 100), (1, 576)] {
+        let xf: Vec<f32> = (0..rows * n).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let (w, wf) = random::<T>(&mut rng, n, 1.5);
+        let mut want = vec![0f32; xf.len()];
+        rms_norm(&xf, &wf, 1e-6, &mut want);
+        let mut out = dev.zeros::<T>(rows * n).unwrap();
+        dev.rms_norm_f32_into(&dev.upload(&xf).unwrap(), &dev.upload(&w).unwrap(), rows, 1e-6, &mut out).unwrap();
+        assert_close("rms_norm_f32", &to_f32(dev.download(&out).unwrap()), &want, T::EPS, T::EPS);
+    }
+
+    // Residual add (one f32 addition: exact) and bias add (one rounding to T: exact).
+    let (rows, cols) = (7, 300);
+    let xf: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let (y, yf) = random::<T>(&mut rng, rows * cols, 2.0);
+    let (b, bf) = random::<T>(&mut rng, cols, 2.0);
+    let (mut x_dev, mut y_dev) = (dev.upload(&xf).unwrap(), dev.upload(&y).unwrap());
+    dev.add_residual_into(&mut x_dev, &y_dev, rows * cols).unwrap();
+    let want: Vec<f32> = xf.iter().zip(&yf).map(|(a, b)| a + b).collect();
+    assert_eq!(dev.download(&x_dev).unwrap(), want, "add_residual");
+    dev.add_bias_into(&mut y_dev, &dev.upload(&b).unwrap(), rows).unwrap();
+    let want: Vec<f32> = yf.iter().enumerate().map(|(i, &v)| T::of(v + bf[i % cols]).f32()).collect();
+    assert_eq!(to_f32(dev.download(&y_dev).unwrap()), want, "add_bias");
+
+    // Window queries [H, W, D] from fused rows.
+    let (s, h, hk, d, w) = (33, 6, 2, 16, 8);
+    let width = (h + 2 * hk) * d;
+    let (qkv, qkvf) = random::<T>(&mut rng, s * width, 1.0);
+    let shape = Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, window: w };
+    let mut out = dev.zeros::<T>(h * w * d).unwrap();
+    dev.pack_window_into(&dev.upload(&qkv).unwrap(), width, &shape, &mut out).unwrap();
+    let mut want = Vec::with_capacity(h * w * d);
+    for hh in 0..h {
+        for t in s - w..s {
+            want.extend_from_slice(&qkvf[t * width + hh * d..][..d]);
+        }
+    }
+    assert_eq!(to_f32(dev.download(&out).unwrap()), want, "pack_window");
+}
+
+#[test]
+fn model_kernels_match_host() {
+    let Some(dev) = device() else { return };
+    check_model_kernels::<bf16>(&dev, 51);
+    check_model_kernels::<f16>(&dev, 52);
+}
+
+/// Greedy argmax on the device: the first index of the maximum, with ties, −∞ and one candidate;
+/// the counter increment.
+#[test]
+fn argmax_and_increment() {
+    let Some(dev) = device() else { return };
+    let mut rng = StdRng::seed_from_u64(61);
+    for n in [1, 31, 1000, 151_936] {
+        for quantised in [false, true] {
+            let x: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..50) {
+                    0 => f32::NEG_INFINITY,
+                    _ if quantised => rng.random_range(0..4) as f32,
+                    _ => rng.random_range(-10.0..10.0),
+                })
+                .collect();
+            let mut out = dev.zeros::<u32>(1).unwrap();
+            dev.argmax_into(&dev.upload(&x).unwrap(), n, &mut out).unwrap();
+            assert_eq!(dev.download(&out).unwrap(), [argmax(&x)], "argmax n {n} quantised {quantised}");
+        }
+    }
+    // The decode position advances on the device.
+    let mut pos = dev.upload(&[41u32, 7]).unwrap();
+    dev.increment(&mut pos.slice_mut(..1), 1).unwrap();
+    dev.increment(&mut pos, 2).unwrap();
+    assert_eq!(dev.download(&pos).unwrap(), [44, 9]);
 }

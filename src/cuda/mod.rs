@@ -1,12 +1,21 @@
 //! The CUDA kernels of plugin/ from Rust: a device context that reports a missing driver or device
 //! as [`Error::NoCudaDevice`] (instead of cudarc's panic), and one typed, size-checked wrapper per
-//! `extern "C"` launcher. Buffers are cudarc [`CudaSlice`]s; every launch is enqueued on the
-//! context's stream. Layouts are those of [`crate::select`] and the launchers' comments.
+//! `extern "C"` launcher. Every launch is enqueued on the context's stream.
+//!
+//! Two flavours: `*_into` wrappers write into buffers the caller preallocated (outputs and
+//! workspaces), never allocate and never synchronise, so a model can run them back to back and
+//! capture them in a CUDA graph; they take anything cudarc can hand out a device pointer for — a
+//! [`CudaSlice`], or a [`CudaView`] / [`CudaViewMut`] from `slice(range)` / `slice_mut(range)` to
+//! point into the middle of a buffer (the k heads of fused q|k|v rows, one row of a batch). The plain
+//! wrappers allocate their outputs and return them (tests, benchmarks). Buffers hold at least the
+//! values the shape addresses; layouts are those of [`crate::select`] and the launchers' comments.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+};
 
 use crate::error::{Error, Result};
 use crate::select::{Pool, Shape};
@@ -35,12 +44,26 @@ extern "C" {
     fn fastkv_rms_norm(x: u64, x_stride: i64, out: u64, out_stride: i64, w: u64, rows: c_int, heads: c_int, n: c_int,
         eps: f32, dtype: c_int, s: Stream) -> c_int;
     fn fastkv_swiglu(gate_up: u64, rows: i64, inter: c_int, out: u64, dtype: c_int, s: Stream) -> c_int;
-    fn fastkv_flash_attention(q: u64, q_row: i64, k: u64, v: u64, kv_row: i64, kv_head: i64, out: u64, lse: u64,
-        n_queries: c_int, n_keys: c_int, n_heads: c_int, n_kv_heads: c_int, head_dim: c_int, dtype: c_int,
+    fn fastkv_flash_attention(q: u64, q_row: i64, k: u64, v: u64, kv_row: i64, kv_head: i64, out: u64, out_row: i64,
+        lse: u64, q_pos: u64, k_pos: u64, window: c_int, n_queries: c_int, n_keys: c_int, n_heads: c_int,
+        n_kv_heads: c_int, head_dim: c_int, dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_decode_workspace(n_heads: c_int, capacity: c_int, head_dim: c_int) -> i64;
+    fn fastkv_decode_attention(q: u64, k: u64, v: u64, cache_pos: u64, len: u64, capacity: c_int, q_pos: u64,
+        window: c_int, out: u64, workspace: u64, n_heads: c_int, n_kv_heads: c_int, head_dim: c_int, dtype: c_int,
         s: Stream) -> c_int;
-    fn fastkv_decode_workspace(n_heads: c_int, len: c_int) -> i64;
-    fn fastkv_decode_attention(q: u64, k: u64, v: u64, kv_row: i64, kv_head: i64, out: u64, workspace: u64,
-        len: c_int, n_heads: c_int, n_kv_heads: c_int, head_dim: c_int, dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_embed(ids: u64, rows: c_int, table: u64, vocab: c_int, dim: c_int, out: u64, dtype: c_int,
+        s: Stream) -> c_int;
+    fn fastkv_rms_norm_f32(x: u64, x_stride: i64, out: u64, out_stride: i64, w: u64, rows: c_int, n: c_int, eps: f32,
+        dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_add_residual(x: u64, x_stride: i64, y: u64, y_stride: i64, rows: i64, cols: c_int, dtype: c_int,
+        s: Stream) -> c_int;
+    fn fastkv_add_bias(y: u64, y_stride: i64, b: u64, rows: i64, cols: c_int, dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_kv_append(qkv: u64, n_heads: c_int, n_kv_heads: c_int, head_dim: c_int, cache_k: u64, cache_v: u64,
+        cache_pos: u64, capacity: c_int, len: u64, pos: u64, dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_pack_window(qkv: u64, row_stride: i64, seq_len: c_int, window: c_int, n_heads: c_int, head_dim: c_int,
+        out: u64, dtype: c_int, s: Stream) -> c_int;
+    fn fastkv_increment(x: u64, n: c_int, by: u32, s: Stream) -> c_int;
+    fn fastkv_argmax(x: u64, n: c_int, out: u64, s: Stream) -> c_int;
 }
 
 /// Activation types of the kernels, with the launchers' `dtype` code.
@@ -58,6 +81,92 @@ impl Element for half::bf16 {
 pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+}
+
+/// Inputs of causal prefill attention. Element (row i, head h, dim d) of q is at `i·q_row + h·D + d`
+/// of `q`, of k and v at `i·kv_row + g·kv_head + d` of `k` / `v` (strides multiples of 8). The fused
+/// q|k|v rows of a layer are [`Prefill::fused`]; query row i sits at key row i + n_keys − n_queries.
+pub struct Prefill<'a, T> {
+    pub q: CudaView<'a, T>,
+    pub k: CudaView<'a, T>,
+    pub v: CudaView<'a, T>,
+    pub q_row: usize,
+    pub kv_row: usize,
+    pub kv_head: usize,
+    pub n_queries: usize,
+    pub n_keys: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<SlidingWindow<'a>>,
+}
+
+/// A sliding window masked by original positions: key j is hidden from query i when
+/// `q_pos[i] − k_pos[j] ≥ size` (positions ascending, as after TSP).
+pub struct SlidingWindow<'a> {
+    pub size: usize,
+    pub q_pos: CudaView<'a, u32>,
+    pub k_pos: CudaView<'a, u32>,
+}
+
+impl<'a, T> Prefill<'a, T> {
+    /// Self-attention over the first `rows` fused rows `[rows, (H + 2·Hk)·D]` of `qkv`, no window.
+    pub fn fused(qkv: &'a CudaSlice<T>, rows: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        let (h, hk, d) = (n_heads, n_kv_heads, head_dim);
+        let width = (h + 2 * hk) * d;
+        // Views start inside the buffer even when it is too small; the length checks report that.
+        let at = |o: usize| qkv.slice(o.min(qkv.len())..);
+        Prefill {
+            q: at(0),
+            k: at(h * d),
+            v: at((h + hk) * d),
+            q_row: width,
+            kv_row: width,
+            kv_head: d,
+            n_queries: rows,
+            n_keys: rows,
+            n_heads: h,
+            n_kv_heads: hk,
+            head_dim: d,
+            window: None,
+        }
+    }
+}
+
+/// One layer's KV cache on the device: K and V `[Hk, capacity, D]`, the original position of every
+/// entry `[Hk, capacity]` and the number of entries `len` (`[1]`, read and advanced on the device).
+pub struct KvCache<T> {
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub pos: CudaSlice<u32>,
+    pub len: CudaSlice<u32>,
+    pub n_kv_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+/// Keys of the window scoring: element (j, g, d) at `g·head + j·row + d` of `data`.
+pub struct Keys<'a, T> {
+    pub data: CudaView<'a, T>,
+    pub head: usize,
+    pub row: usize,
+}
+
+/// A batched row gather, in elements of the gathered type: `dst[b·dst_batch + r·dst_row ..][..row] =
+/// src[b·src_batch + idx[b·idx_batch + r]·src_row ..][..row]` for b < batches, r < count (indices
+/// ≥ src_rows are skipped). K/V of fused rows into a cache: src_batch = D, src_row = width, dst_batch =
+/// capacity·D, dst_row = row = D, idx_batch = the budget.
+#[derive(Clone, Copy, Debug)]
+pub struct Gather {
+    pub batches: usize,
+    pub count: usize,
+    pub row: usize,
+    pub src_rows: usize,
+    pub src_batch: usize,
+    pub src_row: usize,
+    pub idx_batch: usize,
+    pub dst_batch: usize,
+    pub dst_row: usize,
 }
 
 fn driver(e: cudarc::driver::DriverError) -> Error {
@@ -83,6 +192,29 @@ fn expect_len(flag: &'static str, len: usize, needed: usize) -> Result<()> {
         return Err(Error::invalid(flag, format!("device buffer has {len} values, needs {needed}")));
     }
     Ok(())
+}
+
+/// Values from the start of a strided layout to its last element: `n` steps of each (count, stride)
+/// plus `last` contiguous values (0 when any count is 0).
+fn span(steps: &[(usize, usize)], last: usize) -> usize {
+    if last == 0 || steps.iter().any(|&(n, _)| n == 0) {
+        return 0;
+    }
+    steps.iter().map(|&(n, stride)| (n - 1) * stride).sum::<usize>() + last
+}
+
+/// f32 values of workspace [`Device::decode_attention_into`] needs for a cache of `capacity` entries.
+pub fn decode_workspace_len(n_heads: usize, capacity: usize, head_dim: usize) -> Result<usize> {
+    let (h, c, d) = (int("heads", n_heads)?, int("capacity", capacity)?, int("head_dim", head_dim)?);
+    // SAFETY: pure size computation.
+    Ok(unsafe { fastkv_decode_workspace(h, c, d) }.max(1) as usize)
+}
+
+/// f32 values of workspace [`Device::window_scores_into`] needs when it has no lse to reuse.
+pub fn window_scores_workspace_len(shape: &Shape) -> Result<usize> {
+    let (h, s, w) = (int("heads", shape.n_heads)?, int("seq_len", shape.seq_len)?, int("window", shape.window)?);
+    // SAFETY: pure size computation.
+    Ok(unsafe { fastkv_window_scores_workspace(h, s, w) }.max(1) as usize)
 }
 
 impl Device {
@@ -128,18 +260,93 @@ impl Device {
         self.stream.alloc_zeros(len.max(1)).map_err(driver)
     }
 
+    /// Copies `host` to the start of `dst`, enqueued on the stream (e.g. a cache length after prefill).
+    pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut impl DevicePtrMut<T>) -> Result<()> {
+        expect_len("dst", dst.len(), host.len())?;
+        self.stream.memcpy_htod(host, dst).map_err(driver)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver)
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        // The returned guard only records events when cudarc manages cross-stream sync; all our
-        // work is on one stream, so the raw pointer is used right away.
+    /// The raw address of a device buffer or view. The guard cudarc returns only records events when
+    /// it manages cross-stream synchronisation; all our work is on one stream, so it is dropped at once.
+    fn ptr<T>(&self, s: &impl DevicePtr<T>) -> u64 {
         s.device_ptr(&self.stream).0
     }
 
-    /// FastKV window scores `[H, S−W]` of `q_window` `[H, W, D]` against `keys` `[Hk, S, D]`. With
-    /// `lse` (the `[H, S]` normalisers `flash_attention` wrote for the same q), one pass; else two.
+    fn ptr_mut<T>(&self, s: &mut impl DevicePtrMut<T>) -> u64 {
+        s.device_ptr_mut(&self.stream).0
+    }
+
+    /// An empty cache of `capacity` entries per KV head (len 0 on the device).
+    pub fn kv_cache<T: Element>(&self, n_kv_heads: usize, capacity: usize, head_dim: usize) -> Result<KvCache<T>> {
+        let n = n_kv_heads * capacity;
+        Ok(KvCache {
+            k: self.zeros(n * head_dim)?,
+            v: self.zeros(n * head_dim)?,
+            pos: self.zeros(n)?,
+            len: self.zeros(1)?,
+            n_kv_heads,
+            capacity,
+            head_dim,
+        })
+    }
+
+    /// FastKV window scores `[H, S−W]` of `q_window` `[H, W, D]` against `keys` into `out`. With `lse`
+    /// (the `[H, S]` normalisers `flash_attention` wrote for the same q, viewed from row S−W on: its
+    /// window rows), one pass; else two, through `workspace` ([`window_scores_workspace_len`]).
+    pub fn window_scores_into<T: Element>(
+        &self,
+        q_window: &impl DevicePtr<T>,
+        keys: &Keys<'_, T>,
+        lse: Option<CudaView<'_, f32>>,
+        shape: &Shape,
+        workspace: &mut impl DevicePtrMut<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, window: w } = *shape;
+        if h == 0 || hk == 0 || h % hk != 0 || w == 0 || w > s {
+            return Err(Error::invalid("shape", format!("{shape:?} is not a valid scoring shape")));
+        }
+        expect_len("q_window", q_window.len(), h * w * d)?;
+        expect_len("keys", keys.data.len(), span(&[(hk, keys.head), (s, keys.row)], d))?;
+        expect_len("scores", out.len(), h * (s - w))?;
+        let lse_ptr = match &lse {
+            Some(l) => {
+                expect_len("lse", l.len(), span(&[(h, s)], w))?;
+                self.ptr(l)
+            }
+            None => {
+                expect_len("workspace", workspace.len(), window_scores_workspace_len(shape)?)?;
+                0
+            }
+        };
+        let si = int("seq_len", s)?;
+        // SAFETY: every buffer was checked to hold the shape's values; the launcher checks the rest.
+        check("fastkv_window_scores", unsafe {
+            fastkv_window_scores(
+                self.ptr(q_window),
+                self.ptr(&keys.data),
+                keys.head as i64,
+                keys.row as i64,
+                lse_ptr,
+                si,
+                self.ptr_mut(workspace),
+                self.ptr_mut(out),
+                int("heads", h)?,
+                int("kv_heads", hk)?,
+                int("head_dim", d)?,
+                si,
+                int("window", w)?,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// [`Self::window_scores_into`] of keys `[Hk, S, D]` and the whole `[H, S]` lse, allocating.
     pub fn window_scores<T: Element>(
         &self,
         q_window: &CudaSlice<T>,
@@ -147,61 +354,36 @@ impl Device {
         lse: Option<&CudaSlice<f32>>,
         shape: &Shape,
     ) -> Result<CudaSlice<f32>> {
-        let Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, window: w } = *shape;
-        if h == 0 || hk == 0 || h % hk != 0 || w == 0 || w > s {
+        let Shape { n_heads: h, head_dim: d, seq_len: s, window: w, .. } = *shape;
+        if w > s {
             return Err(Error::invalid("shape", format!("{shape:?} is not a valid scoring shape")));
         }
-        expect_len("q_window", q_window.len(), h * w * d)?;
-        expect_len("keys", keys.len(), hk * s * d)?;
-        let (hi, si, wi) = (int("heads", h)?, int("seq_len", s)?, int("window", w)?);
-        let out = self.zeros::<f32>(h * (s - w))?;
-        let (lse_ptr, workspace) = match lse {
-            Some(l) => {
-                if l.len() != h * s {
-                    return Err(Error::invalid("lse", format!("{} values, expected [{h}, {s}]", l.len())));
-                }
-                (self.ptr(l) + 4 * (s - w) as u64, None)
+        if let Some(l) = lse {
+            if l.len() != h * s {
+                return Err(Error::invalid("lse", format!("{} values, expected [{h}, {s}]", l.len())));
             }
-            // SAFETY: pure size computation.
-            None => (0, Some(self.zeros::<f32>(unsafe { fastkv_window_scores_workspace(hi, si, wi) } as usize)?)),
-        };
-        let ws = workspace.as_ref().map_or(0, |b| self.ptr(b));
-        // SAFETY: every buffer was checked to hold the shape's values; the launcher checks the rest.
-        check("fastkv_window_scores", unsafe {
-            fastkv_window_scores(
-                self.ptr(q_window),
-                self.ptr(keys),
-                (s * d) as i64,
-                d as i64,
-                lse_ptr,
-                si,
-                ws,
-                self.ptr(&out),
-                hi,
-                int("kv_heads", hk)?,
-                int("head_dim", d)?,
-                si,
-                wi,
-                T::DTYPE,
-                self.raw(),
-            )
-        })?;
+        }
+        let mut out = self.zeros::<f32>(h * (s - w))?;
+        let mut workspace = self.zeros::<f32>(if lse.is_some() { 1 } else { window_scores_workspace_len(shape)? })?;
+        let keys = Keys { data: keys.slice(..), head: s * d, row: d };
+        let lse = lse.map(|l| l.slice(s - w..));
+        self.window_scores_into(q_window, &keys, lse, shape, &mut workspace, &mut out)?;
         self.synchronize()?; // the workspace is freed on return
         Ok(out)
     }
 
     /// Pooled group scores `[Hk, n]` of window scores `s` `[H, n]` (`select::pool_group_scores`).
-    pub fn pool_group(
+    pub fn pool_group_into(
         &self,
-        s: &CudaSlice<f32>,
+        s: &impl DevicePtr<f32>,
         n_heads: usize,
         n_kv_heads: usize,
         n: usize,
-        kernel: usize,
-        pool: Pool,
-    ) -> Result<CudaSlice<f32>> {
+        (kernel, pool): (usize, Pool),
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
         expect_len("scores", s.len(), n_heads * n)?;
-        let out = self.zeros::<f32>(n_kv_heads * n)?;
+        expect_len("group scores", out.len(), n_kv_heads * n)?;
         // SAFETY: sizes checked above; the launcher validates heads and kernel.
         check("fastkv_pool_group", unsafe {
             fastkv_pool_group(
@@ -211,40 +393,66 @@ impl Device {
                 int("n", n)?,
                 int("kernel", kernel)?,
                 (pool == Pool::Max) as c_int,
-                self.ptr(&out),
+                self.ptr_mut(out),
                 self.raw(),
             )
-        })?;
+        })
+    }
+
+    /// [`Self::pool_group_into`], allocating.
+    pub fn pool_group(
+        &self,
+        s: &CudaSlice<f32>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        n: usize,
+        kernel: usize,
+        pool: Pool,
+    ) -> Result<CudaSlice<f32>> {
+        let mut out = self.zeros::<f32>(n_kv_heads * n)?;
+        self.pool_group_into(s, n_heads, n_kv_heads, n, (kernel, pool), &mut out)?;
         Ok(out)
     }
 
     /// The TSP score `[n]`: group scores `[Hk, n]` summed over KV heads.
-    pub fn sum_heads(&self, a: &CudaSlice<f32>, n_kv_heads: usize, n: usize) -> Result<CudaSlice<f32>> {
+    pub fn sum_heads_into(
+        &self,
+        a: &impl DevicePtr<f32>,
+        n_kv_heads: usize,
+        n: usize,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
         expect_len("group scores", a.len(), n_kv_heads * n)?;
-        let out = self.zeros::<f32>(n)?;
+        expect_len("sum", out.len(), n)?;
         // SAFETY: sizes checked above.
         check("fastkv_sum_heads", unsafe {
-            fastkv_sum_heads(self.ptr(a), int("kv_heads", n_kv_heads)?, int("n", n)?, self.ptr(&out), self.raw())
-        })?;
+            fastkv_sum_heads(self.ptr(a), int("kv_heads", n_kv_heads)?, int("n", n)?, self.ptr_mut(out), self.raw())
+        })
+    }
+
+    /// [`Self::sum_heads_into`], allocating.
+    pub fn sum_heads(&self, a: &CudaSlice<f32>, n_kv_heads: usize, n: usize) -> Result<CudaSlice<f32>> {
+        let mut out = self.zeros::<f32>(n)?;
+        self.sum_heads_into(a, n_kv_heads, n, &mut out)?;
         Ok(out)
     }
 
-    /// For every row of `scores` `[rows, n]`: its top `k` indices ascending, then `n..n+window`;
-    /// `[rows, k + window]`. KV selection (`select::kv_indices`, as a set) and TSP
+    /// For every row of `scores` `[rows, n]`: its top `k` indices ascending, then `n..n+window`, into
+    /// `out` `[rows, k + window]`. KV selection (`select::kv_indices`, as a set) and TSP
     /// (`select::tsp_indices`, exactly) both come out of it.
-    pub fn top_k(
+    pub fn top_k_into(
         &self,
-        scores: &CudaSlice<f32>,
-        rows: usize,
-        n: usize,
+        scores: &impl DevicePtr<f32>,
+        (rows, n): (usize, usize),
         k: usize,
         window: usize,
-    ) -> Result<CudaSlice<u32>> {
+        out: &mut impl DevicePtrMut<u32>,
+    ) -> Result<()> {
         expect_len("scores", scores.len(), rows * n)?;
+        expect_len("indices", out.len(), rows * (k + window))?;
         if k > n {
             return Err(Error::invalid("k", format!("{k} exceeds the {n} candidates")));
         }
-        let out = self.zeros::<u32>(rows * (k + window))?;
         // SAFETY: sizes checked above.
         check("fastkv_top_k", unsafe {
             fastkv_top_k(
@@ -253,12 +461,57 @@ impl Device {
                 int("n", n)?,
                 int("k", k)?,
                 int("window", window)?,
-                self.ptr(&out),
+                self.ptr_mut(out),
                 int("k + window", k + window)?,
                 self.raw(),
             )
-        })?;
+        })
+    }
+
+    /// [`Self::top_k_into`], allocating.
+    pub fn top_k(
+        &self,
+        scores: &CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        window: usize,
+    ) -> Result<CudaSlice<u32>> {
+        let mut out = self.zeros::<u32>(rows * (k + window))?;
+        self.top_k_into(scores, (rows, n), k, window, &mut out)?;
         Ok(out)
+    }
+
+    /// The batched row gather `g` (see [`Gather`]) from `src` into `dst`.
+    pub fn gather_into<T: DeviceRepr>(
+        &self,
+        src: &impl DevicePtr<T>,
+        idx: &impl DevicePtr<u32>,
+        g: &Gather,
+        dst: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        expect_len("src", src.len(), span(&[(g.batches, g.src_batch), (g.src_rows, g.src_row)], g.row))?;
+        expect_len("indices", idx.len(), span(&[(g.batches, g.idx_batch)], g.count))?;
+        expect_len("dst", dst.len(), span(&[(g.batches, g.dst_batch), (g.count, g.dst_row)], g.row))?;
+        let e = std::mem::size_of::<T>();
+        // SAFETY: sizes checked above; indices past src_rows are skipped by the kernel.
+        check("fastkv_gather_rows", unsafe {
+            fastkv_gather_rows(
+                self.ptr(src),
+                (g.src_batch * e) as i64,
+                (g.src_row * e) as i64,
+                g.src_rows as i64,
+                self.ptr(idx),
+                g.idx_batch as i64,
+                int("count", g.count)?,
+                int("batches", g.batches)?,
+                self.ptr_mut(dst),
+                (g.dst_batch * e) as i64,
+                (g.dst_row * e) as i64,
+                int("row bytes", g.row * e)?,
+                self.raw(),
+            )
+        })
     }
 
     /// `dst[b, r, :] = src[b, idx[b, r], :]`: `src` `[batches, src_rows, row]`, `idx` `[batches,
@@ -272,43 +525,34 @@ impl Device {
         idx: &CudaSlice<u32>,
         count: usize,
     ) -> Result<CudaSlice<T>> {
-        expect_len("src", src.len(), batches * src_rows * row)?;
-        expect_len("indices", idx.len(), batches * count)?;
-        let out = self.zeros::<T>(batches * count * row)?;
-        let e = std::mem::size_of::<T>();
-        // SAFETY: sizes checked above; indices past src_rows are skipped by the kernel.
-        check("fastkv_gather_rows", unsafe {
-            fastkv_gather_rows(
-                self.ptr(src),
-                (src_rows * row * e) as i64,
-                (row * e) as i64,
-                src_rows as i64,
-                self.ptr(idx),
-                count as i64,
-                int("count", count)?,
-                int("batches", batches)?,
-                self.ptr(&out),
-                (count * row * e) as i64,
-                (row * e) as i64,
-                int("row bytes", row * e)?,
-                self.raw(),
-            )
-        })?;
+        let mut out = self.zeros::<T>(batches * count * row)?;
+        let g = Gather {
+            batches,
+            count,
+            row,
+            src_rows,
+            src_batch: src_rows * row,
+            src_row: row,
+            idx_batch: count,
+            dst_batch: count * row,
+            dst_row: row,
+        };
+        self.gather_into(src, idx, &g, &mut out)?;
         Ok(out)
     }
 
     /// RoPE in place on the first `n_heads` heads of every row of `x` (`[pos.len(), row_stride]`).
     pub fn rope<T: Element>(
         &self,
-        x: &mut CudaSlice<T>,
+        x: &mut impl DevicePtrMut<T>,
         row_stride: usize,
         n_heads: usize,
         head_dim: usize,
-        pos: &CudaSlice<u32>,
-        inv_freq: &CudaSlice<f32>,
+        pos: &impl DevicePtr<u32>,
+        inv_freq: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let rows = pos.len();
-        expect_len("x", x.len(), rows * row_stride)?;
+        expect_len("x", x.len(), span(&[(rows, row_stride)], n_heads * head_dim))?;
         expect_len("inv_freq", inv_freq.len(), head_dim / 2)?;
         if n_heads * head_dim > row_stride {
             return Err(Error::invalid("n_heads", format!("{n_heads}×{head_dim} exceeds the row ({row_stride})")));
@@ -316,7 +560,7 @@ impl Device {
         // SAFETY: sizes checked above.
         check("fastkv_rope", unsafe {
             fastkv_rope(
-                self.ptr(x),
+                self.ptr_mut(x),
                 row_stride as i64,
                 int("rows", rows)?,
                 int("heads", n_heads)?,
@@ -329,27 +573,26 @@ impl Device {
         })
     }
 
-    /// RMSNorm of every `n`-wide segment of `x` (`[rows, heads·n]`) with weight `w` (`[n]`):
-    /// heads = 1 for the layer norms, heads = H and n = D for Qwen3's per-head q/k norm.
-    pub fn rms_norm<T: Element>(
+    /// RMSNorm of every `n`-wide segment (n = `w.len()`) of the first `rows` rows `[rows, heads·n]` of
+    /// `x` into `out` (same layout): heads = 1 for the layer norms, heads = H and n = D for Qwen3's
+    /// per-head q/k norm.
+    pub fn rms_norm_into<T: Element>(
         &self,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        heads: usize,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        (rows, heads): (usize, usize),
         eps: f32,
-    ) -> Result<CudaSlice<T>> {
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
         let (n, width) = (w.len(), w.len() * heads);
-        if width == 0 || x.len() % width != 0 {
-            return Err(Error::invalid("x", format!("{} values are not rows of {heads}×{n}", x.len())));
-        }
-        let rows = x.len() / width;
-        let out = self.zeros::<T>(x.len())?;
+        expect_len("x", x.len(), rows * width)?;
+        expect_len("out", out.len(), rows * width)?;
         // SAFETY: sizes checked above.
         check("fastkv_rms_norm", unsafe {
             fastkv_rms_norm(
                 self.ptr(x),
                 width as i64,
-                self.ptr(&out),
+                self.ptr_mut(out),
                 width as i64,
                 self.ptr(w),
                 int("rows", rows)?,
@@ -359,25 +602,110 @@ impl Device {
                 T::DTYPE,
                 self.raw(),
             )
-        })?;
+        })
+    }
+
+    /// [`Self::rms_norm_into`] of all of `x`, allocating.
+    pub fn rms_norm<T: Element>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        heads: usize,
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let width = w.len() * heads;
+        if width == 0 || x.len() % width != 0 {
+            return Err(Error::invalid("x", format!("{} values are not rows of {heads}×{}", x.len(), w.len())));
+        }
+        let mut out = self.zeros::<T>(x.len())?;
+        self.rms_norm_into(x, w, (x.len() / width, heads), eps, &mut out)?;
         Ok(out)
     }
 
-    /// silu(gate)·up of `gate_up` rows `[gate | up]` (`[rows, 2·inter]`) → `[rows, inter]`.
+    /// silu(gate)·up of the first `rows` rows `[gate | up]` (`[rows, 2·inter]`) into `out` `[rows, inter]`.
+    pub fn swiglu_into<T: Element>(
+        &self,
+        gate_up: &impl DevicePtr<T>,
+        rows: usize,
+        inter: usize,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        expect_len("gate_up", gate_up.len(), rows * 2 * inter)?;
+        expect_len("out", out.len(), rows * inter)?;
+        // SAFETY: sizes checked above.
+        check("fastkv_swiglu", unsafe {
+            fastkv_swiglu(self.ptr(gate_up), rows as i64, int("inter", inter)?, self.ptr_mut(out), T::DTYPE, self.raw())
+        })
+    }
+
+    /// [`Self::swiglu_into`] of all of `gate_up`, allocating.
     pub fn swiglu<T: Element>(&self, gate_up: &CudaSlice<T>, inter: usize) -> Result<CudaSlice<T>> {
         if inter == 0 || gate_up.len() % (2 * inter) != 0 {
             return Err(Error::invalid("inter", format!("{} values are not rows of 2×{inter}", gate_up.len())));
         }
         let rows = gate_up.len() / (2 * inter);
-        let out = self.zeros::<T>(rows * inter)?;
-        // SAFETY: sizes checked above.
-        check("fastkv_swiglu", unsafe {
-            fastkv_swiglu(self.ptr(gate_up), rows as i64, int("inter", inter)?, self.ptr(&out), T::DTYPE, self.raw())
-        })?;
+        let mut out = self.zeros::<T>(rows * inter)?;
+        self.swiglu_into(gate_up, rows, inter, &mut out)?;
         Ok(out)
     }
 
-    /// Causal GQA prefill attention, D = 128: q `[S, H, D]`, k/v `[S, Hk, D]` → (out `[S, H, D]`,
+    /// Causal GQA prefill attention (D ∈ {16, 32, 64, 128}, optional sliding window) into `out` (row
+    /// i, head h at `i·out_row + h·D`) and, when given, the natural-log normalisers `lse` `[H, n_queries]`.
+    pub fn flash_attention_into<T: Element>(
+        &self,
+        a: &Prefill<'_, T>,
+        out: &mut impl DevicePtrMut<T>,
+        out_row: usize,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let (h, hk, d, m, n) = (a.n_heads, a.n_kv_heads, a.head_dim, a.n_queries, a.n_keys);
+        expect_len("q", a.q.len(), span(&[(m, a.q_row)], h * d))?;
+        let kv = span(&[(n, a.kv_row), (hk, a.kv_head)], d);
+        expect_len("k", a.k.len(), kv)?;
+        expect_len("v", a.v.len(), kv)?;
+        expect_len("out", out.len(), span(&[(m, out_row)], h * d))?;
+        let lse_ptr = match lse {
+            Some(l) => {
+                expect_len("lse", l.len(), h * m)?;
+                self.ptr_mut(l)
+            }
+            None => 0,
+        };
+        let (window, q_pos, k_pos) = match &a.window {
+            Some(w) => {
+                expect_len("q_pos", w.q_pos.len(), m)?;
+                expect_len("k_pos", w.k_pos.len(), n)?;
+                (int("window", w.size)?, self.ptr(&w.q_pos), self.ptr(&w.k_pos))
+            }
+            None => (0, 0, 0),
+        };
+        // SAFETY: sizes checked above; the launcher validates heads, head_dim and alignment.
+        check("fastkv_flash_attention", unsafe {
+            fastkv_flash_attention(
+                self.ptr(&a.q),
+                a.q_row as i64,
+                self.ptr(&a.k),
+                self.ptr(&a.v),
+                a.kv_row as i64,
+                a.kv_head as i64,
+                self.ptr_mut(out),
+                out_row as i64,
+                lse_ptr,
+                q_pos,
+                k_pos,
+                window,
+                int("n_queries", m)?,
+                int("n_keys", n)?,
+                int("heads", h)?,
+                int("kv_heads", hk)?,
+                int("head_dim", d)?,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// Causal GQA prefill attention, no window: q `[S, H, D]`, k/v `[S, Hk, D]` → (out `[S, H, D]`,
     /// natural-log normalisers `[H, S]`).
     pub fn flash_attention<T: Element>(
         &self,
@@ -389,75 +717,264 @@ impl Device {
         head_dim: usize,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let s = q.len() / (n_heads * head_dim).max(1);
-        expect_len("q", q.len(), s * n_heads * head_dim)?;
-        expect_len("k", k.len(), s * n_kv_heads * head_dim)?;
-        expect_len("v", v.len(), s * n_kv_heads * head_dim)?;
-        let out = self.zeros::<T>(q.len())?;
-        let lse = self.zeros::<f32>(n_heads * s)?;
-        // SAFETY: sizes checked above; the launcher validates heads and head_dim.
-        check("fastkv_flash_attention", unsafe {
-            fastkv_flash_attention(
-                self.ptr(q),
-                (n_heads * head_dim) as i64,
-                self.ptr(k),
-                self.ptr(v),
-                (n_kv_heads * head_dim) as i64,
-                head_dim as i64,
-                self.ptr(&out),
-                self.ptr(&lse),
-                int("seq_len", s)?,
-                int("seq_len", s)?,
-                int("heads", n_heads)?,
-                int("kv_heads", n_kv_heads)?,
-                int("head_dim", head_dim)?,
-                T::DTYPE,
-                self.raw(),
-            )
-        })?;
+        let a = Prefill {
+            q: q.slice(..),
+            k: k.slice(..),
+            v: v.slice(..),
+            q_row: n_heads * head_dim,
+            kv_row: n_kv_heads * head_dim,
+            kv_head: head_dim,
+            n_queries: s,
+            n_keys: s,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            window: None,
+        };
+        let mut out = self.zeros::<T>(q.len())?;
+        let mut lse = self.zeros::<f32>(n_heads * s)?;
+        self.flash_attention_into(&a, &mut out, n_heads * head_dim, Some(&mut lse))?;
         Ok((out, lse))
     }
 
-    /// One decode step: q `[H, D]` against the first `len` entries of a cache `[Hk, capacity, D]`.
-    pub fn decode_attention<T: Element>(
+    /// One decode step, graph-friendly: q `[H, D]` (the start of the token's fused row) against the
+    /// first `*cache.len` entries of `cache` (the length is read on the device; the launch is sized by
+    /// the capacity), into `out` `[H, D]`. `window`: (size, the query's position `[1]` on the device),
+    /// masking entries by `cache.pos`. `workspace`: [`decode_workspace_len`]`(H, capacity, D)` values.
+    pub fn decode_attention_into<T: Element>(
         &self,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        v: &CudaSlice<T>,
-        n_kv_heads: usize,
-        capacity: usize,
-        len: usize,
-    ) -> Result<CudaSlice<T>> {
-        let d = 128;
-        let h = q.len() / d;
-        expect_len("q", q.len(), h * d)?;
-        expect_len("k", k.len(), n_kv_heads * capacity * d)?;
-        expect_len("v", v.len(), n_kv_heads * capacity * d)?;
-        if len == 0 || len > capacity {
-            return Err(Error::invalid("len", format!("{len} entries in a cache of {capacity}")));
-        }
-        let (hi, li) = (int("heads", h)?, int("len", len)?);
-        // SAFETY: pure size computation.
-        let workspace = self.zeros::<f32>(unsafe { fastkv_decode_workspace(hi, li) } as usize)?;
-        let out = self.zeros::<T>(h * d)?;
-        // SAFETY: sizes checked above; the launcher validates the group size.
+        q: &impl DevicePtr<T>,
+        cache: &KvCache<T>,
+        n_heads: usize,
+        window: Option<(usize, CudaView<'_, u32>)>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (hk, cap, d) = (cache.n_kv_heads, cache.capacity, cache.head_dim);
+        expect_len("q", q.len(), n_heads * d)?;
+        expect_len("out", out.len(), n_heads * d)?;
+        expect_len("cache k", cache.k.len(), hk * cap * d)?;
+        expect_len("cache v", cache.v.len(), hk * cap * d)?;
+        expect_len("cache positions", cache.pos.len(), hk * cap)?;
+        expect_len("workspace", workspace.len(), decode_workspace_len(n_heads, cap, d)?)?;
+        let (size, q_pos) = match &window {
+            Some((size, p)) => {
+                expect_len("q_pos", p.len(), 1)?;
+                (int("window", *size)?, self.ptr(p))
+            }
+            None => (0, 0),
+        };
+        // SAFETY: sizes checked above; the launcher validates head_dim and the group size.
         check("fastkv_decode_attention", unsafe {
             fastkv_decode_attention(
                 self.ptr(q),
-                self.ptr(k),
-                self.ptr(v),
-                d as i64,
-                (capacity * d) as i64,
-                self.ptr(&out),
-                self.ptr(&workspace),
-                li,
-                hi,
-                int("kv_heads", n_kv_heads)?,
-                d as c_int,
+                self.ptr(&cache.k),
+                self.ptr(&cache.v),
+                self.ptr(&cache.pos),
+                self.ptr(&cache.len),
+                int("capacity", cap)?,
+                q_pos,
+                size,
+                self.ptr_mut(out),
+                self.ptr_mut(workspace),
+                int("heads", n_heads)?,
+                int("kv_heads", hk)?,
+                int("head_dim", d)?,
                 T::DTYPE,
                 self.raw(),
             )
-        })?;
+        })
+    }
+
+    /// [`Self::decode_attention_into`], allocating its output and workspace.
+    pub fn decode_attention<T: Element>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &KvCache<T>,
+        n_heads: usize,
+        window: Option<(usize, CudaView<'_, u32>)>,
+    ) -> Result<CudaSlice<T>> {
+        let d = cache.head_dim;
+        let mut workspace = self.zeros::<f32>(decode_workspace_len(n_heads, cache.capacity, d)?)?;
+        let mut out = self.zeros::<T>(n_heads * d)?;
+        self.decode_attention_into(q, cache, n_heads, window, &mut out, &mut workspace)?;
         self.synchronize()?; // the workspace is freed on return
         Ok(out)
+    }
+
+    /// `out[r, :] = f32(table[ids[r], :])` for every id in `ids` (table `[V, dim]`, V = len / dim; ids
+    /// ≥ V give zero rows) into `out` `[ids.len(), dim]` f32.
+    pub fn embed_into<T: Element>(
+        &self,
+        ids: &impl DevicePtr<u32>,
+        table: &impl DevicePtr<T>,
+        dim: usize,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let rows = ids.len();
+        if dim == 0 || table.len() < dim {
+            return Err(Error::invalid("dim", format!("{} table values are not rows of {dim}", table.len())));
+        }
+        expect_len("out", out.len(), rows * dim)?;
+        // SAFETY: sizes checked above; the kernel reads only rows below table.len() / dim.
+        check("fastkv_embed", unsafe {
+            fastkv_embed(
+                self.ptr(ids),
+                int("rows", rows)?,
+                self.ptr(table),
+                int("vocab", table.len() / dim)?,
+                int("dim", dim)?,
+                self.ptr_mut(out),
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// RMSNorm of the first `rows` f32 rows of `x` (`[rows, n]`, n = `w.len()`) into T rows of `out`:
+    /// `T(w · (x / √(mean(x²) + eps)))` — the f32 residual stream into a GEMM input.
+    pub fn rms_norm_f32_into<T: Element>(
+        &self,
+        x: &impl DevicePtr<f32>,
+        w: &impl DevicePtr<T>,
+        rows: usize,
+        eps: f32,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let n = w.len();
+        expect_len("x", x.len(), rows * n)?;
+        expect_len("out", out.len(), rows * n)?;
+        // SAFETY: sizes checked above.
+        check("fastkv_rms_norm_f32", unsafe {
+            fastkv_rms_norm_f32(
+                self.ptr(x),
+                n as i64,
+                self.ptr_mut(out),
+                n as i64,
+                self.ptr(w),
+                int("rows", rows)?,
+                int("n", n)?,
+                eps,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// `x[i] += f32(y[i])` for the first `n` values: a sublayer's output into the f32 residual stream.
+    pub fn add_residual_into<T: Element>(
+        &self,
+        x: &mut impl DevicePtrMut<f32>,
+        y: &impl DevicePtr<T>,
+        n: usize,
+    ) -> Result<()> {
+        expect_len("x", x.len(), n)?;
+        expect_len("y", y.len(), n)?;
+        // SAFETY: sizes checked above; one row of n values.
+        check("fastkv_add_residual", unsafe {
+            fastkv_add_residual(self.ptr_mut(x), 0, self.ptr(y), 0, 1, int("n", n)?, T::DTYPE, self.raw())
+        })
+    }
+
+    /// `y[r, c] += b[c]` on the first `rows` rows of `y` (`[rows, b.len()]`): Qwen2's q/k/v bias.
+    pub fn add_bias_into<T: Element>(
+        &self,
+        y: &mut impl DevicePtrMut<T>,
+        b: &impl DevicePtr<T>,
+        rows: usize,
+    ) -> Result<()> {
+        let cols = b.len();
+        expect_len("y", y.len(), rows * cols)?;
+        // SAFETY: sizes checked above.
+        check("fastkv_add_bias", unsafe {
+            fastkv_add_bias(
+                self.ptr_mut(y),
+                cols as i64,
+                self.ptr(b),
+                rows as i64,
+                int("cols", cols)?,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// Decode append, graph-safe: K and V of the fused row `qkv` (`[(H + 2·Hk)·D]`) into slot
+    /// `*cache.len` of `cache`, `cache.pos[g, slot] = *pos`, then `*cache.len += 1` — all on the device
+    /// (a full cache drops the token and keeps its length).
+    pub fn kv_append<T: Element>(
+        &self,
+        qkv: &impl DevicePtr<T>,
+        n_heads: usize,
+        cache: &mut KvCache<T>,
+        pos: &impl DevicePtr<u32>,
+    ) -> Result<()> {
+        let (hk, cap, d) = (cache.n_kv_heads, cache.capacity, cache.head_dim);
+        expect_len("qkv", qkv.len(), (n_heads + 2 * hk) * d)?;
+        expect_len("cache k", cache.k.len(), hk * cap * d)?;
+        expect_len("cache v", cache.v.len(), hk * cap * d)?;
+        expect_len("cache positions", cache.pos.len(), hk * cap)?;
+        expect_len("pos", pos.len(), 1)?;
+        // SAFETY: sizes checked above.
+        check("fastkv_kv_append", unsafe {
+            fastkv_kv_append(
+                self.ptr(qkv),
+                int("heads", n_heads)?,
+                int("kv_heads", hk)?,
+                int("head_dim", d)?,
+                self.ptr_mut(&mut cache.k),
+                self.ptr_mut(&mut cache.v),
+                self.ptr_mut(&mut cache.pos),
+                int("capacity", cap)?,
+                self.ptr_mut(&mut cache.len),
+                self.ptr(pos),
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// The window queries `[H, W, D]` FastKV scores: q heads of the last W of the `shape.seq_len`
+    /// fused rows of `qkv` (rows `row_stride` apart) into `out`.
+    pub fn pack_window_into<T: Element>(
+        &self,
+        qkv: &impl DevicePtr<T>,
+        row_stride: usize,
+        shape: &Shape,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let Shape { n_heads: h, head_dim: d, seq_len: s, window: w, .. } = *shape;
+        expect_len("qkv", qkv.len(), span(&[(s, row_stride)], h * d))?;
+        expect_len("out", out.len(), h * w * d)?;
+        // SAFETY: sizes checked above; the launcher checks window ≤ seq_len.
+        check("fastkv_pack_window", unsafe {
+            fastkv_pack_window(
+                self.ptr(qkv),
+                row_stride as i64,
+                int("seq_len", s)?,
+                int("window", w)?,
+                int("heads", h)?,
+                int("head_dim", d)?,
+                self.ptr_mut(out),
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// `x[i] += by` for every value of `x`, on the device (the decode position inside a captured step).
+    pub fn increment(&self, x: &mut impl DevicePtrMut<u32>, by: u32) -> Result<()> {
+        let n = int("n", x.len())?;
+        // SAFETY: the launch touches exactly the values of x.
+        check("fastkv_increment", unsafe { fastkv_increment(self.ptr_mut(x), n, by, self.raw()) })
+    }
+
+    /// `out[0]` = the first index of the largest of the first `n` values of `x` (greedy sampling on
+    /// the device, `sampling::argmax` for NaN-free logits).
+    pub fn argmax_into(&self, x: &impl DevicePtr<f32>, n: usize, out: &mut impl DevicePtrMut<u32>) -> Result<()> {
+        expect_len("x", x.len(), n)?;
+        expect_len("out", out.len(), 1)?;
+        // SAFETY: sizes checked above.
+        check("fastkv_argmax", unsafe { fastkv_argmax(self.ptr(x), int("n", n)?, self.ptr_mut(out), self.raw()) })
     }
 }
