@@ -5,10 +5,15 @@
 //! Two flavours: `*_into` wrappers write into buffers the caller preallocated (outputs and
 //! workspaces), never allocate and never synchronise, so a model can run them back to back and
 //! capture them in a CUDA graph; they take anything cudarc can hand out a device pointer for — a
-//! [`CudaSlice`], or a [`CudaView`] / [`CudaViewMut`] from `slice(range)` / `slice_mut(range)` to
-//! point into the middle of a buffer (the k heads of fused q|k|v rows, one row of a batch). The plain
-//! wrappers allocate their outputs and return them (tests, benchmarks). Buffers hold at least the
-//! values the shape addresses; layouts are those of [`crate::select`] and the launchers' comments.
+//! [`CudaSlice`], or a [`CudaView`] / [`CudaViewMut`](cudarc::driver::CudaViewMut) from
+//! `slice(range)` / `slice_mut(range)` to point into the middle of a buffer (the k heads of fused
+//! q|k|v rows, one row of a batch). The plain wrappers allocate their outputs and return them (tests,
+//! benchmarks). Buffers hold at least the values the shape addresses; layouts are those of
+//! [`crate::select`] and the launchers' comments.
+//!
+//! Graph capture: the decode launchers read token ids, positions and cache lengths on the device;
+//! cudarc records no events while the context has a single stream (else see
+//! `CudaContext::disable_event_tracking`), and [`Device::write`] (a pageable copy) stays outside.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::Arc;
