@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
-use fastkv::cuda::{decode_workspace_len, Device, KvCache};
+use fastkv::cuda::{decode_workspace_len, Device, LayerKv};
 use fastkv::select::{Pool, Shape};
 use fastkv::Error;
 use half::bf16;
@@ -56,7 +56,7 @@ fn attention(dev: &Device, l: usize, iters: usize) -> (f64, f64) {
 fn main() {
     let dev = match Device::new(0) {
         Ok(d) => d,
-        Err(Error::NoCudaDevice(_)) => {
+        Err(Error::NoDevice { .. }) => {
             println!("skipped: no CUDA device");
             return;
         }
@@ -67,7 +67,7 @@ fn main() {
     let (t128, tflops128) = attention(&dev, l, 2);
 
     // Decode over a 128K cache: K and V of every KV head read once.
-    let mut cache = KvCache {
+    let mut cache = LayerKv {
         k: values(&dev, HK * l * D, 5),
         v: values(&dev, HK * l * D, 6),
         pos: dev.zeros(HK * l).expect("alloc"),

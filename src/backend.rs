@@ -132,10 +132,13 @@ impl Backend {
                 .map(|p| p.map_cache(|layers| KvCache::Cpu(cpu::KvCache { layers })))
                 .collect()),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(m) => Ok(prefill::prefill_many(m, tokens, policies, max_new_tokens)?
-                .into_iter()
-                .map(|p| p.map_cache(|layers| KvCache::Cuda(m.cache(layers))))
-                .collect()),
+            Backend::Cuda(m) => {
+                let request = m.request()?;
+                Ok(prefill::prefill_many(&request, tokens, policies, max_new_tokens)?
+                    .into_iter()
+                    .map(|p| p.map_cache(|layers| KvCache::Cuda(request.cache(layers))))
+                    .collect())
+            }
         }
     }
 

@@ -12,7 +12,9 @@ use crate::checkpoint::Checkpoint;
 use crate::engine::{FileEntry, Manifest, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER, WEIGHTS};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::random_weights::RandomWeights;
 use crate::spec::{Arch, ModelSpec};
+use crate::tokenizer_info::TokenizerInfo;
 use crate::tensors::{self, DType, TensorPlan};
 
 pub struct BuildOptions {
@@ -28,17 +30,22 @@ pub struct BuildOptions {
 }
 
 /// Presets for known models (`engines/*.json`), compiled in.
-const PRESETS: [&str; 5] = [
+const PRESETS: [&str; 6] = [
     include_str!("../engines/llama-3.1-8b.json"),
     include_str!("../engines/ministral-8b.json"),
     include_str!("../engines/mistral-nemo-12b.json"),
     include_str!("../engines/qwen2.5-7b.json"),
     include_str!("../engines/qwen3-8b.json"),
+    include_str!("../engines/smollm2-135m.json"),
 ];
 
 #[derive(Deserialize)]
 struct Preset {
+    /// What `--preset` calls it (the file's name).
+    id: String,
     name: String,
+    /// The model's HF config.json values, for engines of its shape with random weights.
+    config: serde_json::Value,
     #[serde(rename = "match")]
     matches: PresetMatch,
     policy: Policy,
@@ -72,11 +79,67 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         preset = None;
         fastkv.validate(&ckpt.spec)?;
     }
-    if opts.output.exists() && !opts.force {
-        return Err(Error::bad_file(&opts.output, "already exists; pass --force to replace it"));
+    atomically(&opts.output, opts.force, |tmp| write_engine(&ckpt, opts, (fastkv, preset), tmp))
+}
+
+/// An engine of preset `name`'s exact shape (`engines/*.json`) whose weights are generated from
+/// `seed` when it is opened ([`RandomWeights`]): no weight file, a byte-level tokenizer.
+pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: bool) -> Result<Manifest> {
+    let presets: Vec<Preset> =
+        PRESETS.iter().map(|p| serde_json::from_str(p).expect("bundled presets are valid")).collect();
+    let names = || presets.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ");
+    let preset = presets
+        .iter()
+        .find(|p| p.id == name)
+        .ok_or_else(|| Error::invalid("preset", format!("`{name}` is not a preset (presets: {})", names())))?;
+    let origin = PathBuf::from(format!("engines/{name}.json"));
+    let spec = ModelSpec::from_hf_value(&preset.config, &origin)?;
+    atomically(output, force, |dir| {
+        let tokenizer = byte_level_tokenizer()?;
+        let tok_dst = dir.join(TOKENIZER);
+        std::fs::write(&tok_dst, &tokenizer).map_err(|e| Error::io(&tok_dst, e))?;
+        let entry = FileEntry { bytes: tokenizer.len() as u64, sha256: tensors::sha256_file(&tok_dst)? };
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: format!("{}.{}", FORMAT_VERSION.0, FORMAT_VERSION.1),
+            model: spec.clone(),
+            dtype,
+            tokenizer: TokenizerInfo::default(),
+            fastkv: preset.policy,
+            preset: Some(preset.name.clone()),
+            files: BTreeMap::from([(TOKENIZER.to_string(), entry)]),
+            source: format!("random weights of {} (seed {seed})", preset.name),
+            random_weights: Some(RandomWeights { seed }),
+        };
+        write_manifest(dir, &manifest)?;
+        Ok(manifest)
+    })
+}
+
+/// A byte-level BPE tokenizer of the 256 byte tokens (ids 0..256): any text encodes, and random
+/// weights need no real vocabulary.
+fn byte_level_tokenizer() -> Result<String> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let vocab: tokenizers::models::bpe::Vocab =
+        alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::default()));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
+/// Runs `write` into a temporary folder beside `output` and renames it to `output` when it
+/// succeeds; on failure nothing is left behind.
+fn atomically(output: &Path, force: bool, write: impl FnOnce(&Path) -> Result<Manifest>) -> Result<Manifest> {
+    if output.exists() && !force {
+        return Err(Error::bad_file(output, "already exists; pass --force to replace it"));
     }
-    let name = opts.output.file_name().ok_or_else(|| Error::bad_file(&opts.output, "not a directory name"))?;
-    let parent = match opts.output.parent() {
+    let name = output.file_name().ok_or_else(|| Error::bad_file(output, "not a directory name"))?;
+    let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -84,17 +147,23 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_engine(&ckpt, opts, (fastkv, preset), &tmp).and_then(|manifest| {
-        if opts.output.exists() {
-            std::fs::remove_dir_all(&opts.output).map_err(|e| Error::io(&opts.output, e))?;
+    let result = write(&tmp).and_then(|manifest| {
+        if output.exists() {
+            std::fs::remove_dir_all(output).map_err(|e| Error::io(output, e))?;
         }
-        std::fs::rename(&tmp, &opts.output).map_err(|e| Error::io(&opts.output, e))?;
+        std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e))?;
         Ok(manifest)
     });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let json = serde_json::to_string_pretty(manifest).expect("manifest serializes");
+    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
 }
 
 /// Writes the engine's files into `dir`, with `defaults` (FastKV policy, preset name) in its manifest.
@@ -142,9 +211,8 @@ fn write_engine(
         preset,
         files,
         source: ckpt.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        random_weights: None,
     };
-    let path = dir.join(MANIFEST);
-    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+    write_manifest(dir, &manifest)?;
     Ok(manifest)
 }

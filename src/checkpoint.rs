@@ -100,7 +100,7 @@ impl Checkpoint {
 }
 
 /// Engine tensor names → HF tensor names, for the Llama-style layout all four families share.
-fn hf_layout(spec: &ModelSpec) -> Vec<EngineTensor> {
+pub(crate) fn hf_layout(spec: &ModelSpec) -> Vec<EngineTensor> {
     let (e, d, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
     let t = |name: String, shape: Vec<usize>, sources: Vec<String>| EngineTensor { name, shape, sources };
     let mut out = vec![t("embed".into(), vec![spec.vocab_size, e], vec!["model.embed_tokens.weight".into()])];

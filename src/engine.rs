@@ -11,13 +11,14 @@ use crate::tokenizer_info::TokenizerInfo;
 use crate::backend::{Backend, Device};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::random_weights::RandomWeights;
 use crate::spec::ModelSpec;
 use crate::tensors::{DType, TensorFile};
 use crate::text::TextCodec;
 
 pub const FORMAT_NAME: &str = "fastkv-engine";
 /// Major versions are incompatible; minor versions only add optional fields.
-pub const FORMAT_VERSION: (u32, u32) = (1, 0);
+pub const FORMAT_VERSION: (u32, u32) = (1, 1);
 pub const MANIFEST: &str = "engine.json";
 pub const WEIGHTS: &str = "weights.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
@@ -43,6 +44,9 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
     /// Directory name of the checkpoint it was built from.
     pub source: String,
+    /// Set when the weights are generated from a seed at open instead of read from a file (1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_weights: Option<RandomWeights>,
 }
 
 impl Manifest {
@@ -124,7 +128,10 @@ impl Engine {
         }
         let manifest = Manifest::read(dir)?;
         manifest.check_files(dir, false)?;
-        let weights = TensorFile::open(&dir.join(WEIGHTS))?;
+        let weights = match manifest.random_weights {
+            Some(random) => random.generate(&manifest.model, manifest.dtype)?,
+            None => TensorFile::open(&dir.join(WEIGHTS))?,
+        };
         let text = TextCodec::load(&dir.join(TOKENIZER), &manifest.tokenizer)?;
         let backend = Backend::load(&manifest.model, &weights, device)?;
         Ok(Engine { dir: dir.into(), manifest, backend, text })

@@ -44,6 +44,7 @@ pub mod onnx;
 pub mod plot;
 pub mod policy;
 pub mod prefill;
+pub mod random_weights;
 pub mod rope;
 pub mod sampling;
 pub mod select;

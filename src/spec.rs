@@ -59,7 +59,12 @@ impl ModelSpec {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
-        let c = Config { path, v: &cfg };
+        Self::from_hf_value(&cfg, path)
+    }
+
+    /// The spec of an HF config given as JSON; `path` names it in errors.
+    pub fn from_hf_value(cfg: &Value, path: &Path) -> Result<Self> {
+        let c = Config { path, v: cfg };
         let model_type = c.str("model_type")?;
         let arch = match model_type {
             "llama" => Arch::Llama,

@@ -110,6 +110,14 @@ impl TensorFile {
         Ok(TensorFile { path: path.into(), mmap: Arc::new(mmap), data_start: 8 + header_len, meta })
     }
 
+    /// A safetensors image already in memory (e.g. generated weights); `name` stands for its path
+    /// in messages.
+    pub fn from_image(name: PathBuf, image: Mmap) -> Result<Self> {
+        let (header_len, meta) = SafeTensors::read_metadata(&image)
+            .map_err(|e| Error::bad_file(&name, format!("invalid safetensors image: {e}")))?;
+        Ok(TensorFile { path: name, mmap: Arc::new(image), data_start: 8 + header_len, meta })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -223,19 +231,14 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
     }
 }
 
-/// Writes a safetensors file tensor by tensor: `fill(i, buf)` appends tensor `i`'s bytes. Returns
-/// the file size and its sha256, computed on the way out.
-pub fn write_safetensors(
-    path: &Path,
-    plan: &[TensorPlan],
-    metadata: &HashMap<String, String>,
-    mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
-) -> Result<(u64, String)> {
+/// The JSON header of a safetensors file holding `plan`'s tensors back to back, padded so the data
+/// starts 8-byte aligned.
+pub(crate) fn safetensors_header(plan: &[TensorPlan], metadata: &HashMap<String, String>) -> String {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
     let mut offset = 0usize;
@@ -252,6 +255,18 @@ pub fn write_safetensors(
     while (8 + header.len()) % 8 != 0 {
         header.push(' ');
     }
+    header
+}
+
+/// Writes a safetensors file tensor by tensor: `fill(i, buf)` appends tensor `i`'s bytes. Returns
+/// the file size and its sha256, computed on the way out.
+pub fn write_safetensors(
+    path: &Path,
+    plan: &[TensorPlan],
+    metadata: &HashMap<String, String>,
+    mut fill: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<(u64, String)> {
+    let header = safetensors_header(plan, metadata);
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), bytes: 0 };
     let io = |e| Error::io(path, e);

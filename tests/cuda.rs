@@ -7,7 +7,7 @@
 
 use fastkv::cpu::attention::{attention, Heads, KvView};
 use fastkv::cpu::kernels::{rms_norm, swiglu};
-use fastkv::cuda::{Device, Element, Gather, KvCache, Prefill, SlidingWindow};
+use fastkv::cuda::{Device, Element, Gather, LayerKv, Prefill, SlidingWindow};
 use fastkv::rope::Rope;
 use fastkv::sampling::argmax;
 use fastkv::select::{self, Pool, Shape};
@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 fn device() -> Option<Device> {
     match Device::new(0) {
         Ok(d) => Some(d),
-        Err(Error::NoCudaDevice(_)) => {
+        Err(Error::NoDevice { .. }) => {
             println!("skipped: no CUDA device");
             None
         }
@@ -469,7 +469,7 @@ fn random_cache<T: Half>(
     rng: &mut StdRng,
     (hk, capacity, d): (usize, usize, usize),
     len: usize,
-) -> (KvCache<T>, Vec<f32>, Vec<f32>, Vec<u32>) {
+) -> (LayerKv<T>, Vec<f32>, Vec<f32>, Vec<u32>) {
     let (k, kf) = random::<T>(rng, hk * capacity * d, 1.0);
     let (v, vf) = random::<T>(rng, hk * capacity * d, 1.0);
     let mut pos = vec![0u32; hk * capacity];

@@ -27,8 +27,20 @@ struct Args {
     /// Or a GGUF v2/v3 file: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K tensors
     /// are dequantized to --dtype; the tokenizer (byte-level BPE, pre-tokenizer smollm, qwen2 or
     /// llama-bpe) and chat template come from its metadata.
-    #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
+    #[arg(long, required_unless_present_any = ["engine", "random_weights"], conflicts_with_all = ["engine", "random_weights"])]
     checkpoint: Option<PathBuf>,
+    /// Instead of a checkpoint: an engine of --preset's exact shape whose weights are drawn from
+    /// --seed each time it is opened (no weight file; a byte-level tokenizer), for measuring speed on
+    /// the shapes users run.
+    #[arg(long, requires_all = ["preset", "output"])]
+    random_weights: bool,
+    /// The shape for --random-weights: llama-3.1-8b, ministral-8b, mistral-nemo-12b, qwen2.5-7b,
+    /// qwen3-8b or smollm2-135m (engines/*.json).
+    #[arg(long, requires = "random_weights")]
+    preset: Option<String>,
+    /// Seed of --random-weights (same seed, same weights, on every machine).
+    #[arg(long, default_value_t = 0, requires = "random_weights")]
+    seed: u64,
     /// Engine directory to create. It is written to a temporary folder beside it and renamed at the
     /// end, so a failed build leaves nothing behind.
     #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
@@ -60,6 +72,19 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let engine = match (&args.engine, args.checkpoint.clone(), args.output.clone()) {
         (Some(engine), _, _) => engine.clone(),
+        (None, None, Some(output)) if args.random_weights => {
+            let preset = args.preset.as_deref().expect("clap requires --preset");
+            match fastkv::builder::build_random(preset, args.seed, args.dtype, &output, args.force) {
+                Ok(m) => {
+                    if !args.quiet {
+                        println!("built {} ({}, {} layers, random {:?} weights from seed {})", output.display(),
+                            preset, m.model.num_layers, m.dtype, args.seed);
+                    }
+                    output
+                }
+                Err(e) => return fail(e),
+            }
+        }
         (None, Some(checkpoint), Some(output)) => match build_engine(&args, checkpoint, output) {
             Ok(dir) => dir,
             Err(e) => return fail(e),

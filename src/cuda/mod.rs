@@ -1,5 +1,5 @@
 //! The CUDA kernels of plugin/ from Rust: a device context that reports a missing driver or device
-//! as [`Error::NoCudaDevice`] (instead of cudarc's panic), and one typed, size-checked wrapper per
+//! as [`Error::NoDevice`] (instead of cudarc's panic), and one typed, size-checked wrapper per
 //! `extern "C"` launcher. Every launch is enqueued on the context's stream.
 //!
 //! Two flavours: `*_into` wrappers write into buffers the caller preallocated (outputs and
@@ -24,6 +24,11 @@ use cudarc::driver::{
 
 use crate::error::{Error, Result};
 use crate::select::{Pool, Shape};
+
+mod library;
+mod model;
+
+pub use model::{KvCache, LayerCache, Model, Request};
 
 /// Device code of every kernel (sm_80, sm_90 SASS + compute_90 PTX), as build.rs compiled it.
 pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fastkv_kernels.fatbin"));
@@ -140,7 +145,7 @@ impl<'a, T> Prefill<'a, T> {
 
 /// One layer's KV cache on the device: K and V `[Hk, capacity, D]`, the original position of every
 /// entry `[Hk, capacity]` and the number of entries `len` (`[1]`, read and advanced on the device).
-pub struct KvCache<T> {
+pub struct LayerKv<T> {
     pub k: CudaSlice<T>,
     pub v: CudaSlice<T>,
     pub pos: CudaSlice<u32>,
@@ -174,8 +179,13 @@ pub struct Gather {
     pub dst_row: usize,
 }
 
-fn driver(e: cudarc::driver::DriverError) -> Error {
-    Error::Cuda(e.to_string())
+/// A failed driver call as the library's device error.
+pub(crate) fn driver(operation: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Device { backend: "cuda", operation: operation.into(), code: Some(e.0 as i64), message: e.to_string() }
+}
+
+fn no_device(reason: impl Into<String>) -> Error {
+    Error::NoDevice { backend: "cuda", reason: reason.into() }
 }
 
 fn check(name: &str, code: c_int) -> Result<()> {
@@ -184,7 +194,7 @@ fn check(name: &str, code: c_int) -> Result<()> {
     }
     // SAFETY: cudaGetErrorString returns a static NUL-terminated string for any code.
     let msg = unsafe { CStr::from_ptr(cudaGetErrorString(code)) }.to_string_lossy();
-    Err(Error::Cuda(format!("{name}: {msg} ({code})")))
+    Err(Error::Device { backend: "cuda", operation: name.into(), code: Some(code.into()), message: msg.into_owned() })
 }
 
 fn int(flag: &'static str, v: usize) -> Result<c_int> {
@@ -223,23 +233,23 @@ pub fn window_scores_workspace_len(shape: &Shape) -> Result<usize> {
 }
 
 impl Device {
-    /// Device `ordinal`, or [`Error::NoCudaDevice`] without a driver or such a device. Also loads
+    /// Device `ordinal`, or [`Error::NoDevice`] without a driver or such a device. Also loads
     /// [`FATBIN`] once through the driver, so a GPU the build has no code for fails here, clearly.
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: only probes whether libcuda can be loaded.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::NoCudaDevice("the NVIDIA driver (libcuda) is not installed".into()));
+            return Err(no_device("the NVIDIA driver (libcuda) is not installed"));
         }
-        let count = CudaContext::device_count().map_err(|e| Error::NoCudaDevice(e.to_string()))?;
+        let count = CudaContext::device_count().map_err(|e| no_device(e.to_string()))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::NoCudaDevice(format!("device {ordinal} requested, {count} present")));
+            return Err(no_device(format!("device {ordinal} requested, {count} present")));
         }
-        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
         // SAFETY: FATBIN is a complete fatbin image that outlives the call; the module is unloaded at once.
         unsafe {
             let module = cudarc::driver::result::module::load_data(FATBIN.as_ptr() as *const c_void)
-                .map_err(|e| Error::Cuda(format!("the embedded kernels do not load on device {ordinal}: {e}")))?;
-            cudarc::driver::result::module::unload(module).map_err(driver)?;
+                .map_err(|e| no_device(format!("the embedded kernels do not load on device {ordinal}: {e}")))?;
+            cudarc::driver::result::module::unload(module).map_err(driver("cuModuleUnload"))?;
         }
         let stream = ctx.default_stream();
         Ok(Device { ctx, stream })
@@ -253,26 +263,26 @@ impl Device {
         if host.is_empty() {
             return self.zeros(0);
         }
-        self.stream.clone_htod(host).map_err(driver)
+        self.stream.clone_htod(host).map_err(driver("cuMemcpyHtoD"))
     }
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(driver)
+        self.stream.clone_dtoh(dev).map_err(driver("cuMemcpyDtoH"))
     }
 
     /// `len` zeros; at least one value, since the driver allocates no empty buffers.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros(len.max(1)).map_err(driver)
+        self.stream.alloc_zeros(len.max(1)).map_err(driver("cuMemAlloc"))
     }
 
     /// Copies `host` to the start of `dst`, enqueued on the stream (e.g. a cache length after prefill).
     pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut impl DevicePtrMut<T>) -> Result<()> {
         expect_len("dst", dst.len(), host.len())?;
-        self.stream.memcpy_htod(host, dst).map_err(driver)
+        self.stream.memcpy_htod(host, dst).map_err(driver("cuMemcpyHtoD"))
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(driver)
+        self.stream.synchronize().map_err(driver("cuStreamSynchronize"))
     }
 
     /// The raw address of a device buffer or view. The guard cudarc returns only records events when
@@ -286,9 +296,9 @@ impl Device {
     }
 
     /// An empty cache of `capacity` entries per KV head (len 0 on the device).
-    pub fn kv_cache<T: Element>(&self, n_kv_heads: usize, capacity: usize, head_dim: usize) -> Result<KvCache<T>> {
+    pub fn kv_cache<T: Element>(&self, n_kv_heads: usize, capacity: usize, head_dim: usize) -> Result<LayerKv<T>> {
         let n = n_kv_heads * capacity;
-        Ok(KvCache {
+        Ok(LayerKv {
             k: self.zeros(n * head_dim)?,
             v: self.zeros(n * head_dim)?,
             pos: self.zeros(n)?,
@@ -610,6 +620,37 @@ impl Device {
         })
     }
 
+    /// RMSNorm in place of the first `heads` segments of `w.len()` values of every row of `x`, rows
+    /// `row_stride` apart: Qwen3's per-head q/k norm on the fused q|k|v rows.
+    pub fn rms_norm_heads_in_place<T: Element>(
+        &self,
+        x: &mut impl DevicePtrMut<T>,
+        row_stride: usize,
+        w: &impl DevicePtr<T>,
+        (rows, heads): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let n = w.len();
+        expect_len("x", x.len(), span(&[(rows, row_stride)], heads * n))?;
+        let p = self.ptr_mut(x);
+        // SAFETY: sizes checked above; the kernel normalises each segment in place.
+        check("fastkv_rms_norm", unsafe {
+            fastkv_rms_norm(
+                p,
+                row_stride as i64,
+                p,
+                row_stride as i64,
+                self.ptr(w),
+                int("rows", rows)?,
+                int("heads", heads)?,
+                int("n", n)?,
+                eps,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
     /// [`Self::rms_norm_into`] of all of `x`, allocating.
     pub fn rms_norm<T: Element>(
         &self,
@@ -749,7 +790,7 @@ impl Device {
     pub fn decode_attention_into<T: Element>(
         &self,
         q: &impl DevicePtr<T>,
-        cache: &KvCache<T>,
+        cache: &LayerKv<T>,
         n_heads: usize,
         window: Option<(usize, CudaView<'_, u32>)>,
         out: &mut impl DevicePtrMut<T>,
@@ -795,7 +836,7 @@ impl Device {
     pub fn decode_attention<T: Element>(
         &self,
         q: &CudaSlice<T>,
-        cache: &KvCache<T>,
+        cache: &LayerKv<T>,
         n_heads: usize,
         window: Option<(usize, CudaView<'_, u32>)>,
     ) -> Result<CudaSlice<T>> {
@@ -911,7 +952,7 @@ impl Device {
         &self,
         qkv: &impl DevicePtr<T>,
         n_heads: usize,
-        cache: &mut KvCache<T>,
+        cache: &mut LayerKv<T>,
         pos: &impl DevicePtr<u32>,
     ) -> Result<()> {
         let (hk, cap, d) = (cache.n_kv_heads, cache.capacity, cache.head_dim);

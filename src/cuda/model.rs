@@ -16,7 +16,7 @@ use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut}
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
-use super::{library, Device, Gather, Keys, KvCache as LayerKv, Prefill as Attend, SlidingWindow};
+use super::{driver, library, Device, LayerKv, Gather, Keys, Prefill as Attend, SlidingWindow};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::prefill::Ops;
@@ -141,10 +141,6 @@ struct DecodeState {
     workspace: CudaSlice<f32>,
     graph: Option<CudaGraph>,
     steps: usize,
-}
-
-fn driver(operation: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Device { backend: "cuda", operation: operation.into(), code: Some(e.0 as i64), message: e.to_string() }
 }
 
 fn cublas(operation: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error + '_ {
@@ -381,11 +377,6 @@ impl Model {
         Ok(())
     }
 
-    /// Wraps prefilled layers into the request's cache.
-    pub fn cache(&self, request: &Request<'_>, layers: Vec<LayerCache>) -> KvCache {
-        KvCache { layers, lane: request.lane.clone(), decode: None }
-    }
-
     /// One decode step: token and position to the device, the step (eager the first time, then
     /// captured once and replayed), and its logits back.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
@@ -482,6 +473,11 @@ fn ptr_mut<T>(dev: &Device, s: &mut impl DevicePtrMut<T>) -> u64 {
 }
 
 impl Request<'_> {
+    /// Wraps prefilled layers into a cache that decodes on this request's lane.
+    pub fn cache(&self, layers: Vec<LayerCache>) -> KvCache {
+        KvCache { layers, lane: self.lane.clone(), decode: None }
+    }
+
     fn dev(&self) -> &Device {
         &self.lane.dev
     }
