@@ -36,6 +36,10 @@ pub enum Error {
 
     #[error("CUDA: {0}")]
     Cuda(String),
+
+    /// A TensorRT library, plugin library or plugin call failed; the message says which and why.
+    #[error("TensorRT: {0}")]
+    TensorRt(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

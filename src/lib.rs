@@ -14,6 +14,8 @@
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
 //! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
+//! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the plugin library
+//!   of plugin/trt/ loaded into its registry, plugins created and inspected.
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
 //!
@@ -46,6 +48,8 @@ pub mod session;
 pub mod spec;
 pub mod tensors;
 pub mod text;
+#[cfg(feature = "tensorrt")]
+pub mod trt;
 
 pub use engine::Engine;
 pub use error::{Error, Result};
