@@ -56,12 +56,12 @@ fn main() {
     for lib in ["static=cudart_static", "stdc++", "dl", "rt", "pthread"] {
         println!("cargo:rustc-link-lib={lib}");
     }
-    if std::env::var_os("CARGO_FEATURE_TENSORRT").is_some() {
-        build_tensorrt(&home, &out, &object);
-    }
+    #[cfg(feature = "tensorrt")]
+    build_tensorrt(&home, &out, &object);
 }
 
-/// The plugin library and the cxx bridge (feature `tensorrt`).
+/// The plugin library and the cxx bridge (feature `tensorrt`; its build-dependencies exist only then).
+#[cfg(feature = "tensorrt")]
 fn build_tensorrt(cuda_home: &Path, out: &Path, kernels: &Path) {
     let trt = tensorrt_headers();
     // The real CUDA headers first: trtx-sys also ships a 4-line cuda_runtime_api.h stand-in.
@@ -111,6 +111,7 @@ fn build_tensorrt(cuda_home: &Path, out: &Path, kernels: &Path) {
 }
 
 /// `<CUDA_HOME>/lib(64)/libcudart_static.a`.
+#[cfg(feature = "tensorrt")]
 fn cudart_static(home: &Path) -> PathBuf {
     ["lib", "lib64"]
         .iter()
@@ -120,6 +121,7 @@ fn cudart_static(home: &Path) -> PathBuf {
 }
 
 /// The folder holding NvInferRuntime.h: `$TENSORRT_ROOT/include`, else trtx-sys's TensorRT 11.4 headers.
+#[cfg(feature = "tensorrt")]
 fn tensorrt_headers() -> PathBuf {
     if let Some(root) = std::env::var_os("TENSORRT_ROOT") {
         let dir = PathBuf::from(root).join("include");
