@@ -29,6 +29,9 @@ fn main() {
         )
     });
     let home = nvcc.parent().and_then(Path::parent).expect("nvcc lives in <CUDA_HOME>/bin").to_path_buf();
+    // Before the slow nvcc step, so a missing TensorRT header set fails at once.
+    #[cfg(feature = "tensorrt")]
+    let trt_headers = tensorrt_headers();
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let keep = out.join("nvcc");
     std::fs::create_dir_all(&keep).expect("create $OUT_DIR/nvcc");
@@ -57,15 +60,14 @@ fn main() {
         println!("cargo:rustc-link-lib={lib}");
     }
     #[cfg(feature = "tensorrt")]
-    build_tensorrt(&home, &out, &object);
+    build_tensorrt(&home, &trt_headers, &out, &object);
 }
 
 /// The plugin library and the cxx bridge (feature `tensorrt`; its build-dependencies exist only then).
 #[cfg(feature = "tensorrt")]
-fn build_tensorrt(cuda_home: &Path, out: &Path, kernels: &Path) {
-    let trt = tensorrt_headers();
+fn build_tensorrt(cuda_home: &Path, trt_headers: &Path, out: &Path, kernels: &Path) {
     // The real CUDA headers first: trtx-sys also ships a 4-line cuda_runtime_api.h stand-in.
-    let includes = [cuda_home.join("include"), trt];
+    let includes = [cuda_home.join("include"), trt_headers.to_path_buf()];
     let system_includes = includes.iter().flat_map(|dir| ["-isystem".into(), dir.clone().into_os_string()]);
     let cxx = std::env::var_os("CXX").unwrap_or_else(|| "c++".into());
     let dir = out.join("trt");
@@ -127,7 +129,8 @@ fn tensorrt_headers() -> PathBuf {
         let dir = PathBuf::from(root).join("include");
         assert!(
             dir.join("NvInferRuntime.h").is_file(),
-            "TENSORRT_ROOT is set but {} has no NvInferRuntime.h",
+            "TENSORRT_ROOT is set but {} has no NvInferRuntime.h: point it at a TensorRT 11 SDK, or unset it to use \
+             the headers of the crate trtx-sys",
             dir.display()
         );
         return dir;
