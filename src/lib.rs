@@ -15,6 +15,8 @@
 //!   uses and every accelerator kernel is tested against.
 //! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
 //! - [`onnx`]: the network as ONNX (FastKV steps as TensorRT plugin nodes, or lowered to standard ops).
+//! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the plugin library
+//!   of plugin/trt/ loaded into its registry, plugins created and inspected.
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
 //!
@@ -53,6 +55,8 @@ pub mod spec;
 pub mod tensors;
 pub mod text;
 pub mod tokenizer_info;
+#[cfg(feature = "tensorrt")]
+pub mod trt;
 
 pub use backend::Device;
 pub use engine::Engine;
