@@ -14,7 +14,8 @@ CUDA_HOME=$(scripts/install-cuda-toolchain.sh)
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 FASTKV_TRT_LEAN_LIB=$(scripts/install-trt-lean.sh)
 export FASTKV_TRT_LEAN_LIB
-cargo test --release --locked --workspace --features fastkv/cuda,fastkv/tensorrt
-cargo build --release --locked --workspace --benches --features fastkv/cuda,fastkv/tensorrt
+export FASTKV_FEATURES=fastkv/cuda,fastkv/tensorrt
+cargo test --release --locked --workspace --features "$FASTKV_FEATURES"
+cargo build --release --locked --workspace --benches --features "$FASTKV_FEATURES"
 cargo check --release --locked -p fastkv
 FASTKV_TRITON_CHECKPOINT=target/models/SmolLM2-135M-Instruct.Q4_1.gguf triton/run-tests.sh

@@ -11,7 +11,8 @@ ENGINE=target/engines/triton-$(basename "$CHECKPOINT")
 if [ ! -x "$PY/pytriton/tritonserver/bin/tritonserver" ] || [ ! -d "$PY/tritonclient" ]; then
   python3 -m pip install --quiet --target "$PY" nvidia-pytriton==0.7.0 'tritonclient[http,grpc]==2.73.0'
 fi
-cargo build --release -p fastkv-triton -p fastkv
+# FASTKV_FEATURES (e.g. scripts/test.sh's) builds with the features the tests were built with, not a second time.
+cargo build --release -p fastkv-triton -p fastkv ${FASTKV_FEATURES:+--features "$FASTKV_FEATURES"}
 mkdir -p target/triton-backends/fastkv
 cp target/release/libtriton_fastkv.so target/triton-backends/fastkv/
 target/release/fastkv-build --checkpoint "$CHECKPOINT" --output "$ENGINE" --force >/dev/null

@@ -8,6 +8,7 @@
 //! within a request nothing waits for the host inside a layer (budgets depend only on L), and the
 //! host reads the device only for the logits and, once at ℓ*, the positions TSP kept.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas;
@@ -53,9 +54,9 @@ pub struct Model {
     lm_head: Option<CudaSlice<bf16>>,
     inv_freq: CudaSlice<f32>,
     /// Decode through a captured CUDA graph (`FASTKV_CUDA_GRAPHS=0`: eager launches).
-    graphs: bool,
+    graphs: AtomicBool,
     /// Fence every profiled step (`FASTKV_CUDA_PROFILE=1`), so prefill profiles measure the GPU.
-    profile: bool,
+    profile: AtomicBool,
 }
 
 /// One request's stream and cuBLAS handle, shared by its prefill and every cache it made.
@@ -124,7 +125,7 @@ pub struct LayerCache {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     lane: Arc<Lane>,
-    decode: Option<DecodeState>,
+    decode: Option<Box<DecodeState>>,
 }
 
 /// Buffers of one decode step, allocated once per cache so a captured graph can replay them.
@@ -140,6 +141,8 @@ struct DecodeState {
     logits: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
     graph: Option<CudaGraph>,
+    /// Replay a captured graph from the second step on.
+    graphs: bool,
     steps: usize,
 }
 
@@ -160,7 +163,8 @@ fn upload(dev: &Device, file: &TensorFile, name: &str, shape: &[usize]) -> Resul
         });
     }
     let host: Vec<bf16> = match t.dtype {
-        DType::Bf16 => bytemuck::pod_collect_to_vec(t.bytes),
+        // Engine data is 8-byte aligned: bf16 goes up straight from the mapping.
+        DType::Bf16 => return dev.upload(bytemuck::cast_slice::<u8, bf16>(t.bytes)),
         DType::F16 => {
             let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(t.bytes);
             h.iter().map(|x| bf16::from_f32(x.to_f32())).collect()
@@ -228,8 +232,8 @@ impl Model {
             final_norm: w("final_norm".into(), &[e])?,
             lm_head: (!spec.tie_word_embeddings).then(|| w("lm_head".into(), &[v, e])).transpose()?,
             inv_freq: dev.upload(Rope::new(spec).inv_freq())?,
-            graphs: std::env::var("FASTKV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
-            profile: std::env::var("FASTKV_CUDA_PROFILE").is_ok_and(|v| v == "1"),
+            graphs: AtomicBool::new(std::env::var("FASTKV_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            profile: AtomicBool::new(std::env::var("FASTKV_CUDA_PROFILE").is_ok_and(|v| v == "1")),
             ctx: dev.ctx.clone(),
         };
         dev.synchronize()?;
@@ -238,6 +242,16 @@ impl Model {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// Decode caches made from now on replay a captured graph (`true`, the default) or launch eagerly.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Prefill profiles measure GPU time (a stream sync at every step) or only enqueue time.
+    pub fn set_profile(&self, on: bool) {
+        self.profile.store(on, Ordering::Relaxed);
     }
 
     /// A new request: its own stream and cuBLAS handle (with a fixed workspace, for graph capture).
@@ -392,7 +406,7 @@ impl Model {
         if cache.decode.is_none() {
             let capacity = cache.layers.iter().map(|l| l.kv.capacity).max().unwrap_or(1);
             let (e, inter, hd) = (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim);
-            cache.decode = Some(DecodeState {
+            cache.decode = Some(Box::new(DecodeState {
                 step: dev.zeros(2)?,
                 x: dev.zeros(e)?,
                 h: dev.zeros(e)?,
@@ -403,13 +417,14 @@ impl Model {
                 logits: dev.zeros(s.vocab_size)?,
                 workspace: dev.zeros(super::decode_workspace_len(s.num_heads, capacity, s.head_dim)?)?,
                 graph: None,
+                graphs: self.graphs.load(Ordering::Relaxed),
                 steps: 0,
-            });
+            }));
         }
         let KvCache { layers, decode, .. } = cache;
         let st = decode.as_mut().expect("set above");
         dev.write(&[token, position], &mut st.step)?;
-        let replay = self.graphs && st.steps >= 1;
+        let replay = st.graphs && st.steps >= 1;
         if replay && st.graph.is_none() {
             st.graph = self.capture(&lane, layers, st);
         }
@@ -701,7 +716,7 @@ impl Ops for Request<'_> {
     }
 
     fn fence(&self) -> Result<()> {
-        if self.model.profile {
+        if self.model.profile.load(Ordering::Relaxed) {
             self.dev().synchronize()?;
         }
         Ok(())

@@ -9,8 +9,14 @@ use serde::Deserialize;
 
 pub const FIXTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
+/// The repository: `FASTKV_ROOT` when set (test executables staged for another machine, e.g. by
+/// scripts/gpu-check.sh), else where the tests were built.
+pub fn root() -> PathBuf {
+    std::env::var_os("FASTKV_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    root().join("tests/fixtures").join(name)
 }
 
 /// Builds `checkpoint` into `<tmp>/engine` and returns the temp dir (kept alive by the caller).

@@ -1,0 +1,136 @@
+//! The CUDA engine's speed on a real model's shape: full KV vs FastKV TTFT, prefill FLOP rate, the
+//! selection's share of prefill, and decode tokens/s (CUDA graphs and eager) beside the bandwidth
+//! bound, all in one run on one GPU. Weights are random (`fastkv-build --random-weights`): speed
+//! depends on shapes only.
+//!
+//! `cargo bench --features cuda --bench cuda_engine -- [--preset llama-3.1-8b] [--lengths 32768,131072]
+//!  [--decode-steps 64] [--json FILE]`
+//!
+//! Peaks used for the ratios (H200 SXM): 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e.
+
+use std::time::Instant;
+
+use fastkv::backend::Backend;
+use fastkv::tensors::DType;
+use fastkv::{Device, Engine, Error, Policy};
+use serde_json::json;
+
+const PEAK_FLOPS: f64 = 989e12;
+const PEAK_BYTES: f64 = 4.8e12;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// GEMM + causal attention FLOPs of a prefill where layer l sees `seq[l]` tokens.
+fn flops(engine: &Engine, seq: &[usize]) -> f64 {
+    let s = engine.spec();
+    let (e, h, hk, d, i) = (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size);
+    let linear = 2.0 * (e * (h + 2 * hk) * d + h * d * e + 3 * e * i) as f64;
+    seq.iter().map(|&n| linear * n as f64 + 2.0 * (n as f64).powi(2) * (h * d) as f64).sum()
+}
+
+/// Weight bytes every decode step reads (bf16).
+fn weight_bytes(engine: &Engine) -> f64 {
+    let s = engine.spec();
+    let (e, d, i, v) = (s.hidden_size, s.head_dim, s.intermediate_size, s.vocab_size);
+    let layer = s.qkv_rows() * e + e * s.num_heads * d + 3 * i * e;
+    2.0 * (s.num_layers * layer + v * e) as f64
+}
+
+struct Run {
+    ttft_s: f64,
+    decode_tok_s: f64,
+    seq_lens: Vec<usize>,
+    kv_bytes: usize,
+    selection_s: f64,
+    total_s: f64,
+}
+
+fn run(engine: &Engine, ids: &[u32], policy: &Policy, steps: usize) -> fastkv::Result<Run> {
+    let b = engine.backend();
+    let t = Instant::now();
+    let mut pre = b.prefill(ids, policy, steps)?;
+    let ttft_s = t.elapsed().as_secs_f64();
+    let mut token = fastkv::sampling::argmax(&pre.logits);
+    let t = Instant::now();
+    for step in 0..steps {
+        token = fastkv::sampling::argmax(&b.decode(token, pre.next_position + step as u32, &mut pre.cache)?);
+    }
+    let decode_tok_s = steps as f64 / t.elapsed().as_secs_f64();
+    let p = pre.profile;
+    Ok(Run {
+        ttft_s,
+        decode_tok_s,
+        seq_lens: pre.seq_lens.clone(),
+        kv_bytes: pre.cache.bytes(),
+        selection_s: p.selection_s,
+        total_s: p.projections_s + p.attention_s + p.selection_s,
+    })
+}
+
+fn main() {
+    let preset = arg("--preset").unwrap_or("llama-3.1-8b".into());
+    let lengths: Vec<usize> = arg("--lengths")
+        .unwrap_or("32768,131072".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("--lengths: numbers"))
+        .collect();
+    let steps: usize = arg("--decode-steps").map_or(64, |s| s.parse().expect("--decode-steps: a number"));
+    let dir = std::env::temp_dir().join(format!("fastkv-bench-{preset}"));
+    fastkv::builder::build_random(&preset, 0, DType::Bf16, &dir, true).expect("random-weight engine");
+    let t = Instant::now();
+    let engine = match Engine::open_on(&dir, Device::Cuda(0)) {
+        Ok(e) => e,
+        Err(Error::NoDevice { reason, .. }) => {
+            println!("skipped: no CUDA device ({reason})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let load_s = t.elapsed().as_secs_f64();
+    let Backend::Cuda(model) = engine.backend() else { unreachable!("opened on cuda") };
+    let vocab = engine.spec().vocab_size as u32;
+    let tokens = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| i.wrapping_mul(2654435761) % vocab).collect() };
+    let (full, fastkv) = (engine.full_policy(), engine.default_policy());
+    run(&engine, &tokens(2048), &fastkv, 4).expect("warm-up"); // loads kernels, picks cuBLAS algorithms
+    let mut rows = Vec::new();
+    for &len in &lengths {
+        let ids = tokens(len);
+        let f = run(&engine, &ids, &full, steps).expect("full KV");
+        let k = run(&engine, &ids, &fastkv, steps).expect("FastKV");
+        model.set_graphs(false);
+        let eager = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("eager decode");
+        model.set_graphs(true);
+        let graphs = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("graph decode");
+        model.set_profile(true);
+        let profiled = run(&engine, &ids, &fastkv, 0).expect("profiled FastKV");
+        model.set_profile(false);
+        let n = engine.spec().num_layers;
+        let ideal = flops(&engine, &vec![len; n]) / flops(&engine, &k.seq_lens);
+        let bound = |r: &Run| PEAK_BYTES / (weight_bytes(&engine) + r.kv_bytes as f64);
+        let row = json!({
+            "tokens": len,
+            "full": { "ttft_s": f.ttft_s, "decode_tok_s": f.decode_tok_s, "kv_bytes": f.kv_bytes,
+                      "prefill_tflops": flops(&engine, &f.seq_lens) / f.ttft_s / 1e12,
+                      "prefill_share_of_peak": flops(&engine, &f.seq_lens) / f.ttft_s / PEAK_FLOPS,
+                      "decode_share_of_bandwidth_bound": f.decode_tok_s / bound(&f) },
+            "fastkv": { "ttft_s": k.ttft_s, "decode_tok_s": k.decode_tok_s, "kv_bytes": k.kv_bytes,
+                        "decode_share_of_bandwidth_bound": k.decode_tok_s / bound(&k),
+                        "selection_share_of_prefill": profiled.selection_s / profiled.total_s },
+            "ttft_speedup": f.ttft_s / k.ttft_s,
+            "ideal_flop_ratio": ideal,
+            "decode_speedup": k.decode_tok_s / f.decode_tok_s,
+            "decode_8k_graphs_tok_s": graphs.decode_tok_s,
+            "decode_8k_eager_tok_s": eager.decode_tok_s,
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    let out = json!({ "preset": preset, "load_s": load_s, "decode_steps": steps, "rows": rows });
+    if let Some(path) = arg("--json") {
+        std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).expect("--json: cannot write");
+    }
+    println!("{out}");
+}
