@@ -39,7 +39,7 @@ stage() {
   mkdir -p "$bin"
   cp "$tests" "$bin/cuda-tests" && cp "$engine_tests" "$bin/cuda-engine-tests"
   cp "$kernels" "$bin/kernels-bench" && cp "$engine" "$bin/engine-bench"
-  strip --strip-debug "$bin"/*
+  strip --strip-all "$bin"/*
   ls -l "$bin" >&2
 }
 

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::random_weights::RandomWeights;
 use crate::spec::{Arch, ModelSpec};
-use crate::tokenizer_info::TokenizerInfo;
 use crate::tensors::{self, DType, TensorPlan};
+use crate::tokenizer_info::TokenizerInfo;
 
 pub struct BuildOptions {
     pub checkpoint: PathBuf,
@@ -125,7 +125,8 @@ fn byte_level_tokenizer() -> Result<String> {
     alphabet.sort_unstable();
     let vocab: tokenizers::models::bpe::Vocab =
         alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::default()));
     tok.with_decoder(Some(ByteLevel::default()));

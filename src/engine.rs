@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer_info::TokenizerInfo;
 use crate::backend::{Backend, Device};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
@@ -15,6 +14,7 @@ use crate::random_weights::RandomWeights;
 use crate::spec::ModelSpec;
 use crate::tensors::{DType, TensorFile};
 use crate::text::TextCodec;
+use crate::tokenizer_info::TokenizerInfo;
 
 pub const FORMAT_NAME: &str = "fastkv-engine";
 /// Major versions are incompatible; minor versions only add optional fields.

@@ -6,17 +6,26 @@
 //!
 //! ## Architecture in one page
 //! - [`spec`]: one normalised model description read from any supported HF `config.json`.
-//! - [`checkpoint`] + [`tensors`]: HF checkpoints (sharded safetensors, tokenizer, chat template),
+//! - [`checkpoint`] + [`tensors`] (+ [`gguf`], [`tokenizer_info`]): HF checkpoints and GGUF files,
 //!   validated and mapped onto the engine's fused tensor names.
 //! - [`builder`] (`fastkv-build`): checkpoint → engine directory, atomically; [`engine`]: the
-//!   versioned engine format and [`Engine::open`].
-//! - [`policy`]: full, FastKV or a baseline (fastkv-spec §12), budgets and gates per layer; [`select`]: the host reference of the
+//!   versioned engine format and [`Engine::open_on`]; [`random_weights`]: engines of a real model's
+//!   shape whose weights are generated from a seed when opened.
+//! - [`policy`]: full, FastKV or a baseline (fastkv-spec §12), budgets and gates per layer, and the
+//!   one override rule every front end uses ([`Overrides`]); [`select`]: the host reference of the
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
-//! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls, KV cache).
+//! - **Where TSP is decided**: [`prefill`], the backend-neutral driver — per layer and policy, what is
+//!   cached and which rows propagate — over the operations each backend provides ([`prefill::Ops`]).
+//! - **Where a backend plugs in**: [`backend`] — a [`Device`] (`cpu`, `cuda:N`, `tensorrt:N`), its
+//!   [`backend::Backend`] (the model on it) and [`backend::KvCache`]; the only module naming backends.
+//! - **Where the KV cache lives**: in each backend — [`cpu::kv_cache`] (host, per cache head) and
+//!   `cuda::KvCache` (device, `[Hk, capacity, D]` per layer, decode replayed as a CUDA graph).
+//! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls); `cuda` (feature
+//!   `cuda`): the plugin/ kernels + cuBLAS; [`hostmath`]: the host GEMM both `select` and `cpu` use.
 //! - [`onnx`]: the network as ONNX (FastKV steps as TensorRT plugin nodes, or lowered to standard ops).
-//! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the plugin library
-//!   of plugin/trt/ loaded into its registry, plugins created and inspected.
+//! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the
+//!   plugin library of plugin/trt/ loaded into its registry, plugins created and inspected.
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
 //!

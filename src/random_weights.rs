@@ -41,10 +41,8 @@ impl RandomWeights {
     /// The engine weights of `spec` in `dtype`: matrices uniform with variance 1/cols (so activations
     /// keep their scale through the layers), norm weights 1 ± 0.1, biases ± 0.02.
     pub fn generate(&self, spec: &ModelSpec, dtype: DType) -> Result<TensorFile> {
-        let plan: Vec<TensorPlan> = hf_layout(spec)
-            .into_iter()
-            .map(|t| TensorPlan { name: t.name, dtype, shape: t.shape })
-            .collect();
+        let plan: Vec<TensorPlan> =
+            hf_layout(spec).into_iter().map(|t| TensorPlan { name: t.name, dtype, shape: t.shape }).collect();
         let header = safetensors_header(&plan, &HashMap::new());
         let data_start = 8 + header.len();
         let total = data_start + plan.iter().map(TensorPlan::bytes).sum::<usize>();

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
+use crate::tokenizer_info::TokenizerInfo;
 
 pub struct TextCodec {
     tokenizer: Tokenizer,

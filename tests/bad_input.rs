@@ -250,7 +250,17 @@ fn a_device_this_machine_or_build_lacks_is_one_clear_line() {
     }
     // The CPU backend keeps working in the same build.
     let ok = Command::new(env!("CARGO_BIN_EXE_fastkv"))
-        .args(["run", "--engine", engine.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"])
+        .args([
+            "run",
+            "--engine",
+            engine.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "1",
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));

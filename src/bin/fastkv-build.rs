@@ -77,8 +77,14 @@ fn main() -> ExitCode {
             match fastkv::builder::build_random(preset, args.seed, args.dtype, &output, args.force) {
                 Ok(m) => {
                     if !args.quiet {
-                        println!("built {} ({}, {} layers, random {:?} weights from seed {})", output.display(),
-                            preset, m.model.num_layers, m.dtype, args.seed);
+                        println!(
+                            "built {} ({}, {} layers, random {:?} weights from seed {})",
+                            output.display(),
+                            preset,
+                            m.model.num_layers,
+                            m.dtype,
+                            args.seed
+                        );
                     }
                     output
                 }

@@ -136,12 +136,15 @@ impl Model {
         }
         let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            qkv.par_chunks_mut(width).for_each_init(|| vec![0f32; d], |tmp, row| {
-                for (head, chunk) in row[..(hq + hk) * d].chunks_exact_mut(d).enumerate() {
-                    tmp.copy_from_slice(chunk);
-                    rms_norm_row(tmp, if head < hq { qn } else { kn }, s.rms_norm_eps, chunk);
-                }
-            });
+            qkv.par_chunks_mut(width).for_each_init(
+                || vec![0f32; d],
+                |tmp, row| {
+                    for (head, chunk) in row[..(hq + hk) * d].chunks_exact_mut(d).enumerate() {
+                        tmp.copy_from_slice(chunk);
+                        rms_norm_row(tmp, if head < hq { qn } else { kn }, s.rms_norm_eps, chunk);
+                    }
+                },
+            );
         }
         rope.apply(&mut qkv, width, 0, hq);
         rope.apply(&mut qkv, width, hq * d, hk);

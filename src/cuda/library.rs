@@ -38,7 +38,8 @@ pub fn find(dirs: &[PathBuf]) -> Option<&Path> {
 
 /// The package folders of `python3` (site-packages and its `sys.path`), or none without Python.
 fn python_paths() -> Vec<PathBuf> {
-    let script = "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()] + sys.path))";
+    let script =
+        "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()] + sys.path))";
     Command::new("python3")
         .args(["-c", script])
         .output()
@@ -89,4 +90,51 @@ fn not_found(dirs: &[PathBuf]) -> String {
         LIBRARIES.join(", "),
         if searched.is_empty() { "(no folders)".to_string() } else { searched.join(", ") }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_order_is_env_then_cuda_home_then_python_wheels() {
+        let env = |k: &str| match k {
+            DIR_VAR => Some("/opt/cublas".to_string()),
+            "CUDA_HOME" => Some("/usr/local/cuda".to_string()),
+            _ => None,
+        };
+        let dirs = search_dirs(env, &[PathBuf::from("/site")]);
+        let expect = [
+            "/opt/cublas",
+            "/usr/local/cuda/lib64",
+            "/usr/local/cuda/lib",
+            "/site/nvidia/cu13/lib",
+            "/site/nvidia/cublas/lib",
+        ];
+        assert_eq!(dirs, expect.map(PathBuf::from));
+        assert!(search_dirs(|_| None, &[]).is_empty());
+    }
+
+    #[test]
+    fn the_first_folder_with_every_library_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (partial, complete, later) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        for dir in [&partial, &complete, &later] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        std::fs::write(partial.join(LIBRARIES[1]), b"").unwrap();
+        for lib in LIBRARIES {
+            std::fs::write(complete.join(lib), b"").unwrap();
+            std::fs::write(later.join(lib), b"").unwrap();
+        }
+        let dirs = [tmp.path().join("missing"), partial, complete.clone(), later];
+        assert_eq!(find(&dirs), Some(complete.as_path()));
+        assert_eq!(find(&dirs[..2]), None);
+    }
+
+    #[test]
+    fn not_found_names_every_folder_and_the_way_out() {
+        let msg = not_found(&[PathBuf::from("/a/lib64"), PathBuf::from("/b")]);
+        assert!(msg.contains("/a/lib64, /b") && msg.contains(DIR_VAR) && msg.contains("libcublas.so.13"), "{msg}");
+    }
 }

@@ -181,7 +181,12 @@ pub struct Gather {
 
 /// A failed driver call as the library's device error.
 pub(crate) fn driver(operation: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Device { backend: "cuda", operation: operation.into(), code: Some(e.0 as i64), message: e.to_string() }
+    move |e| Error::Device {
+        backend: "cuda",
+        operation: operation.into(),
+        code: Some(e.0 as i64),
+        message: e.to_string(),
+    }
 }
 
 fn no_device(reason: impl Into<String>) -> Error {

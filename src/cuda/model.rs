@@ -17,7 +17,7 @@ use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut}
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
-use super::{driver, library, Device, LayerKv, Gather, Keys, Prefill as Attend, SlidingWindow};
+use super::{driver, library, Device, Gather, Keys, LayerKv, Prefill as Attend, SlidingWindow};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::prefill::Ops;
@@ -147,7 +147,12 @@ struct DecodeState {
 }
 
 fn cublas(operation: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error + '_ {
-    move |e| Error::Device { backend: "cuda", operation: operation.into(), code: Some(e.0 as i64), message: e.to_string() }
+    move |e| Error::Device {
+        backend: "cuda",
+        operation: operation.into(),
+        code: Some(e.0 as i64),
+        message: e.to_string(),
+    }
 }
 
 /// A tensor of the engine as bf16 (f32 and f16 weights are converted on the host, chunk by chunk).
@@ -339,7 +344,14 @@ impl Model {
 
     /// The decoder layer after attention: `x += o·Woᵀ; x += down(swiglu(gate_up(RMSNorm(x))))` on
     /// `rows` rows, the MLP in chunks of [`MLP_CHUNK`] rows whose buffers are `h`, `gu`, `act`.
-    fn output_and_mlp_rows(&self, lane: &Lane, layer: &Layer, x: &mut CudaSlice<f32>, o: &CudaSlice<bf16>, rows: usize) -> Result<()> {
+    fn output_and_mlp_rows(
+        &self,
+        lane: &Lane,
+        layer: &Layer,
+        x: &mut CudaSlice<f32>,
+        o: &CudaSlice<bf16>,
+        rows: usize,
+    ) -> Result<()> {
         let s = &self.spec;
         let (e, inter, hd) = (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim);
         let dev = &lane.dev;
@@ -398,7 +410,10 @@ impl Model {
         if let Some(full) = cache.layers.iter().position(|l| l.len >= l.kv.capacity) {
             return Err(Error::invalid(
                 "max_new_tokens",
-                format!("layer {full}'s KV cache is full ({} entries): more tokens than were reserved", cache.layers[full].len),
+                format!(
+                    "layer {full}'s KV cache is full ({} entries): more tokens than were reserved",
+                    cache.layers[full].len
+                ),
             ));
         }
         let lane = cache.lane.clone();
@@ -446,7 +461,11 @@ impl Model {
         match (enqueued, graph) {
             (Ok(()), Ok(Some(g))) => Some(g),
             (e, g) => {
-                eprintln!("fastkv: CUDA graph capture failed ({:?}, {:?}); decoding with eager launches", e.err(), g.err());
+                eprintln!(
+                    "fastkv: CUDA graph capture failed ({:?}, {:?}); decoding with eager launches",
+                    e.err(),
+                    g.err()
+                );
                 None
             }
         }
@@ -469,7 +488,17 @@ impl Model {
             let xp = ptr_mut(dev, x);
             self.gemm(lane, ptr(dev, o), 1, &layer.wo, e, hq * d, xp, true, true)?;
             dev.rms_norm_f32_into(x, &layer.mlp_norm, 1, s.rms_norm_eps as f32, h)?;
-            self.gemm(lane, ptr(dev, h), 1, &layer.w_gate_up, 2 * s.intermediate_size, e, ptr_mut(dev, gate_up), false, false)?;
+            self.gemm(
+                lane,
+                ptr(dev, h),
+                1,
+                &layer.w_gate_up,
+                2 * s.intermediate_size,
+                e,
+                ptr_mut(dev, gate_up),
+                false,
+                false,
+            )?;
             dev.swiglu_into(gate_up, 1, s.intermediate_size, act)?;
             self.gemm(lane, ptr(dev, act), 1, &layer.w_down, e, s.intermediate_size, xp, true, true)?;
         }
@@ -565,7 +594,10 @@ impl Ops for Request<'_> {
         let e = self.model.spec.hidden_size;
         if last_row_only && x.rows > 1 {
             let mut last = self.dev().zeros::<f32>(e)?;
-            self.dev().stream.memcpy_dtod(&x.x.slice((x.rows - 1) * e..x.rows * e), &mut last).map_err(driver("cuMemcpyDtoD"))?;
+            self.dev()
+                .stream
+                .memcpy_dtod(&x.x.slice((x.rows - 1) * e..x.rows * e), &mut last)
+                .map_err(driver("cuMemcpyDtoD"))?;
             *x = Hidden { x: last, rows: 1 };
         }
         self.model.output_and_mlp_rows(&self.lane, &self.model.layers[layer], &mut x.x, &o.o, x.rows)
@@ -594,7 +626,14 @@ impl Ops for Request<'_> {
         let n = seq - w;
         let mut window = dev.zeros::<f32>(hq * n)?;
         match &attention.lse {
-            Some(lse) => dev.window_scores_into(&q_window, &keys, Some(lse.slice(n..)), &shape, &mut dev.zeros::<f32>(1)?, &mut window)?,
+            Some(lse) => dev.window_scores_into(
+                &q_window,
+                &keys,
+                Some(lse.slice(n..)),
+                &shape,
+                &mut dev.zeros::<f32>(1)?,
+                &mut window,
+            )?,
             None => {
                 let mut workspace = dev.zeros::<f32>(super::window_scores_workspace_len(&shape)?)?;
                 dev.window_scores_into(&q_window, &keys, None, &shape, &mut workspace, &mut window)?
@@ -609,7 +648,10 @@ impl Ops for Request<'_> {
         let hk = self.model.spec.num_kv_heads;
         let n = scores.seq - window;
         let k = budget.checked_sub(window).filter(|&k| k <= n).ok_or_else(|| {
-            Error::invalid("kv_budget", format!("{budget} must lie between the window ({window}) and the sequence ({})", scores.seq))
+            Error::invalid(
+                "kv_budget",
+                format!("{budget} must lie between the window ({window}) and the sequence ({})", scores.seq),
+            )
         })?;
         let mut idx = self.dev().zeros::<u32>(hk * budget)?;
         self.dev().top_k_into(&scores.a, (hk, n), k, window, &mut idx)?;
@@ -620,7 +662,10 @@ impl Ops for Request<'_> {
         let hk = self.model.spec.num_kv_heads;
         let n = scores.seq - window;
         let k = tsp_len.checked_sub(window).filter(|&k| k <= n).ok_or_else(|| {
-            Error::invalid("tsp_len", format!("{tsp_len} must lie between the window ({window}) and the sequence ({})", scores.seq))
+            Error::invalid(
+                "tsp_len",
+                format!("{tsp_len} must lie between the window ({window}) and the sequence ({})", scores.seq),
+            )
         })?;
         let dev = self.dev();
         let mut total = dev.zeros::<f32>(n)?;

@@ -8,10 +8,10 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
 use crate::spec::{Arch, ModelSpec, RopeScaling};
 use crate::tensors::{DType, Tensor};
+use crate::tokenizer_info::TokenizerInfo;
 
 pub use reader::{GgufFile, TensorInfo, Value};
 

@@ -5,8 +5,8 @@
 use serde_json::{json, Value as Json};
 
 use super::reader::{GgufFile, Value};
-use crate::tokenizer_info::TokenizerInfo;
 use crate::error::{Error, Result};
+use crate::tokenizer_info::TokenizerInfo;
 
 /// llama.cpp's token types (`enum llama_token_type`).
 const CONTROL: i64 = 3;

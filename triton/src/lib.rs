@@ -46,8 +46,8 @@ impl ModelState {
         let device = device(&info.config)?;
         let engine_path = param("engine_path").ok_or("parameter engine_path is missing from config.pbtxt")?;
         let engine_dir = info.dir.join(engine_path);
-        let engine =
-            Engine::open_on(&engine_dir, device).map_err(|e| format!("engine {} on {device}: {e}", engine_dir.display()))?;
+        let engine = Engine::open_on(&engine_dir, device)
+            .map_err(|e| format!("engine {} on {device}: {e}", engine_dir.display()))?;
         let policy = params::apply(&params::overrides_from_config(&info.config)?, engine.default_policy(), &engine)
             .map_err(|e| format!("default compression policy: {e}"))?;
         let workers = match param("max_concurrency") {
