@@ -604,25 +604,11 @@ impl Device {
         eps: f32,
         out: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let (n, width) = (w.len(), w.len() * heads);
+        let width = w.len() * heads;
         expect_len("x", x.len(), rows * width)?;
         expect_len("out", out.len(), rows * width)?;
-        // SAFETY: sizes checked above.
-        check("fastkv_rms_norm", unsafe {
-            fastkv_rms_norm(
-                self.ptr(x),
-                width as i64,
-                self.ptr_mut(out),
-                width as i64,
-                self.ptr(w),
-                int("rows", rows)?,
-                int("heads", heads)?,
-                int("n", n)?,
-                eps,
-                T::DTYPE,
-                self.raw(),
-            )
-        })
+        // SAFETY: both buffers hold rows × width values.
+        unsafe { self.rms_norm_rows::<T>((self.ptr(x), self.ptr_mut(out), width), w, (rows, heads), eps) }
     }
 
     /// RMSNorm in place of the first `heads` segments of `w.len()` values of every row of `x`, rows
@@ -635,16 +621,30 @@ impl Device {
         (rows, heads): (usize, usize),
         eps: f32,
     ) -> Result<()> {
-        let n = w.len();
-        expect_len("x", x.len(), span(&[(rows, row_stride)], heads * n))?;
+        expect_len("x", x.len(), span(&[(rows, row_stride)], heads * w.len()))?;
         let p = self.ptr_mut(x);
-        // SAFETY: sizes checked above; the kernel normalises each segment in place.
+        // SAFETY: x spans the rows; the kernel normalises each segment in place.
+        unsafe { self.rms_norm_rows::<T>((p, p, row_stride), w, (rows, heads), eps) }
+    }
+
+    /// `fastkv_rms_norm` from `x` to `out`, both with rows `stride` apart.
+    ///
+    /// # Safety
+    /// Both pointers must address `rows` rows of `heads · w.len()` values, `stride` apart.
+    unsafe fn rms_norm_rows<T: Element>(
+        &self,
+        (x, out, stride): (u64, u64, usize),
+        w: &impl DevicePtr<T>,
+        (rows, heads): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let n = w.len();
         check("fastkv_rms_norm", unsafe {
             fastkv_rms_norm(
-                p,
-                row_stride as i64,
-                p,
-                row_stride as i64,
+                x,
+                stride as i64,
+                out,
+                stride as i64,
                 self.ptr(w),
                 int("rows", rows)?,
                 int("heads", heads)?,

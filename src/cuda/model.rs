@@ -508,6 +508,14 @@ impl Model {
     }
 }
 
+/// The scored entries of a selection of `count` rows (window included) from `seq`: `count − W`,
+/// which must fit between 0 and the `seq − W` candidates.
+fn scored(count: usize, window: usize, seq: usize, field: &'static str) -> Result<usize> {
+    count.checked_sub(window).filter(|&k| k <= seq.saturating_sub(window)).ok_or_else(|| {
+        Error::invalid(field, format!("{count} must lie between the window ({window}) and the sequence ({seq})"))
+    })
+}
+
 fn ptr<T>(dev: &Device, s: &impl DevicePtr<T>) -> u64 {
     s.device_ptr(&dev.stream).0
 }
@@ -647,12 +655,7 @@ impl Ops for Request<'_> {
     fn kv_keep(&self, scores: &Scores, budget: usize, window: usize) -> Result<Keep> {
         let hk = self.model.spec.num_kv_heads;
         let n = scores.seq - window;
-        let k = budget.checked_sub(window).filter(|&k| k <= n).ok_or_else(|| {
-            Error::invalid(
-                "kv_budget",
-                format!("{budget} must lie between the window ({window}) and the sequence ({})", scores.seq),
-            )
-        })?;
+        let k = scored(budget, window, scores.seq, "kv_budget")?;
         let mut idx = self.dev().zeros::<u32>(hk * budget)?;
         self.dev().top_k_into(&scores.a, (hk, n), k, window, &mut idx)?;
         Ok(Keep { idx, count: budget })
@@ -661,12 +664,7 @@ impl Ops for Request<'_> {
     fn tsp_rows(&self, scores: &Scores, tsp_len: usize, window: usize) -> Result<Rows> {
         let hk = self.model.spec.num_kv_heads;
         let n = scores.seq - window;
-        let k = tsp_len.checked_sub(window).filter(|&k| k <= n).ok_or_else(|| {
-            Error::invalid(
-                "tsp_len",
-                format!("{tsp_len} must lie between the window ({window}) and the sequence ({})", scores.seq),
-            )
-        })?;
+        let k = scored(tsp_len, window, scores.seq, "tsp_len")?;
         let dev = self.dev();
         let mut total = dev.zeros::<f32>(n)?;
         dev.sum_heads_into(&scores.a, hk, n, &mut total)?;

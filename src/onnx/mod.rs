@@ -40,7 +40,7 @@ pub mod ops {
     pub const WINDOW_SCORES: &str = "FastKVWindowScores";
     /// `(scores [rows, n])` → `indices [rows, k+W]` int64: the top k = clamp(⌊S·num/den⌋, W, S) − W
     /// (S = n + W) of each row, ties to the lower index, ascending, then the window n..n+W−1.
-    /// Attributes: num, den, window.
+    /// Attributes: rate_num, rate_den (num, den), window — the plugin's field names.
     pub const TOP_K: &str = "FastKVTopK";
     /// `(src [B, R, E], idx [B, K] int64)` → `dst [B, K, E]`, `dst[b, r, :] = src[b, idx[b, r], :]`.
     pub const GATHER: &str = "FastKVGather";
@@ -123,7 +123,9 @@ impl FastKvOp {
                 attr("kernel", n(kernel)),
                 attr("pool", pool as i64),
             ],
-            FastKvOp::TopK { num, den, window } => vec![attr("num", num), attr("den", den), attr("window", n(window))],
+            FastKvOp::TopK { num, den, window } => {
+                vec![attr("rate_num", num), attr("rate_den", den), attr("window", n(window))]
+            }
             FastKvOp::Gather => Vec::new(),
             FastKvOp::Attention { n_heads, n_kv_heads, head_dim, mode, sliding_window } => vec![
                 attr("n_heads", n(n_heads)),
