@@ -46,6 +46,9 @@ pub trait Ops {
     const HOST_SELECTION: bool;
 
     fn spec(&self) -> &ModelSpec;
+    /// Called before anything is allocated, with the prompt length and the KV entries per KV head
+    /// (over every layer and policy) the caches will hold at most: a device checks they fit.
+    fn reserve(&self, prompt_len: usize, cache_entries: usize) -> Result<()>;
     fn embed(&self, tokens: &[u32]) -> Result<Self::Hidden>;
     fn positions(&self, positions: &[u32]) -> Result<Self::Positions>;
     /// RMSNorm, the q|k|v projection (+ bias, q/k norm) and RoPE at the rows' positions.
@@ -154,6 +157,8 @@ pub fn prefill_many<O: Ops>(
         let k = p.kv_budget(0, tokens.len()).max(1);
         (p.method == Method::Gemfilter && k < tokens.len()).then_some(k)
     };
+    let entries: usize = policies.iter().map(|p| planned_cache_entries(ops.spec(), p, tokens.len(), reserve)).sum();
+    ops.reserve(tokens.len(), entries)?;
     let runs = policies.iter().map(|p| PolicyRun::new(p, filter_k(p))).collect();
     let ends = run_layers(ops, tokens, runs, reserve)?;
     ends.into_iter()
@@ -171,6 +176,24 @@ pub fn prefill_many<O: Ops>(
             }
         })
         .collect()
+}
+
+/// The KV entries per KV head `policy`'s caches hold at most over all layers of a `prompt_len`
+/// prompt with room for `reserve` more tokens: its plan's budgets, the sequence shrinking to T after a
+/// TSP layer (an upper bound for the methods that shrink it otherwise).
+fn planned_cache_entries(spec: &ModelSpec, policy: &Policy, prompt_len: usize, reserve: usize) -> usize {
+    let n = spec.num_layers;
+    let mut seq = prompt_len;
+    (0..n)
+        .map(|l| {
+            let plan = policy.plan(l, n, prompt_len, seq);
+            let kept = plan.kv_budget.unwrap_or(seq).min(seq);
+            if let Some(t) = plan.tsp_len.filter(|_| l + 1 < n) {
+                seq = t;
+            }
+            kept + reserve
+        })
+        .sum()
 }
 
 /// One policy's progress through the layers.
@@ -441,4 +464,24 @@ fn gemfilter_select(spec: &ModelSpec, q: &[f32], keys: &[f32], seq: usize, k: us
     let invalid = |e: select::SelectError| Error::invalid("kv_budget", e.to_string());
     let raw = select::last_query_scores(&q[(seq - 1) * hq * d..], keys, &shape).map_err(invalid)?;
     select::gemfilter_indices(&raw, hq, seq, k).map_err(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Budget;
+
+    #[test]
+    fn planned_cache_entries_follow_the_budgets_and_tsp() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/config.json");
+        let spec = ModelSpec::from_hf_config(&path).unwrap(); // 4 layers
+        let fastkv = Policy { tsp_layer: 1, ..Policy::fastkv_default(&spec) }; // t = 0.2, r = 0.1
+        // Layers 0–1: C = 100 of L = 1000; TSP keeps T = 200; layers 2–3: C = ⌊200 · 0.1/0.2⌋ = 100.
+        assert_eq!(planned_cache_entries(&spec, &fastkv, 1000, 5), 4 * (100 + 5));
+        let full = Policy { method: Method::Full, ..fastkv };
+        assert_eq!(planned_cache_entries(&spec, &full, 1000, 5), 4 * (1000 + 5));
+        // A prompt shorter than the budget keeps everything (spec §8.1).
+        let absolute = Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 16 }, ..fastkv };
+        assert_eq!(planned_cache_entries(&spec, &absolute, 40, 0), 4 * 40);
+    }
 }

@@ -274,18 +274,24 @@ impl Model {
         Ok(Request { model: self, lane: Arc::new(Lane { dev, blas, _workspace: workspace }) })
     }
 
-    /// Bytes a cache for `prefill` rows per layer plus `reserve` tokens needs, checked against free memory.
-    fn check_cache_fits(&self, entries: usize) -> Result<()> {
+    /// Checks that a prefill of `prompt_len` tokens whose caches hold `cache_entries` entries per KV
+    /// head fits in free device memory: the caches, and the largest layer's activations.
+    fn check_fits(&self, prompt_len: usize, cache_entries: usize) -> Result<()> {
         let s = &self.spec;
-        let bytes = entries * s.num_kv_heads * (2 * s.head_dim * 2 + 4);
+        let (e, hd, i) = (s.hidden_size, s.num_heads * s.head_dim, s.intermediate_size);
+        let cache = cache_entries * s.num_kv_heads * (2 * 2 * s.head_dim + 4);
+        let per_row = 2 * s.qkv_rows() + 2 * 4 * e + 2 * e + 2 * hd + 4 * s.num_heads;
+        let activations = prompt_len * per_row + prompt_len.min(MLP_CHUNK) * (2 * e + 6 * i);
+        let needed = cache + activations;
         let (free, _) = self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
-        if bytes > free {
+        if needed > free {
             return Err(Error::NoDevice {
                 backend: "cuda",
                 reason: format!(
-                    "the KV cache needs {:.2} GB and GPU {} has {:.2} GB free: shorten the prompt or max_new_tokens, \
-                     or lower the retain rate",
-                    bytes as f64 / 1e9,
+                    "this request needs {:.2} GB ({:.2} GB of KV cache) and GPU {} has {:.2} GB free: shorten the \
+                     prompt or max_new_tokens, or lower the retain rate",
+                    needed as f64 / 1e9,
+                    cache as f64 / 1e9,
                     self.ordinal,
                     free as f64 / 1e9
                 ),
@@ -558,6 +564,10 @@ impl Ops for Request<'_> {
         &self.model.spec
     }
 
+    fn reserve(&self, prompt_len: usize, cache_entries: usize) -> Result<()> {
+        self.model.check_fits(prompt_len, cache_entries)
+    }
+
     fn embed(&self, tokens: &[u32]) -> Result<Hidden> {
         let e = self.model.spec.hidden_size;
         let ids = self.dev().upload(tokens)?;
@@ -707,7 +717,6 @@ impl Ops for Request<'_> {
             }
         };
         let capacity = count + reserve;
-        self.model.check_cache_fits(s.num_layers * capacity)?;
         let mut kv = dev.kv_cache::<bf16>(hk, capacity, d)?;
         let rows = |row, src_batch, src_row| Gather {
             batches: hk,

@@ -207,8 +207,8 @@ class Server(unittest.TestCase):
             ({"text_input": too_long, "max_tokens": 4}, "takes at most"),
             ({"text_input": "hi", "max_tokens": -1}, "max_tokens: -1"),
             ({"text_input": "hi", "method": "bogus"}, 'unknown compression method "bogus"'),
-            ({"text_input": "hi", "tsp_rate": 2.0}, "tsp-rate"),
-            ({"text_input": "hi", "top_p": 0.0}, "top-p"),
+            ({"text_input": "hi", "tsp_rate": 2.0}, "invalid tsp_rate"),  # the library's field name, not a CLI flag
+            ({"text_input": "hi", "top_p": 0.0}, "invalid top_p"),
             ({"text_input": "hi", "seed": -3}, "seed"),
         ]
         for body, needle in cases:
