@@ -476,7 +476,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/config.json");
         let spec = ModelSpec::from_hf_config(&path).unwrap(); // 4 layers
         let fastkv = Policy { tsp_layer: 1, ..Policy::fastkv_default(&spec) }; // t = 0.2, r = 0.1
-        // Layers 0–1: C = 100 of L = 1000; TSP keeps T = 200; layers 2–3: C = ⌊200 · 0.1/0.2⌋ = 100.
+                                                                               // Layers 0–1: C = 100 of L = 1000; TSP keeps T = 200; layers 2–3: C = ⌊200 · 0.1/0.2⌋ = 100.
         assert_eq!(planned_cache_entries(&spec, &fastkv, 1000, 5), 4 * (100 + 5));
         let full = Policy { method: Method::Full, ..fastkv };
         assert_eq!(planned_cache_entries(&spec, &full, 1000, 5), 4 * (1000 + 5));

@@ -137,6 +137,33 @@ impl TensorFile {
         Ok(Tensor { dtype, shape: &info.shape, bytes: &self.mmap[self.data_start + begin..self.data_start + end] })
     }
 
+    /// The tensor called `name`, which must have `shape` (else an error naming both shapes).
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor<'_>> {
+        let t = self.get(name)?;
+        self.check_shape(name, t.shape, shape)?;
+        Ok(t)
+    }
+
+    /// [`TensorFile::mapped`] of a tensor that must have `shape`.
+    pub fn mapped_shaped(&self, name: &str, shape: &[usize]) -> Result<MappedTensor> {
+        let t = self.mapped(name)?;
+        self.check_shape(name, &t.shape, shape)?;
+        Ok(t)
+    }
+
+    fn check_shape(&self, name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+        if actual == expected {
+            return Ok(());
+        }
+        Err(Error::TensorMismatch {
+            path: self.path.clone(),
+            name: name.into(),
+            what: "shape",
+            expected: format!("{expected:?}"),
+            actual: format!("{actual:?}"),
+        })
+    }
+
     /// A tensor as a shared mapping plus byte range, for views that outlive this borrow.
     pub fn mapped(&self, name: &str) -> Result<MappedTensor> {
         let t = self.get(name)?;

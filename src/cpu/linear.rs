@@ -37,16 +37,7 @@ enum Rows<'a> {
 impl Linear {
     /// Maps tensor `name`, checking it is `[rows, cols]` and aligned for its dtype.
     pub fn load(file: &TensorFile, name: &str, rows: usize, cols: usize) -> Result<Self> {
-        let weights = file.mapped(name)?;
-        if weights.shape != [rows, cols] {
-            return Err(Error::TensorMismatch {
-                path: file.path().into(),
-                name: name.into(),
-                what: "shape",
-                expected: format!("[{rows}, {cols}]"),
-                actual: format!("{:?}", weights.shape),
-            });
-        }
+        let weights = file.mapped_shaped(name, &[rows, cols])?;
         if (weights.mmap.as_ptr() as usize + weights.range.start) % weights.dtype.size() != 0 {
             return Err(Error::bad_file(file.path(), format!("tensor `{name}` is not aligned; rebuild the engine")));
         }

@@ -59,16 +59,7 @@ impl KvCache {
 }
 
 fn vector(file: &TensorFile, name: &str, len: usize) -> Result<Vec<f32>> {
-    let t = file.get(name)?;
-    if t.shape != [len] {
-        return Err(Error::TensorMismatch {
-            path: file.path().into(),
-            name: name.into(),
-            what: "shape",
-            expected: format!("[{len}]"),
-            actual: format!("{:?}", t.shape),
-        });
-    }
+    let t = file.get_shaped(name, &[len])?;
     let mut v = vec![0.0; len];
     t.to_f32(&mut v);
     Ok(v)

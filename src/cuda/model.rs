@@ -157,16 +157,7 @@ fn cublas(operation: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Er
 
 /// A tensor of the engine as bf16 (f32 and f16 weights are converted on the host, chunk by chunk).
 fn upload(dev: &Device, file: &TensorFile, name: &str, shape: &[usize]) -> Result<CudaSlice<bf16>> {
-    let t = file.get(name)?;
-    if t.shape != shape {
-        return Err(Error::TensorMismatch {
-            path: file.path().into(),
-            name: name.into(),
-            what: "shape",
-            expected: format!("{shape:?}"),
-            actual: format!("{:?}", t.shape),
-        });
-    }
+    let t = file.get_shaped(name, shape)?;
     let host: Vec<bf16> = match t.dtype {
         // Engine data is 8-byte aligned: bf16 goes up straight from the mapping.
         DType::Bf16 => return dev.upload(bytemuck::cast_slice::<u8, bf16>(t.bytes)),

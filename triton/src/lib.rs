@@ -265,3 +265,24 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
     }
     std::ptr::null_mut()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_comes_from_the_parameter_else_the_instance_group() {
+        let config = |device: &str, kind: &str| {
+            serde_json::json!({
+                "parameters": { "device": { "string_value": device } },
+                "instance_group": [{ "kind": kind, "count": 1, "gpus": [2] }],
+            })
+        };
+        assert_eq!(device(&config("cuda:1", "KIND_CPU")), Ok(Device::Cuda(1)));
+        assert_eq!(device(&config("", "KIND_GPU")), Ok(Device::Cuda(2)));
+        assert_eq!(device(&config("", "KIND_CPU")), Ok(Device::Cpu));
+        assert_eq!(device(&serde_json::json!({})), Ok(Device::Cpu));
+        let err = device(&config("gpu", "KIND_CPU")).unwrap_err();
+        assert!(err.contains("parameter device") && err.contains("cuda:N"), "{err}");
+    }
+}
