@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use common::*;
 use fastkv::engine::Manifest;
 use fastkv::onnx::export::{export, GRAPHS};
-use fastkv::onnx::proto::{ModelProto, NodeProto, ATTR_INT};
+use fastkv::onnx::proto::{GraphProto, ModelProto, NodeProto, ATTR_INT};
 use fastkv::onnx::{Flavour, DOMAIN};
 use fastkv::select::Pool;
 use fastkv::tensors::DType;
@@ -147,57 +147,56 @@ fn read_model(path: &Path) -> ModelProto {
     ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap()
 }
 
-/// Checks that `reference` is `plugin` with every FastKV node replaced by standard nodes in its
-/// scope (`<node name>/…`) that read only that node's inputs and their own constants and produce
-/// its outputs; returns the FastKV op types seen.
+/// The nodes of FastKV step `p` in `graph`: `p` itself (the plugin flavour's custom node) and every
+/// node in its scope (`<p>/…`: the plugin's adapters, or the reference lowering).
+fn step_nodes<'g>(graph: &'g GraphProto, p: &NodeProto) -> Vec<&'g NodeProto> {
+    let scope = format!("{}/", p.name);
+    graph.node.iter().filter(|n| n.name == p.name || n.name.starts_with(&scope)).collect()
+}
+
+/// What the nodes `step` of `graph` read from outside themselves (their own constants aside), and
+/// what they produce for the rest of the graph.
+fn step_io(graph: &GraphProto, p: &NodeProto, step: &[&NodeProto]) -> (HashSet<String>, HashSet<String>) {
+    let produced: HashSet<&str> = step.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+    let names: HashSet<&str> = step.iter().map(|n| n.name.as_str()).collect();
+    let own_constant =
+        |v: &str| v.starts_with(&format!("{}/", p.name)) && graph.initializer.iter().any(|t| t.name == v);
+    let inputs = step.iter().flat_map(|n| &n.input).filter(|v| !produced.contains(v.as_str()) && !own_constant(v));
+    let read_outside = graph.node.iter().filter(|n| !names.contains(n.name.as_str())).flat_map(|n| &n.input);
+    let graph_outputs = graph.output.iter().map(|o| &o.name);
+    let outputs = read_outside.chain(graph_outputs).filter(|v| produced.contains(v.as_str()));
+    (inputs.cloned().collect(), outputs.cloned().collect())
+}
+
+/// Checks that `reference` is `plugin` with every FastKV step (custom node and its adapters) replaced
+/// by standard nodes in the custom node's scope (`<node name>/…`) that read only the step's inputs
+/// and their own constants and produce the step's outputs; returns the FastKV op types seen.
 fn only_fastkv_nodes_differ(plugin: &ModelProto, reference: &ModelProto) -> HashSet<String> {
     let (pg, rg) = (plugin.graph.as_ref().unwrap(), reference.graph.as_ref().unwrap());
     assert_eq!(pg.input, rg.input);
     assert_eq!(pg.output, rg.output);
     let ref_nodes: HashMap<&str, &NodeProto> = rg.node.iter().map(|n| (n.name.as_str(), n)).collect();
     assert_eq!(ref_nodes.len(), rg.node.len(), "node names are unique");
-    let (plugins, standard): (Vec<&NodeProto>, Vec<&NodeProto>) = pg.node.iter().partition(|n| n.domain == DOMAIN);
+    let plugins: Vec<&NodeProto> = pg.node.iter().filter(|n| n.domain == DOMAIN).collect();
     assert!(pg.node.iter().all(|n| n.domain.is_empty() || n.domain == DOMAIN));
-    for node in &standard {
-        assert_eq!(ref_nodes.get(node.name.as_str()), Some(node), "standard node {} differs", node.name);
+    let in_a_step = |name: &str| plugins.iter().any(|p| name.starts_with(&format!("{}/", p.name)));
+    for node in pg.node.iter().filter(|n| n.domain.is_empty() && !in_a_step(&n.name)) {
+        assert_eq!(ref_nodes.get(node.name.as_str()).copied(), Some(node), "standard node {} differs", node.name);
     }
     assert!(rg.node.iter().all(|n| n.domain.is_empty()), "a FastKV node is left in the reference graph");
-    assert!(rg
-        .initializer
-        .iter()
-        .all(|t| pg.initializer.contains(t) || plugins.iter().any(|p| t.name.starts_with(&format!("{}/", p.name)))));
-    assert!(pg.initializer.iter().all(|t| rg.initializer.contains(t)));
-    let owned = |n: &NodeProto, p: &NodeProto| n.name.starts_with(&format!("{}/", p.name));
-    let plugin_names: HashSet<&str> = pg.node.iter().map(|n| n.name.as_str()).collect();
+    assert!(rg.initializer.iter().all(|t| pg.initializer.contains(t) || in_a_step(&t.name)));
+    assert!(pg.initializer.iter().all(|t| rg.initializer.contains(t) || in_a_step(&t.name)));
+    let plugin_names: HashSet<&str> = pg.node.iter().filter(|n| !in_a_step(&n.name)).map(|n| n.name.as_str()).collect();
     for node in rg.node.iter().filter(|n| !plugin_names.contains(n.name.as_str())) {
-        assert_eq!(plugins.iter().filter(|p| owned(node, p)).count(), 1, "{} replaces no FastKV node", node.name);
+        let owners = plugins.iter().filter(|p| node.name.starts_with(&format!("{}/", p.name))).count();
+        assert_eq!(owners, 1, "{} replaces no FastKV node", node.name);
     }
     for p in &plugins {
         assert!(p.attribute.iter().all(|a| a.r#type == ATTR_INT), "{}: attributes are integers", p.name);
-        let sub: Vec<&NodeProto> = rg.node.iter().filter(|n| owned(n, p)).collect();
-        let produced: HashSet<&str> = sub.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
-        for out in &p.output {
-            assert!(produced.contains(out.as_str()), "{}: output {out} is not produced by its lowering", p.name);
-        }
-        for input in sub.iter().flat_map(|n| &n.input) {
-            let own_constant =
-                input.starts_with(&format!("{}/", p.name)) && rg.initializer.iter().any(|t| &t.name == input);
-            assert!(
-                p.input.contains(input) || produced.contains(input.as_str()) || own_constant,
-                "{}: its lowering reads {input} from outside",
-                p.name
-            );
-        }
-        for n in rg.node.iter().filter(|n| !owned(n, p)) {
-            for input in &n.input {
-                assert!(
-                    !produced.contains(input.as_str()) || p.output.contains(input),
-                    "{} reads inside {}",
-                    n.name,
-                    p.name
-                );
-            }
-        }
+        let (inputs, outputs) = step_io(pg, p, &step_nodes(pg, p));
+        let (lowering_reads, lowering_produces) = step_io(rg, p, &step_nodes(rg, p));
+        assert!(lowering_reads.is_subset(&inputs), "{}: its lowering reads {lowering_reads:?} from outside", p.name);
+        assert_eq!(lowering_produces, outputs, "{}: the flavours' steps produce the same", p.name);
     }
     let imports = |m: &ModelProto| m.opset_import.iter().any(|o| o.domain == DOMAIN);
     assert!(imports(plugin) && !imports(reference));

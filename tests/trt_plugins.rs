@@ -28,8 +28,11 @@ const PLUGINS: [(&str, Values, i32); 4] = [
     ),
     ("FastKVTopK", &[("rate_num", 1), ("rate_den", 10), ("window", 8)], 1),
     ("FastKVGather", &[], 1),
-    ("FastKVAttention", &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 0)], 2),
+    ("FastKVAttention", &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 0), ("sliding_window", 0)], 2),
 ];
+
+/// Valid fields of a decode attention.
+const DECODE: Values = &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 1), ("sliding_window", 0)];
 
 /// The lean runtime with our plugin library loaded, shared by all tests (the registry is process-wide); `None`
 /// (test skipped) only when no runtime is configured or installed.
@@ -174,7 +177,8 @@ fn bad_fields_are_errors_that_name_the_field() {
         assert!(e.contains(&format!("FastKVWindowScores: {want}")), "got `{e}`, want `{want}`");
     }
     let attention = |h: i32, hk: i32, d: i32, mode: i32| {
-        create("FastKVAttention", &fields(&[("n_heads", h), ("n_kv_heads", hk), ("head_dim", d), ("mode", mode)]))
+        let values = [("n_heads", h), ("n_kv_heads", hk), ("head_dim", d), ("mode", mode), ("sliding_window", 0)];
+        create("FastKVAttention", &fields(&values))
     };
     assert!(attention(8, 2, 80, 0).contains("head_dim 80 is not supported by the attention kernels"));
     assert!(attention(32, 2, 128, 1).contains("decode needs n_heads / n_kv_heads <= 8"));
@@ -196,8 +200,8 @@ fn output_types_follow_the_activation_type() {
         (1, PLUGINS[1].1, &[Float], &[Int32]),
         (2, &[], &[BFloat16, Int32], &[BFloat16]),
         (2, &[], &[Int32, Int32], &[Int32]),
-        (3, PLUGINS[3].1, &[Half, Half, Half], &[Half, Float]),
-        (3, &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 1)], &[BFloat16; 3], &[BFloat16]),
+        (3, PLUGINS[3].1, &[Half, Half, Half, Int32, Int32], &[Half, Float]),
+        (3, DECODE, &[BFloat16, BFloat16, BFloat16, Int32, Int32], &[BFloat16]),
     ];
     for (i, values, inputs, want) in cases {
         let p = trt.create_plugin(PLUGINS[*i].0, VERSION, NS, &fields(values), Phase::Build).unwrap();
@@ -260,11 +264,13 @@ fn output_shapes_of_scores_gather_and_attention() {
     assert!(error_of(gather.output_shapes(&[vec![s, 2, 128], vec![99]])).contains("needs idx [B, C]"));
     let prefill = make(3, PLUGINS[3].1);
     assert_eq!(
-        prefill.output_shapes(&[vec![s, 8, 128], vec![s, 2, 128], vec![s, 2, 128]]).unwrap(),
+        prefill.output_shapes(&[vec![s, 8, 128], vec![s, 2, 128], vec![s, 2, 128], vec![s], vec![2, s]]).unwrap(),
         [vec![s, 8, 128], vec![8, s]]
     );
-    let decode = make(3, &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 1)]);
-    assert_eq!(decode.output_shapes(&[vec![8, 128], vec![2, s, 128], vec![2, s, 128]]).unwrap(), [vec![8, 128]]);
+    let decode = make(3, DECODE);
+    let cache = vec![2, s, 128];
+    let decode_inputs = [vec![8, 128], cache.clone(), cache, vec![1], vec![2, s]];
+    assert_eq!(decode.output_shapes(&decode_inputs).unwrap(), [vec![8, 128]]);
 }
 
 #[test]
@@ -296,12 +302,16 @@ fn formats_and_shapes_are_checked_before_enqueue() {
     assert!(e.contains("must have src's B rows"), "{e}");
 
     let attention = trt.create_plugin("FastKVAttention", VERSION, NS, &fields(PLUGINS[3].1), Phase::Runtime).unwrap();
-    let qkv = |s: i64, sk: i64| [t(&[s, 8, 128], Half), t(&[sk, 2, 128], Half), t(&[sk, 2, 128], Half)];
+    let qkv = |s: i64, sk: i64| {
+        [t(&[s, 8, 128], Half), t(&[sk, 2, 128], Half), t(&[sk, 2, 128], Half), t(&[s], Int32), t(&[2, sk], Int32)]
+    };
     let outs = [t(&[16, 8, 128], Half), t(&[8, 16], Float)];
     attention.shape_change(&qkv(16, 32), &outs).unwrap();
     assert!(error_of(attention.shape_change(&qkv(16, 8), &outs)).contains("k has fewer rows than q"));
-    assert!(error_of(
-        attention.shape_change(&[t(&[16, 8, 64], Half), qkv(16, 32)[1].clone(), qkv(16, 32)[2].clone()], &outs)
-    )
-    .contains("must be [S, n_heads, head_dim]"));
+    assert!(error_of(attention.shape_change(&[&[t(&[16, 8, 64], Half)], &qkv(16, 32)[1..]].concat(), &outs))
+        .contains("must be [S, n_heads, head_dim]"));
+    let mut short_k_pos = qkv(16, 32);
+    short_k_pos[4] = t(&[2, 16], Int32);
+    assert!(error_of(attention.shape_change(&short_k_pos, &outs)).contains("k_pos [2, 16] must be [n_kv_heads, Sk]"));
+    assert!(!attention.supports(3, &[qkv(16, 32)[..3].to_vec(), vec![t(&[16], Float)]].concat(), &outs).unwrap());
 }

@@ -322,13 +322,19 @@ class Gather final : public CheckedPlugin {
 
 // Causal GQA flash attention. mode 0 (prefill): q [S, H, D], k/v [Sk, Hk, D] (the last S of Sk positions are the
 // queries) → out [S, H, D], lse [H, S] f32 (what FastKVWindowScores reads). mode 1 (decode): q [H, D] over a
-// head-major cache k/v [Hk, L, D] → out [H, D].
+// head-major cache k/v [Hk, L, D] → out [H, D]. Positions q_pos [S] (decode [1]) and k_pos [Hk, Sk] (decode
+// [Hk, L]) int32 are read only with sliding_window > 0, which also hides keys with q_pos − k_pos ≥ sliding_window;
+// prefill keys are not yet compressed, so every KV head has the same positions and row 0 of k_pos is read.
 class Attention final : public CheckedPlugin {
  public:
-  enum { kHeads, kKvHeads, kHeadDim, kMode };
+  enum { kHeads, kKvHeads, kHeadDim, kMode, kSlidingWindow };
   static Schema const& schema() {
     static Schema const s{"FastKVAttention",
-                          {{"n_heads", 1, 4096}, {"n_kv_heads", 1, 4096}, {"head_dim", 8, 256}, {"mode", 0, 1}}};
+                          {{"n_heads", 1, 4096},
+                           {"n_kv_heads", 1, 4096},
+                           {"head_dim", 8, 256},
+                           {"mode", 0, 1},
+                           {"sliding_window", 0, INT_MAX}}};
     return s;
   }
   static std::string check(std::vector<int32_t> const& v) {
@@ -348,18 +354,20 @@ class Attention final : public CheckedPlugin {
     PluginTensorDesc const& d = io[pos].desc;
     if (d.format != TensorFormat::kLINEAR) return false;
     if (pos == 0) return is_activation(d.type);
-    return d.type == (pos == 4 ? DataType::kFLOAT : io[0].desc.type);  // q, k, v, out share a type; lse is f32
+    if (pos == 3 || pos == 4) return d.type == DataType::kINT32;           // q_pos, k_pos
+    return d.type == (pos == 6 ? DataType::kFLOAT : io[0].desc.type);  // q, k, v, out share a type; lse is f32
   }
   int32_t getOutputDataTypes(DataType* out, int32_t nb_out, DataType const* in, int32_t nb_in) const noexcept override {
-    if (nb_in != 3 || nb_out != getNbOutputs()) return fail("takes three inputs (q, k, v)");
+    if (nb_in != 5 || nb_out != getNbOutputs()) return fail("takes five inputs (q, k, v, q_pos, k_pos)");
     if (!is_activation(in[0]) || in[1] != in[0] || in[2] != in[0]) return fail("q, k, v must share f16 or bf16");
+    if (in[3] != DataType::kINT32 || in[4] != DataType::kINT32) return fail("q_pos and k_pos must be int32");
     out[0] = in[0];
     if (nb_out == 2) out[1] = DataType::kFLOAT;
     return 0;
   }
   int32_t getOutputShapes(DimsExprs const* in, int32_t nb_in, DimsExprs const*, int32_t, DimsExprs* out,
                           int32_t nb_out, IExprBuilder& b) noexcept override {
-    if (nb_in != 3 || nb_out != getNbOutputs()) return fail("takes three inputs (q, k, v)");
+    if (nb_in != 5 || nb_out != getNbOutputs()) return fail("takes five inputs (q, k, v, q_pos, k_pos)");
     int const rank = field(kMode) == 0 ? 3 : 2;
     if (in[0].nbDims != rank) return fail(rank == 3 ? "prefill q must be [S, H, D]" : "decode q must be [H, D]");
     out[0] = in[0];
@@ -378,29 +386,38 @@ class Attention final : public CheckedPlugin {
   int32_t enqueue(PluginTensorDesc const* in_desc, PluginTensorDesc const*, void const* const* in, void* const* out,
                   void* workspace, cudaStream_t stream) noexcept override {
     int const h = field(kHeads), hk = field(kKvHeads), d = field(kHeadDim), dtype = dtype_of(in_desc[0].type);
+    int const window = field(kSlidingWindow);
+    auto const* q_pos = static_cast<uint32_t const*>(in[3]);
+    auto const* k_pos = static_cast<uint32_t const*>(in[4]);
     int e;
     if (field(kMode) == 0) {
       int const s = static_cast<int>(in_desc[0].dims.d[0]), sk = static_cast<int>(in_desc[1].dims.d[0]);
-      e = prefill_attention(in[0], in[1], in[2], out[0], static_cast<float*>(out[1]), s, sk, h, hk, d, dtype, stream);
+      e = prefill_attention(in[0], in[1], in[2], q_pos, k_pos, window, out[0], static_cast<float*>(out[1]), s, sk, h,
+                            hk, d, dtype, stream);
     } else {
       int const len = static_cast<int>(in_desc[1].dims.d[1]);
-      e = decode_attention(in[0], in[1], in[2], out[0], static_cast<float*>(workspace), len, h, hk, d, dtype, stream);
+      e = decode_attention(in[0], in[1], in[2], q_pos, k_pos, window, out[0], static_cast<float*>(workspace), len, h,
+                           hk, d, dtype, stream);
     }
     return e ? fail("CUDA error " + std::to_string(e) + " in enqueue") : 0;
   }
 
  private:
   std::string validate(std::vector<Dims> const& in) const override {
-    if (in.size() != 3) return "takes three inputs (q, k, v)";
+    if (in.size() != 5) return "takes five inputs (q, k, v, q_pos, k_pos)";
     int64_t const h = field(kHeads), hk = field(kKvHeads), d = field(kHeadDim);
     if (field(kMode) == 0) {
       if (!dims_match(in[0], {-1, h, d})) return "q " + str(in[0]) + " must be [S, n_heads, head_dim]";
       if (!dims_match(in[1], {-1, hk, d})) return "k " + str(in[1]) + " must be [Sk, n_kv_heads, head_dim]";
       if (in[0].d[0] >= 0 && in[1].d[0] >= 0 && in[1].d[0] < in[0].d[0]) return "k has fewer rows than q";
+      if (!dims_match(in[3], {in[0].d[0]})) return "q_pos " + str(in[3]) + " must be [S]";
+      if (!dims_match(in[4], {hk, in[1].d[0]})) return "k_pos " + str(in[4]) + " must be [n_kv_heads, Sk]";
     } else {
       if (!dims_match(in[0], {h, d})) return "q " + str(in[0]) + " must be [n_heads, head_dim]";
       if (!dims_match(in[1], {hk, -1, d})) return "k " + str(in[1]) + " must be [n_kv_heads, L, head_dim]";
       if (in[1].d[1] == 0) return "the cache is empty";
+      if (!dims_match(in[3], {1})) return "q_pos " + str(in[3]) + " must be [1]";
+      if (!dims_match(in[4], {hk, in[1].d[1]})) return "k_pos " + str(in[4]) + " must be [n_kv_heads, L]";
     }
     if (!dims_match(in[2], {in[1].d[0], in[1].d[1], in[1].d[2]})) return "v " + str(in[2]) + " must match k";
     if (in[1].d[0] > INT_MAX || in[1].d[1] > INT_MAX) return "k is too large";

@@ -8,6 +8,7 @@
 //! every node after its scope with a per-scope counter, so a lowering (emitted in the scope of the
 //! node it replaces) leaves every other node of the graph byte-identical between the flavours.
 
+mod adapt;
 pub mod export;
 mod lower;
 pub mod proto;
@@ -45,7 +46,7 @@ pub mod ops {
     /// `(src [B, R, E], idx [B, K] int64)` → `dst [B, K, E]`, `dst[b, r, :] = src[b, idx[b, r], :]`.
     pub const GATHER: &str = "FastKVGather";
     /// `(q [H, M, D], k [Hk, N, D], v [Hk, N, D], q_pos [M] int64, k_pos [Hk, N] int64)` →
-    /// `(out [H, M, D], lse [H, M])`: GQA attention (query head h reads KV head h/(H/Hk)), scaled by
+    /// `(out [H, M, D], lse [H, M])` (decode: `out` only): GQA attention (query head h reads KV head h/(H/Hk)), scaled by
     /// 1/√D, `lse` the natural-log normaliser of each row. mode 0 (prefill): causal by index, query
     /// row i is key row N−M+i; mode 1 (decode): every key is visible. sliding_window > 0 also hides
     /// keys with q_pos − k_pos ≥ sliding_window. Attributes: n_heads, n_kv_heads, head_dim, mode,
@@ -108,20 +109,21 @@ impl FastKvOp {
         match self {
             FastKvOp::WindowScores { tsp_sum, .. } => 1 + *tsp_sum as usize,
             FastKvOp::TopK { .. } | FastKvOp::Gather => 1,
-            FastKvOp::Attention { .. } => 2,
+            FastKvOp::Attention { mode, .. } => 1 + (*mode == AttentionMode::Prefill) as usize,
         }
     }
 
     pub fn attrs(&self) -> Vec<AttributeProto> {
         let n = |v: usize| v as i64;
         match *self {
-            FastKvOp::WindowScores { n_heads, n_kv_heads, head_dim, window, kernel, pool, .. } => vec![
+            FastKvOp::WindowScores { n_heads, n_kv_heads, head_dim, window, kernel, pool, tsp_sum } => vec![
                 attr("n_heads", n(n_heads)),
                 attr("n_kv_heads", n(n_kv_heads)),
                 attr("head_dim", n(head_dim)),
                 attr("window", n(window)),
                 attr("kernel", n(kernel)),
                 attr("pool", pool as i64),
+                attr("tsp", tsp_sum as i64),
             ],
             FastKvOp::TopK { num, den, window } => {
                 vec![attr("rate_num", num), attr("rate_den", den), attr("window", n(window))]
@@ -163,6 +165,8 @@ pub enum Dim {
     Fixed(usize),
     /// Dynamic, named (e.g. `L`).
     Named(String),
+    /// Dynamic, unnamed (a plugin node's tensor whose extent the op's attributes do not fix).
+    Any,
 }
 
 /// An integer attribute of a node.
@@ -182,6 +186,7 @@ pub struct Graph {
     initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
+    value_info: Vec<ValueInfoProto>,
     /// Name prefix of the nodes being emitted ("" at the top), and each scope's node counter.
     scope: String,
     counters: HashMap<String, usize>,
@@ -195,6 +200,7 @@ impl Graph {
             initializers: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            value_info: Vec::new(),
             scope: String::new(),
             counters: HashMap::new(),
         }
@@ -233,7 +239,8 @@ impl Graph {
     /// Appends a node of the standard domain with `outputs` outputs.
     pub fn op_n(&mut self, op_type: &str, inputs: &[&str], outputs: usize, attrs: Vec<AttributeProto>) -> Vec<String> {
         let name = self.fresh(op_type);
-        self.push_node(name, "", op_type, inputs, outputs, attrs)
+        let output = output_names(&name, outputs);
+        self.push_node(name, "", op_type, inputs, output, attrs)
     }
 
     fn push_node(
@@ -242,10 +249,9 @@ impl Graph {
         domain: &str,
         op_type: &str,
         inputs: &[&str],
-        outputs: usize,
+        output: Vec<String>,
         attrs: Vec<AttributeProto>,
     ) -> Vec<String> {
-        let output = output_names(&name, outputs);
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: output.clone(),
@@ -257,23 +263,36 @@ impl Graph {
         output
     }
 
-    /// A FastKV step: one custom-op node ([`Flavour::Plugin`]) or its lowering to standard ops in the
-    /// scope of that node's name, ending in the same output names ([`Flavour::Reference`]).
+    /// A FastKV step, as nodes in the scope of the step's name ending in the same output names in both
+    /// flavours: the custom-op node (named as the step) with the adapters to the plugin's tensor
+    /// contract ([`Flavour::Plugin`], [`adapt`]), or its lowering to standard ops ([`Flavour::Reference`]).
     pub fn fastkv(&mut self, op: &FastKvOp, inputs: &[&str]) -> Vec<String> {
         let name = self.fresh(op.op_type());
-        match self.flavour {
-            Flavour::Plugin => self.push_node(name, DOMAIN, op.op_type(), inputs, op.outputs(), op.attrs()),
-            Flavour::Reference => {
-                let names = output_names(&name, op.outputs());
-                let local = name.rsplit('/').next().unwrap_or(&name).to_string();
-                self.scoped(&local, |g| {
-                    for (value, target) in lower::lower(g, op, inputs).iter().zip(&names) {
-                        g.rename(value, target);
-                    }
-                });
-                names
+        let names = output_names(&name, op.outputs());
+        let local = name.rsplit('/').next().unwrap_or(&name).to_string();
+        let flavour = self.flavour;
+        self.scoped(&local, |g| {
+            let values = match flavour {
+                Flavour::Plugin => adapt::plugin(g, op, &name, inputs),
+                Flavour::Reference => lower::lower(g, op, inputs),
+            };
+            for (value, target) in values.iter().zip(&names) {
+                g.rename(value, target);
             }
+        });
+        names
+    }
+
+    /// The custom-op node `name` of `op` on `inputs`, declaring its inputs and outputs (value_info) as
+    /// `declared` says: (element type, dims) of each input, then of each output.
+    fn plugin_node(&mut self, op: &FastKvOp, name: &str, inputs: &[&str], declared: &[(i32, Vec<Dim>)]) -> Vec<String> {
+        let output = output_names(&format!("{name}/plugin"), op.outputs());
+        let output = self.push_node(name.into(), DOMAIN, op.op_type(), inputs, output, op.attrs());
+        for (value, (elem_type, dims)) in inputs.iter().copied().chain(output.iter().map(String::as_str)).zip(declared)
+        {
+            self.value_info.push(value_info(value, *elem_type, dims));
         }
+        output
     }
 
     /// An Identity node from `value` to the tensor called `target`.
@@ -359,6 +378,7 @@ impl Graph {
                 initializer: self.initializers,
                 input: self.inputs,
                 output: self.outputs,
+                value_info: self.value_info,
             }),
             metadata_props: metadata
                 .iter()
@@ -381,10 +401,11 @@ fn value_info(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| Dimension {
-            value: Some(match d {
-                Dim::Fixed(n) => DimValue::Value(*n as i64),
-                Dim::Named(s) => DimValue::Param(s.clone()),
-            }),
+            value: match d {
+                Dim::Fixed(n) => Some(DimValue::Value(*n as i64)),
+                Dim::Named(s) => Some(DimValue::Param(s.clone())),
+                Dim::Any => None,
+            },
         })
         .collect();
     ValueInfoProto {

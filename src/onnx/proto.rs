@@ -6,7 +6,9 @@ use prost::Message;
 
 /// `TensorProto.DataType` values used here.
 pub const FLOAT: i32 = 1;
+pub const INT32: i32 = 6;
 pub const INT64: i32 = 7;
+pub const FLOAT16: i32 = 10;
 
 /// `AttributeProto.AttributeType` values used here.
 pub const ATTR_INT: i32 = 2;
@@ -61,6 +63,8 @@ pub struct GraphProto {
     pub input: Vec<ValueInfoProto>,
     #[prost(message, repeated, tag = "12")]
     pub output: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "13")]
+    pub value_info: Vec<ValueInfoProto>,
 }
 
 #[derive(Clone, PartialEq, Message)]
