@@ -58,11 +58,14 @@ struct PresetMatch {
     hidden_size: usize,
 }
 
+/// The bundled presets, parsed.
+fn presets() -> impl Iterator<Item = Preset> {
+    PRESETS.iter().map(|p| serde_json::from_str(p).expect("bundled presets are valid"))
+}
+
 /// The default FastKV policy of a model: its preset if one matches, else the ℓ* = N/2 − 1 rule.
 pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
-    PRESETS
-        .iter()
-        .map(|p| serde_json::from_str::<Preset>(p).expect("bundled presets are valid"))
+    presets()
         .find(|p| {
             p.matches.arch == spec.arch
                 && p.matches.num_layers == spec.num_layers
@@ -85,8 +88,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
 /// An engine of preset `name`'s exact shape (`engines/*.json`) whose weights are generated from
 /// `seed` when it is opened ([`RandomWeights`]): no weight file, a byte-level tokenizer.
 pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: bool) -> Result<Manifest> {
-    let presets: Vec<Preset> =
-        PRESETS.iter().map(|p| serde_json::from_str(p).expect("bundled presets are valid")).collect();
+    let presets: Vec<Preset> = presets().collect();
     let names = || presets.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ");
     let preset = presets
         .iter()

@@ -142,26 +142,14 @@ fn concurrent_requests_get_their_own_streams() {
     let (_tmp, dir) = build_engine(&fixture("llama"), DType::Bf16);
     let Some(gpu) = on_gpu(&dir) else { return };
     let prompts: Vec<Vec<u32>> = expected("llama").prompts.into_iter().map(|p| p.ids).collect();
-    let alone: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|ids| {
-            let mut req = fastkv::Request::new(fastkv::Prompt::Tokens(ids.clone()));
-            req.max_new_tokens = 8;
-            gpu.generate(&req, |_| std::ops::ControlFlow::Continue(())).unwrap().token_ids
-        })
-        .collect();
+    let generate = |ids: &Vec<u32>| {
+        let mut req = fastkv::Request::new(fastkv::Prompt::Tokens(ids.clone()));
+        req.max_new_tokens = 8;
+        gpu.generate(&req, |_| std::ops::ControlFlow::Continue(())).unwrap().token_ids
+    };
+    let alone: Vec<Vec<u32>> = prompts.iter().map(generate).collect();
     let together: Vec<Vec<u32>> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|ids| {
-                let gpu = &gpu;
-                s.spawn(move || {
-                    let mut req = fastkv::Request::new(fastkv::Prompt::Tokens(ids.clone()));
-                    req.max_new_tokens = 8;
-                    gpu.generate(&req, |_| std::ops::ControlFlow::Continue(())).unwrap().token_ids
-                })
-            })
-            .collect();
+        let handles: Vec<_> = prompts.iter().map(|ids| s.spawn(move || generate(ids))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(alone, together);

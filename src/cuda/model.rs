@@ -9,7 +9,7 @@
 //! host reads the device only for the logits and, once at ℓ*, the positions TSP kept.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::sys as blas;
 use cudarc::cublas::CudaBlas;
@@ -70,6 +70,8 @@ pub struct Lane {
 pub struct Request<'m> {
     model: &'m Model,
     lane: Arc<Lane>,
+    /// `0..L` for the prompt's L, uploaded once: the gather indices that store a whole layer.
+    iota: OnceLock<CudaSlice<u32>>,
 }
 
 /// Hidden states `[rows, E]`, f32.
@@ -187,17 +189,7 @@ impl Model {
         let (e, d, inter, v) = (spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size);
         let per_layer = 2 * e + spec.qkv_rows() * e + e * spec.num_heads * d + 3 * inter * e;
         let bytes = 2 * (spec.num_layers * per_layer + v * e * if spec.tie_word_embeddings { 1 } else { 2 });
-        let (free, _) = dev.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
-        if bytes > free {
-            return Err(Error::NoDevice {
-                backend: "cuda",
-                reason: format!(
-                    "the weights need {:.1} GB in bf16 and GPU {ordinal} has {:.1} GB free",
-                    bytes as f64 / 1e9,
-                    free as f64 / 1e9
-                ),
-            });
-        }
+        ensure_free(&dev.ctx, ordinal, bytes, || format!("the weights need {:.1} GB in bf16", bytes as f64 / 1e9), "")?;
         if let Ok(t) = file.get("embed") {
             if t.dtype != DType::Bf16 {
                 eprintln!("fastkv: {:?} weights are converted to bf16 for the GPU", t.dtype);
@@ -262,7 +254,8 @@ impl Model {
             .result()
             .map_err(cublas("cublasSetWorkspace"))?;
         drop(_guard);
-        Ok(Request { model: self, lane: Arc::new(Lane { dev, blas, _workspace: workspace }) })
+        let lane = Arc::new(Lane { dev, blas, _workspace: workspace });
+        Ok(Request { model: self, lane, iota: OnceLock::new() })
     }
 
     /// Checks that a prefill of `prompt_len` tokens whose caches hold `cache_entries` entries per KV
@@ -274,21 +267,10 @@ impl Model {
         let per_row = 2 * s.qkv_rows() + 2 * 4 * e + 2 * e + 2 * hd + 4 * s.num_heads;
         let activations = prompt_len * per_row + prompt_len.min(MLP_CHUNK) * (2 * e + 6 * i);
         let needed = cache + activations;
-        let (free, _) = self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
-        if needed > free {
-            return Err(Error::NoDevice {
-                backend: "cuda",
-                reason: format!(
-                    "this request needs {:.2} GB ({:.2} GB of KV cache) and GPU {} has {:.2} GB free: shorten the \
-                     prompt or max_new_tokens, or lower the retain rate",
-                    needed as f64 / 1e9,
-                    cache as f64 / 1e9,
-                    self.ordinal,
-                    free as f64 / 1e9
-                ),
-            });
-        }
-        Ok(())
+        let what =
+            || format!("this request needs {:.2} GB ({:.2} GB of KV cache)", needed as f64 / 1e9, cache as f64 / 1e9);
+        let fix = ": shorten the prompt or max_new_tokens, or lower the retain rate";
+        ensure_free(&self.ctx, self.ordinal, needed, what, fix)
     }
 
     /// `out[m, n] (+)= x[m, k] · wᵀ` for a row-major weight `w` `[n, k]`: cuBLAS sees the column-major
@@ -505,6 +487,26 @@ impl Model {
     }
 }
 
+/// Fails with "`what()` and GPU N has X GB free`fix`" unless `bytes` fit in the device's free memory.
+fn ensure_free(ctx: &CudaContext, ordinal: usize, bytes: usize, what: impl Fn() -> String, fix: &str) -> Result<()> {
+    let (free, _) = ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
+    if bytes <= free {
+        return Ok(());
+    }
+    let reason = format!("{} and GPU {ordinal} has {:.2} GB free{fix}", what(), free as f64 / 1e9);
+    Err(Error::NoDevice { backend: "cuda", reason })
+}
+
+/// The driver calls `Ops::reserve` before it stores anything; a store without it is a bug.
+fn not_reserved() -> Error {
+    Error::Device {
+        backend: "cuda",
+        operation: "store".into(),
+        code: None,
+        message: "the prefill did not reserve its prompt length first".into(),
+    }
+}
+
 /// The scored entries of a selection of `count` rows (window included) from `seq`: `count − W`,
 /// which must fit between 0 and the `seq − W` candidates.
 fn scored(count: usize, window: usize, seq: usize, field: &'static str) -> Result<usize> {
@@ -530,12 +532,6 @@ impl Request<'_> {
     fn dev(&self) -> &Device {
         &self.lane.dev
     }
-
-    /// `0..n` on the device: the identity gather that stores a whole layer.
-    fn iota(&self, n: usize, heads: usize) -> Result<CudaSlice<u32>> {
-        let idx: Vec<u32> = (0..heads).flat_map(|_| 0..n as u32).collect();
-        self.dev().upload(&idx)
-    }
 }
 
 impl Ops for Request<'_> {
@@ -556,7 +552,12 @@ impl Ops for Request<'_> {
     }
 
     fn reserve(&self, prompt_len: usize, cache_entries: usize) -> Result<()> {
-        self.model.check_fits(prompt_len, cache_entries)
+        self.model.check_fits(prompt_len, cache_entries)?;
+        if self.iota.get().is_none() {
+            let idx: Vec<u32> = (0..prompt_len as u32).collect();
+            let _ = self.iota.set(self.dev().upload(&idx)?);
+        }
+        Ok(())
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Hidden> {
@@ -699,13 +700,10 @@ impl Ops for Request<'_> {
         let s = &self.model.spec;
         let (hq, hk, d, width, seq) = (s.num_heads, s.num_kv_heads, s.head_dim, s.qkv_rows(), qkv.seq);
         let dev = self.dev();
-        let all;
-        let (idx, count) = match keep {
-            Some(k) => (&k.idx, k.count),
-            None => {
-                all = self.iota(seq, hk)?;
-                (&all, seq)
-            }
+        // A whole layer reads the same `0..S` row of the iota for every KV head (index stride 0).
+        let (idx, count, idx_batch) = match keep {
+            Some(k) => (&k.idx, k.count, k.count),
+            None => (self.iota.get().filter(|i| i.len() >= seq).ok_or_else(not_reserved)?, seq, 0),
         };
         let capacity = count + reserve;
         let mut kv = dev.kv_cache::<bf16>(hk, capacity, d)?;
@@ -716,7 +714,7 @@ impl Ops for Request<'_> {
             src_rows: seq,
             src_batch,
             src_row,
-            idx_batch: count,
+            idx_batch,
             dst_batch: capacity * row,
             dst_row: row,
         };
