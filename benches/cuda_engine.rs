@@ -23,14 +23,6 @@ fn arg(name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
-/// GEMM + causal attention FLOPs of a prefill where layer l sees `seq[l]` tokens.
-fn flops(engine: &Engine, seq: &[usize]) -> f64 {
-    let s = engine.spec();
-    let (e, h, hk, d, i) = (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size);
-    let linear = 2.0 * (e * (h + 2 * hk) * d + h * d * e + 3 * e * i) as f64;
-    seq.iter().map(|&n| linear * n as f64 + 2.0 * (n as f64).powi(2) * (h * d) as f64).sum()
-}
-
 /// Weight bytes every decode step reads (bf16).
 fn weight_bytes(engine: &Engine) -> f64 {
     let s = engine.spec();
@@ -108,13 +100,13 @@ fn main() {
         let profiled = run(&engine, &ids, &fastkv, 0).expect("profiled FastKV");
         model.set_profile(false);
         let n = engine.spec().num_layers;
-        let ideal = flops(&engine, &vec![len; n]) / flops(&engine, &k.seq_lens);
+        let ideal = engine.spec().prefill_flops(&vec![len; n]) / engine.spec().prefill_flops(&k.seq_lens);
         let bound = |r: &Run| PEAK_BYTES / (weight_bytes(&engine) + r.kv_bytes as f64);
         let row = json!({
             "tokens": len,
             "full": { "ttft_s": f.ttft_s, "decode_tok_s": f.decode_tok_s, "kv_bytes": f.kv_bytes,
-                      "prefill_tflops": flops(&engine, &f.seq_lens) / f.ttft_s / 1e12,
-                      "prefill_share_of_peak": flops(&engine, &f.seq_lens) / f.ttft_s / PEAK_FLOPS,
+                      "prefill_tflops": engine.spec().prefill_flops(&f.seq_lens) / f.ttft_s / 1e12,
+                      "prefill_share_of_peak": engine.spec().prefill_flops(&f.seq_lens) / f.ttft_s / PEAK_FLOPS,
                       "decode_share_of_bandwidth_bound": f.decode_tok_s / bound(&f) },
             "fastkv": { "ttft_s": k.ttft_s, "decode_tok_s": k.decode_tok_s, "kv_bytes": k.kv_bytes,
                         "decode_share_of_bandwidth_bound": k.decode_tok_s / bound(&k),

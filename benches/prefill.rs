@@ -90,6 +90,7 @@ fn engine_dir(dtype: DType) -> PathBuf {
         force: true,
         progress: false,
         tsp_layer: None,
+        calibrate: fastkv::builder::Calibrate::Never,
     })
     .unwrap();
     engine
@@ -97,13 +98,6 @@ fn engine_dir(dtype: DType) -> PathBuf {
 
 fn tokens(len: usize) -> Vec<u32> {
     (0..len as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % SHAPE.6 as u32).collect()
-}
-
-/// GEMM + attention FLOPs of a prefill where layer `l` sees `seq[l]` tokens.
-fn flops(seq: &[usize]) -> f64 {
-    let (_, e, h, hk, d, i, _) = SHAPE;
-    let linear = 2.0 * (e * (h + 2 * hk) * d + h * d * e + 3 * e * i) as f64;
-    seq.iter().map(|&s| linear * s as f64 + 2.0 * (s * s * h * d) as f64).sum()
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -170,7 +164,7 @@ fn main() {
                 full_ttft = ttft;
                 (1.0, 1.0)
             } else {
-                (flops(&vec![len; n]) / flops(seq), full_ttft / ttft)
+                (engine.spec().prefill_flops(&vec![len; n]) / engine.spec().prefill_flops(seq), full_ttft / ttft)
             };
             let total = p.profile.projections_s + p.profile.attention_s + p.profile.selection_s;
             let (_, e, h, hk, d, i, _) = SHAPE;

@@ -142,6 +142,16 @@ impl Backend {
         }
     }
 
+    /// The positions each FastKV policy's TSP keeps at its ℓ*, from one shared prefill
+    /// ([`prefill::tsp_selections`]).
+    pub fn tsp_selections(&self, tokens: &[u32], policies: &[Policy]) -> Result<Vec<Option<Vec<u32>>>> {
+        match self {
+            Backend::Cpu(m) => prefill::tsp_selections(m, tokens, policies),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => prefill::tsp_selections(&m.request()?, tokens, policies),
+        }
+    }
+
     /// One new token at `position` through every layer, appending to `cache`; its logits.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
         match (self, cache) {

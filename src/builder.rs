@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
+use crate::calibrate::{self, Probes};
 use crate::checkpoint::Checkpoint;
-use crate::engine::{FileEntry, Manifest, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER, WEIGHTS};
+use crate::engine::{Engine, FileEntry, Manifest, FORMAT_NAME, FORMAT_VERSION, TOKENIZER, WEIGHTS};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::random_weights::RandomWeights;
@@ -25,8 +26,20 @@ pub struct BuildOptions {
     pub force: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
-    /// FastKV's default TSP layer ℓ* for this engine; `None`: the preset's, else N/2 − 1.
+    /// FastKV's default TSP layer ℓ* for this engine; `None`: the preset's, else calibrated or N/2 − 1.
     pub tsp_layer: Option<usize>,
+    pub calibrate: Calibrate,
+}
+
+/// Whether a build chooses ℓ* by [`crate::calibrate`].
+#[derive(Clone, Debug)]
+pub enum Calibrate {
+    /// Keep the preset's ℓ*, else the N/2 − 1 rule.
+    Never,
+    /// Calibrate unless a preset matches or `tsp_layer` is given, and the probes' essays exist.
+    Auto(Probes),
+    /// Calibrate even over a preset (not over `tsp_layer`).
+    Always(Probes),
 }
 
 /// Presets for known models (`engines/*.json`), compiled in.
@@ -46,8 +59,9 @@ struct Preset {
     name: String,
     /// The model's HF config.json values, for engines of its shape with random weights.
     config: serde_json::Value,
+    /// The checkpoints it gives its policy to; `None`: a shape for random weights only.
     #[serde(rename = "match")]
-    matches: PresetMatch,
+    matches: Option<PresetMatch>,
     policy: Policy,
 }
 
@@ -67,9 +81,9 @@ fn presets() -> impl Iterator<Item = Preset> {
 pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
     presets()
         .find(|p| {
-            p.matches.arch == spec.arch
-                && p.matches.num_layers == spec.num_layers
-                && p.matches.hidden_size == spec.hidden_size
+            p.matches.as_ref().is_some_and(|m| {
+                m.arch == spec.arch && m.num_layers == spec.num_layers && m.hidden_size == spec.hidden_size
+            })
         })
         .map_or_else(|| (Policy::fastkv_default(spec), None), |p| (p.policy, Some(p.name)))
 }
@@ -82,7 +96,20 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         preset = None;
         fastkv.validate(&ckpt.spec)?;
     }
-    atomically(&opts.output, opts.force, |tmp| write_engine(&ckpt, opts, (fastkv, preset), tmp))
+    let probes = match &opts.calibrate {
+        Calibrate::Always(p) if opts.tsp_layer.is_none() => Some(p),
+        Calibrate::Auto(p) if opts.tsp_layer.is_none() && preset.is_none() && p.haystack.exists() => Some(p),
+        _ => None,
+    };
+    atomically(&opts.output, opts.force, |tmp| {
+        let mut manifest = write_engine(&ckpt, opts, (fastkv, preset), tmp)?;
+        if let Some(probes) = probes {
+            let calibration = calibrate::calibrate(&Engine::open(tmp)?, probes, opts.progress)?;
+            calibrate::apply(&mut manifest, calibration);
+            manifest.write(tmp)?;
+        }
+        Ok(manifest)
+    })
 }
 
 /// An engine of preset `name`'s exact shape (`engines/*.json`) whose weights are generated from
@@ -112,8 +139,9 @@ pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: b
             files: BTreeMap::from([(TOKENIZER.to_string(), entry)]),
             source: format!("random weights of {} (seed {seed})", preset.name),
             random_weights: Some(RandomWeights { seed }),
+            calibration: None,
         };
-        write_manifest(dir, &manifest)?;
+        manifest.write(dir)?;
         Ok(manifest)
     })
 }
@@ -163,12 +191,6 @@ fn atomically(output: &Path, force: bool, write: impl FnOnce(&Path) -> Result<Ma
     result
 }
 
-fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let path = dir.join(MANIFEST);
-    let json = serde_json::to_string_pretty(manifest).expect("manifest serializes");
-    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
-}
-
 /// Writes the engine's files into `dir`, with `defaults` (FastKV policy, preset name) in its manifest.
 fn write_engine(
     ckpt: &Checkpoint,
@@ -215,7 +237,8 @@ fn write_engine(
         files,
         source: ckpt.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         random_weights: None,
+        calibration: None,
     };
-    write_manifest(dir, &manifest)?;
+    manifest.write(dir)?;
     Ok(manifest)
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Device};
+use crate::calibrate::Calibration;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::random_weights::RandomWeights;
@@ -18,7 +19,7 @@ use crate::tokenizer_info::TokenizerInfo;
 
 pub const FORMAT_NAME: &str = "fastkv-engine";
 /// Major versions are incompatible; minor versions only add optional fields.
-pub const FORMAT_VERSION: (u32, u32) = (1, 1);
+pub const FORMAT_VERSION: (u32, u32) = (1, 2);
 pub const MANIFEST: &str = "engine.json";
 pub const WEIGHTS: &str = "weights.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
@@ -47,6 +48,9 @@ pub struct Manifest {
     /// Set when the weights are generated from a seed at open instead of read from a file (1.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub random_weights: Option<RandomWeights>,
+    /// How `fastkv calibrate` chose the default ℓ* and TSP budget, with its evidence (1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
 }
 
 impl Manifest {
@@ -78,6 +82,17 @@ impl Manifest {
             serde_json::from_value(v).map_err(|e| Error::bad_file(&path, format!("invalid manifest: {e}")))?;
         manifest.model.validate().map_err(|m| Error::bad_file(&path, m))?;
         Ok(manifest)
+    }
+
+    /// Writes `engine.json` into `dir` through a temporary file, so a failure leaves the old one whole.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST);
+        let tmp = dir.join(format!("{MANIFEST}.partial"));
+        let json = serde_json::to_string_pretty(self).expect("manifest serializes");
+        std::fs::write(&tmp, json + "\n").and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(&path, e)
+        })
     }
 
     /// Checks that every listed file exists with its recorded size; with `hashes`, also its sha256.

@@ -42,6 +42,7 @@
 pub mod backend;
 pub mod bench;
 pub mod builder;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod cpu;
 #[cfg(feature = "cuda")]

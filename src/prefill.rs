@@ -178,6 +178,29 @@ pub fn prefill_many<O: Ops>(
         .collect()
 }
 
+/// The prompt positions each FastKV policy's TSP propagates past its ℓ* (ascending; `None` where TSP
+/// does not fire), from one shared prefill in which every policy stops at its ℓ* and caches nothing:
+/// the candidates of calibration (every layer, every rate) for the cost of one full prefill.
+pub fn tsp_selections<O: Ops>(ops: &O, tokens: &[u32], policies: &[Policy]) -> Result<Vec<Option<Vec<u32>>>> {
+    for policy in policies {
+        policy.validate(ops.spec())?;
+        policy.check_prompt(tokens.len())?;
+        if policy.method != Method::Fastkv {
+            return Err(Error::invalid("method", "TSP selections need FastKV policies"));
+        }
+    }
+    ops.reserve(tokens.len(), 0)?;
+    let runs = policies.iter().map(|p| PolicyRun { selection_only: true, ..PolicyRun::new(p, None) }).collect();
+    let ends = run_layers(ops, tokens, runs, 0)?;
+    Ok(ends
+        .into_iter()
+        .map(|end| match end {
+            RunEnd::Prefilled(pre) => pre.tsp_positions,
+            RunEnd::Filtered { .. } => unreachable!("FastKV does not filter"),
+        })
+        .collect())
+}
+
 /// The KV entries per KV head `policy`'s caches hold at most over all layers of a `prompt_len`
 /// prompt with room for `reserve` more tokens: its plan's budgets, the sequence shrinking to T after a
 /// TSP layer (an upper bound for the methods that shrink it otherwise).
@@ -202,6 +225,8 @@ struct PolicyRun<'a, O: Ops> {
     /// GemFilter: the k tokens it will pick at its filter layer (it caches nothing before).
     filter: Option<usize>,
     filtered: Option<Vec<u32>>,
+    /// Stops at its TSP layer, caching nothing ([`tsp_selections`]).
+    selection_only: bool,
     caches: Vec<O::LayerCache>,
     seq_lens: Vec<usize>,
     tsp_positions: Option<Vec<u32>>,
@@ -215,6 +240,7 @@ impl<'a, O: Ops> PolicyRun<'a, O> {
             policy,
             filter,
             filtered: None,
+            selection_only: false,
             caches: Vec::new(),
             seq_lens: Vec::new(),
             tsp_positions: None,
@@ -327,8 +353,13 @@ fn run_layers<'a, O: Ops>(
                     (Some(_), _) => whole.push(r),
                     (None, Some(o)) => {
                         let step = LayerStep { policy: run.policy, layer, prompt_len, seq, last_layer };
-                        let choice = choose(ops, &step, &qkv, o)?;
-                        run.caches.push(ops.store(&qkv, &pos, choice.keep.as_ref(), reserve)?);
+                        let choice = match run.selection_only {
+                            false => choose(ops, &step, &qkv, o)?,
+                            true => choose_tsp(ops, &step, &qkv, o)?,
+                        };
+                        if !run.selection_only {
+                            run.caches.push(ops.store(&qkv, &pos, choice.keep.as_ref(), reserve)?);
+                        }
                         run.seq_lens.push(seq);
                         match choice.propagate {
                             None => whole.push(r),
@@ -367,7 +398,10 @@ fn run_layers<'a, O: Ops>(
                 }
                 let shared = clock.lap(ops)?;
                 group.iter().for_each(|&r| runs[r].profile.selection_s += shared);
-                next.push(Stream { x, pos, seq: kept.len(), runs: group });
+                let group: Vec<usize> = group.into_iter().filter(|&r| !runs[r].selection_only).collect();
+                if !group.is_empty() {
+                    next.push(Stream { x, pos, seq: kept.len(), runs: group });
+                }
             }
             if !whole.is_empty() {
                 next.push(Stream { x, pos, seq: if last_layer { 1 } else { seq }, runs: whole });
@@ -454,6 +488,17 @@ fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv, attention: &O::Attent
         }
     };
     Ok(LayerChoice { keep: Some(ops.keep_from_host(keep)?), propagate: None })
+}
+
+/// [`choose`] for a selection-only FastKV run: only its TSP rows, at its ℓ*.
+fn choose_tsp<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv, attention: &O::Attention) -> Result<LayerChoice<O>> {
+    let LayerStep { policy, layer, prompt_len, seq, last_layer } = *step;
+    let plan = policy.plan(layer, ops.spec().num_layers, prompt_len, seq);
+    let propagate = match plan.tsp_len.filter(|_| !last_layer) {
+        Some(t) => Some(ops.tsp_rows(&ops.group_scores(qkv, attention, policy)?, t, policy.window)?),
+        None => None,
+    };
+    Ok(LayerChoice { keep: None, propagate })
 }
 
 /// GemFilter's choice at its filter layer from that layer's host q (`[S, H·D]`) and k

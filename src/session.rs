@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Request start to first token, seconds.
     pub ttft_s: f64,
     pub prefill_tokens_per_s: f64,
+    /// Seconds of prefill work under this policy (in a shared prefill, the shared layers counted
+    /// whole): what compares methods' prefill speed in one [`Engine::generate_each`].
+    pub prefill_s: f64,
     /// Tokens after the first per second of decoding (0 with fewer than two tokens).
     pub decode_tokens_per_s: f64,
     /// K+V bytes cached after prefill.
@@ -254,6 +257,10 @@ impl Engine {
             generated_tokens: n,
             ttft_s: ttft,
             prefill_tokens_per_s: ids.len() as f64 / prefill_s,
+            prefill_s: {
+                let p = &prefill.profile;
+                p.projections_s + p.attention_s + p.selection_s
+            },
             decode_tokens_per_s: if n > 1 && decode_s > 0.0 { (n - 1) as f64 / decode_s } else { 0.0 },
             kv_cache_bytes,
             kv_cache_bytes_full,

@@ -170,6 +170,14 @@ impl ModelSpec {
     pub fn qkv_rows(&self) -> usize {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     }
+
+    /// GEMM + causal attention FLOPs of a prefill whose layer `l` sees `seq_lens[l]` tokens: what
+    /// an ideal speed-up of TSP is the ratio of.
+    pub fn prefill_flops(&self, seq_lens: &[usize]) -> f64 {
+        let (e, h, d, i) = (self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size);
+        let linear = 2.0 * (e * self.qkv_rows() + h * d * e + 3 * e * i) as f64;
+        seq_lens.iter().map(|&n| linear * n as f64 + 2.0 * (n as f64).powi(2) * (h * d) as f64).sum()
+    }
 }
 
 /// Typed access to config.json fields with errors that name the file and the key.

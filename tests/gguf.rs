@@ -109,6 +109,7 @@ fn build_error(bytes: &[u8]) -> String {
         force: false,
         progress: false,
         tsp_layer: None,
+        calibrate: fastkv::builder::Calibrate::Never,
     };
     let err = match build(&opts) {
         Ok(_) => panic!("the build must fail"),

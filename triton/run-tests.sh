@@ -17,7 +17,7 @@ fi
 cargo build --release -p fastkv-triton -p fastkv ${FASTKV_FEATURES:+--features "$FASTKV_FEATURES" --lib --bins --benches}
 mkdir -p target/triton-backends/fastkv
 cp target/release/libtriton_fastkv.so target/triton-backends/fastkv/
-target/release/fastkv-build --checkpoint "$CHECKPOINT" --output "$ENGINE" --force >/dev/null
+target/release/fastkv-build --checkpoint "$CHECKPOINT" --output "$ENGINE" --force --no-calibrate >/dev/null
 
 export PYTHONPATH="$PWD/$PY${PYTHONPATH:+:$PYTHONPATH}"
 export FASTKV_TRITONSERVER="$PWD/$PY/pytriton/tritonserver/bin/tritonserver"

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fastkv::builder::{build, BuildOptions};
+use fastkv::builder::{build, BuildOptions, Calibrate};
+use fastkv::calibrate::Probes;
 use fastkv::tensors::DType;
 
 /// Compile a HuggingFace checkpoint (Llama 3.x, Mistral family, Qwen2/2.5, Qwen3) or a GGUF file
@@ -59,10 +60,20 @@ struct Args {
     #[arg(long)]
     force: bool,
     /// FastKV's default TSP layer ℓ* (0-based) stored in the engine. Default: the model's preset
-    /// (engines/*.json), else N/2 − 1. Compare layers on your model with `fastkv eval niah
-    /// --tsp-layers …`; small models can need a later ℓ* than the rule gives.
+    /// (engines/*.json), else calibrated on the model (see --calibrate), else N/2 − 1.
     #[arg(long)]
     tsp_layer: Option<usize>,
+    /// Choose ℓ* and the TSP rate by calibration (as `fastkv calibrate` does: probes of --haystack
+    /// essays with synthetic facts; about a minute per 100M parameters on 2 cores) even when a preset
+    /// matches. Without this flag, engines with no preset are calibrated when the essays exist.
+    #[arg(long, conflicts_with_all = ["tsp_layer", "no_calibrate"])]
+    calibrate: bool,
+    /// Never calibrate: the preset's ℓ*, else the N/2 − 1 rule.
+    #[arg(long)]
+    no_calibrate: bool,
+    /// Essays for the calibration probes (a folder of .txt files; scripts/models.sh installs these).
+    #[arg(long, default_value = fastkv::eval::haystack::ESSAYS)]
+    haystack: PathBuf,
     /// Print nothing but errors (no progress bar, no summary).
     #[arg(long)]
     quiet: bool,
@@ -129,6 +140,11 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
         force: args.force,
         progress: !args.quiet && std::io::stderr().is_terminal(),
         tsp_layer: args.tsp_layer,
+        calibrate: match (args.calibrate, args.no_calibrate) {
+            (true, _) => Calibrate::Always(Probes::new(args.haystack.clone())),
+            (false, true) => Calibrate::Never,
+            (false, false) => Calibrate::Auto(Probes::new(args.haystack.clone())),
+        },
     };
     let m = build(&opts)?;
     if !args.quiet {
@@ -141,10 +157,19 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
             weights.bytes / 1_000_000,
             m.dtype,
             m.fastkv.tsp_layer,
-            match (&m.preset, args.tsp_layer) {
-                (_, Some(_)) => "--tsp-layer".to_string(),
-                (Some(name), None) => format!("{name} preset"),
-                (None, None) => "N/2 − 1 rule".to_string(),
+            match (&m.calibration, &m.preset, args.tsp_layer) {
+                (_, _, Some(_)) => "--tsp-layer".to_string(),
+                (Some(c), _, None) => format!(
+                    "calibrated: recall ≥ {:.0} % of the probe facts, ideal prefill speed-up {:.2}×",
+                    100.0 * c.min_recall,
+                    c.ideal_speedup
+                ),
+                (None, Some(name), None) => format!("{name} preset"),
+                (None, None, None) if args.no_calibrate => "N/2 − 1 rule".to_string(),
+                (None, None, None) => format!(
+                    "N/2 − 1 rule; no essays at {} to calibrate with: run scripts/models.sh",
+                    args.haystack.display()
+                ),
             },
             m.source
         );

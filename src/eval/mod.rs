@@ -34,7 +34,7 @@ pub struct Sample {
 impl Sample {
     /// The chat-formatted prompt for `instruction`, with the assistant's answer started by `answer_prefix` (which
     /// steers small models to answer at once, as RULER does).
-    fn prompt(engine: &Engine, instruction: &str, answer_prefix: &str) -> Result<Vec<u32>> {
+    pub(crate) fn prompt(engine: &Engine, instruction: &str, answer_prefix: &str) -> Result<Vec<u32>> {
         let rendered = engine.text.chat_prompt(instruction)? + answer_prefix;
         engine.text.encode_chat(&rendered)
     }
@@ -98,6 +98,7 @@ pub fn grids(scores: &[Score], row: impl Fn(&Score) -> String) -> Vec<Grid> {
         .map(|m| {
             let mine: Vec<Score> = scores.iter().filter(|s| &s.method == m).cloned().collect();
             let (rows, lengths, cells) = mean_table_by(&mine, &row, |s| s.length.to_string());
+            let cells = cells.iter().map(|r| r.iter().map(|c| c.mean).collect()).collect();
             Grid { title: m.clone(), rows, cols: lengths, cells }
         })
         .collect()
@@ -116,6 +117,8 @@ pub struct Score {
     pub score: f64,
     pub output: String,
     pub kv_cache_bytes: usize,
+    /// This method's prefill work on the sample ([`crate::session::Metrics::prefill_s`]).
+    pub prefill_s: f64,
 }
 
 /// Fraction of `answers` that occur in `output`, ignoring case (RULER's `string_match_all`).
@@ -154,6 +157,7 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
                 score: string_match_all(&out.text, &sample.answers),
                 output: out.text,
                 kv_cache_bytes: out.metrics.kv_cache_bytes,
+                prefill_s: out.metrics.prefill_s,
             });
         }
         bar.inc(1);
@@ -165,9 +169,46 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
     Ok(scores)
 }
 
+/// The mean of some scores and how many there were.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cell {
+    pub mean: f64,
+    pub n: usize,
+}
+
+impl Cell {
+    /// The 95 % Wilson score interval of the mean, taking the scores' sum as the successes (exact for 0/1 scores).
+    pub fn interval(&self) -> (f64, f64) {
+        wilson(self.mean, self.n)
+    }
+}
+
+/// The 95 % Wilson score interval of a proportion `p` observed over `n` trials.
+pub fn wilson(p: f64, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let n = n as f64;
+    let denom = 1.0 + Z * Z / n;
+    let center = (p + Z * Z / (2.0 * n)) / denom;
+    let half = Z * (p * (1.0 - p) / n + Z * Z / (4.0 * n * n)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
 /// Mean score per (row key, method), rows and methods in first-seen order: the tables `fastkv eval` prints.
-pub fn mean_table(scores: &[Score], row: impl Fn(&Score) -> String) -> (Vec<String>, Vec<String>, Vec<Vec<f64>>) {
+pub fn mean_table(scores: &[Score], row: impl Fn(&Score) -> String) -> (Vec<String>, Vec<String>, Vec<Vec<Cell>>) {
     mean_table_by(scores, row, |s| s.method.clone())
+}
+
+/// Keys in first-seen order.
+fn first_seen(scores: &[Score], key: impl Fn(&Score) -> String) -> Vec<String> {
+    scores.iter().map(key).fold(Vec::new(), |mut seen, k| {
+        if !seen.contains(&k) {
+            seen.push(k);
+        }
+        seen
+    })
 }
 
 /// Mean score per (row key, column key), keys in first-seen order; `NaN` where nothing was scored.
@@ -175,16 +216,8 @@ fn mean_table_by(
     scores: &[Score],
     row: impl Fn(&Score) -> String,
     col: impl Fn(&Score) -> String,
-) -> (Vec<String>, Vec<String>, Vec<Vec<f64>>) {
-    let first_seen = |key: &dyn Fn(&Score) -> String| {
-        scores.iter().map(key).fold(Vec::<String>::new(), |mut seen, k| {
-            if !seen.contains(&k) {
-                seen.push(k);
-            }
-            seen
-        })
-    };
-    let (rows, cols) = (first_seen(&row), first_seen(&col));
+) -> (Vec<String>, Vec<String>, Vec<Vec<Cell>>) {
+    let (rows, cols) = (first_seen(scores, &row), first_seen(scores, &col));
     let cells = rows
         .iter()
         .map(|r| {
@@ -192,7 +225,7 @@ fn mean_table_by(
                 .map(|c| {
                     let hits: Vec<f64> =
                         scores.iter().filter(|s| &row(s) == r && &col(s) == c).map(|s| s.score).collect();
-                    hits.iter().sum::<f64>() / hits.len() as f64
+                    Cell { mean: hits.iter().sum::<f64>() / hits.len() as f64, n: hits.len() }
                 })
                 .collect()
         })
@@ -200,27 +233,66 @@ fn mean_table_by(
     (rows, cols, cells)
 }
 
-/// A plain-text table of percentages with an "all" row of column means.
-pub fn format_table(corner: &str, rows: &[String], methods: &[String], cells: &[Vec<f64>]) -> String {
-    let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(7);
+/// A plain-text table of percentages with their 95 % intervals and counts, and an "all" row over every score.
+pub fn format_table(corner: &str, rows: &[String], methods: &[String], cells: &[Vec<Cell>]) -> String {
+    let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(17);
     let first = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(corner.len()).max(3);
-    let mut out = format!("{corner:<first$}");
+    let mut out = format!("{corner:<first$}  {:>5}", "n");
     for m in methods {
         out += &format!("  {m:>width$}");
     }
     out.push('\n');
-    let mut line = |label: &str, values: &mut dyn Iterator<Item = f64>| {
-        out += &format!("{label:<first$}");
-        for v in values {
-            out += &format!("  {:>width$.1}", 100.0 * v);
+    let mut line = |label: &str, values: &[Cell]| {
+        out += &format!("{label:<first$}  {:>5}", values.first().map_or(0, |c| c.n));
+        for c in values {
+            let (lo, hi) = c.interval();
+            out += &format!("  {:>width$}", format!("{:.1} [{:.0}–{:.0}]", 100.0 * c.mean, 100.0 * lo, 100.0 * hi));
         }
         out.push('\n');
     };
     for (r, values) in rows.iter().zip(cells) {
-        line(r, &mut values.iter().copied());
+        line(r, values);
     }
-    let n = cells.len().max(1) as f64;
-    line("all", &mut (0..methods.len()).map(|j| cells.iter().map(|row| row[j]).sum::<f64>() / n));
+    let all: Vec<Cell> = (0..methods.len())
+        .map(|j| {
+            let n: usize = cells.iter().map(|row| row[j].n).sum();
+            let sum: f64 = cells.iter().map(|row| row[j].mean * row[j].n as f64).sum();
+            Cell { mean: sum / n.max(1) as f64, n }
+        })
+        .collect();
+    line("all", &all);
+    out
+}
+
+/// One line per contender: accuracy with its interval and count, as a share of full KV's and in
+/// points against SnapKV-GQA at the same budget (the like-for-like GQA baseline), and the prefill
+/// speed-up over full KV measured in the same run.
+pub fn summary(scores: &[Score], contenders: &[Contender]) -> String {
+    let of = |name: &str| scores.iter().filter(|s| s.method == name).collect::<Vec<_>>();
+    let accuracy = |name: &str| {
+        let mine = of(name);
+        Cell { mean: mine.iter().map(|s| s.score).sum::<f64>() / mine.len().max(1) as f64, n: mine.len() }
+    };
+    let prefill_s = |name: &str| of(name).iter().map(|s| s.prefill_s).sum::<f64>();
+    let full = contenders.iter().find(|c| c.policy.method == Method::Full);
+    let mut out = String::new();
+    for c in contenders {
+        let a = accuracy(&c.name);
+        let (lo, hi) = a.interval();
+        out += &format!("{}: {:.1} % [{:.1}, {:.1}] of {}", c.name, 100.0 * a.mean, 100.0 * lo, 100.0 * hi, a.n);
+        if let Some(full) = full.filter(|f| f.name != c.name) {
+            let f = accuracy(&full.name);
+            out += &format!("; {:.0} % of full ({:.1} %)", 100.0 * a.mean / f.mean, 100.0 * f.mean);
+            out += &format!("; prefill {:.2}× full", prefill_s(&full.name) / prefill_s(&c.name));
+        }
+        let snap = contenders
+            .iter()
+            .find(|o| o.policy.method == Method::SnapkvGqa && o.policy.budget == c.policy.budget && o.name != c.name);
+        if let Some(snap) = snap.filter(|_| c.policy.method != Method::Full) {
+            out += &format!("; {:+.1} points vs {}", 100.0 * (a.mean - accuracy(&snap.name).mean), snap.name);
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -237,9 +309,8 @@ mod tests {
         assert_eq!(string_match_all("anything", &[]), 0.0);
     }
 
-    #[test]
-    fn tables_average_per_row_and_method() {
-        let s = |method: &str, length, score| Score {
+    fn score(method: &str, length: usize, score: f64, prefill_s: f64) -> Score {
+        Score {
             task: "t".into(),
             method: method.into(),
             length,
@@ -248,14 +319,59 @@ mod tests {
             score,
             output: String::new(),
             kv_cache_bytes: 0,
-        };
+            prefill_s,
+        }
+    }
+
+    #[test]
+    fn tables_average_per_row_and_method_with_counts() {
+        let s = |method, length, x| score(method, length, x, 1.0);
         let scores =
             [s("full", 1, 1.0), s("fastkv", 1, 0.0), s("full", 1, 0.5), s("full", 2, 1.0), s("fastkv", 2, 1.0)];
         let (rows, methods, cells) = mean_table(&scores, |s| s.length.to_string());
         assert_eq!(rows, ["1", "2"]);
         assert_eq!(methods, ["full", "fastkv"]);
-        assert_eq!(cells, [[0.75, 0.0], [1.0, 1.0]]);
+        let cell = |mean, n| Cell { mean, n };
+        assert_eq!(cells, [[cell(0.75, 2), cell(0.0, 1)], [cell(1.0, 1), cell(1.0, 1)]]);
         let table = format_table("tokens", &rows, &methods, &cells);
-        assert_eq!(table.lines().last().unwrap().split_whitespace().collect::<Vec<_>>(), ["all", "87.5", "50.0"]);
+        let all: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(all, ["all", "3", "83.3", "[31–98]", "50.0", "[9–91]"]);
+    }
+
+    #[test]
+    fn wilson_intervals_match_the_closed_form() {
+        let close = |(a, b): (f64, f64), (x, y): (f64, f64)| (a - x).abs() < 1e-4 && (b - y).abs() < 1e-4;
+        assert!(close(wilson(0.5, 10), (0.236_6, 0.763_4)), "{:?}", wilson(0.5, 10));
+        assert!(close(wilson(0.0, 10), (0.0, 0.277_5)), "{:?}", wilson(0.0, 10));
+        assert!(close(wilson(1.0, 40), (0.912_4, 1.0)), "{:?}", wilson(1.0, 40));
+        assert_eq!(wilson(0.3, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn summary_compares_with_full_and_snapkv_gqa_at_the_same_budget() {
+        let spec_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/config.json");
+        let spec = crate::spec::ModelSpec::from_hf_config(&spec_path).unwrap();
+        let fastkv = Policy::fastkv_default(&spec);
+        let contender = |name: &str, method| Contender { name: name.into(), policy: Policy { method, ..fastkv } };
+        let contenders = [
+            contender("full", Method::Full),
+            contender("fastkv", Method::Fastkv),
+            contender("snapkv-gqa", Method::SnapkvGqa),
+        ];
+        let scores = [
+            score("full", 1, 1.0, 4.0),
+            score("full", 1, 1.0, 4.0),
+            score("fastkv", 1, 1.0, 1.0),
+            score("fastkv", 1, 0.0, 1.0),
+            score("snapkv-gqa", 1, 1.0, 3.0),
+            score("snapkv-gqa", 1, 1.0, 3.0),
+        ];
+        let lines: Vec<String> = summary(&scores, &contenders).lines().map(str::to_owned).collect();
+        assert_eq!(lines[0], "full: 100.0 % [34.2, 100.0] of 2");
+        assert_eq!(
+            lines[1],
+            "fastkv: 50.0 % [9.5, 90.5] of 2; 50 % of full (100.0 %); prefill 4.00× full; -50.0 points vs snapkv-gqa"
+        );
+        assert!(lines[2].starts_with("snapkv-gqa: 100.0 %") && lines[2].contains("prefill 1.33× full"), "{}", lines[2]);
     }
 }

@@ -19,46 +19,84 @@ pub struct Needle {
 impl Default for Needle {
     /// The original test's needle.
     fn default() -> Self {
-        Needle {
-            sentence: "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-                .into(),
-            question: "What is the best thing to do in San Francisco?".into(),
-            answer_prefix: "The best thing to do in San Francisco is".into(),
-            answers: vec!["sandwich".into(), "Dolores Park".into()],
-        }
+        Needle::new(
+            "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+            "What is the best thing to do in San Francisco?",
+            "The best thing to do in San Francisco is",
+            &["sandwich", "Dolores Park"],
+        )
     }
 }
 
-/// One sample per (length, depth): the needle at `depth` of `length` prompt tokens of essays.
+impl Needle {
+    fn new(sentence: &str, question: &str, answer_prefix: &str, answers: &[&str]) -> Self {
+        Needle {
+            sentence: sentence.into(),
+            question: question.into(),
+            answer_prefix: answer_prefix.into(),
+            answers: answers.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// The needles `fastkv eval niah` hides, the original test's first: unrelated facts, so a score
+    /// does not hang on one sentence.
+    pub fn all() -> Vec<Needle> {
+        vec![
+            Needle::default(),
+            Needle::new(
+                "The secret ingredient in Marguerite's famous lentil soup is a spoonful of smoked paprika.",
+                "What is the secret ingredient in Marguerite's famous lentil soup?",
+                "The secret ingredient in Marguerite's famous lentil soup is",
+                &["smoked paprika"],
+            ),
+            Needle::new(
+                "The lighthouse keeper on Harrow Island spends every winter evening carving wooden owls.",
+                "What does the lighthouse keeper on Harrow Island do every winter evening?",
+                "Every winter evening, the lighthouse keeper on Harrow Island",
+                &["wooden owls"],
+            ),
+            Needle::new(
+                "The oldest tree in the Veldmoor botanical garden is a ginkgo planted in 1791.",
+                "What is the oldest tree in the Veldmoor botanical garden?",
+                "The oldest tree in the Veldmoor botanical garden is",
+                &["ginkgo", "1791"],
+            ),
+        ]
+    }
+}
+
+/// One sample per (length, depth, needle): the needle at `depth` of `length` prompt tokens of essays.
 pub fn samples(
     engine: &Engine,
     haystack: &Haystack,
-    needle: &Needle,
+    needles: &[Needle],
     lengths: &[usize],
     depths: &[f64],
 ) -> Result<Vec<Sample>> {
-    let instruction = |context: &str| {
-        format!(
-            "Here is a document.\n<document>\n{context}\n</document>\n\n{} Answer from the document in one sentence.",
-            needle.question
-        )
-    };
-    let overhead = Sample::prompt(engine, &instruction(&needle.sentence), &needle.answer_prefix)?.len();
     let mut out = Vec::new();
     for &length in lengths {
-        let tokens = length.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
-            Error::invalid("lengths", format!("{length} tokens leaves no room for text beside the question"))
-        })?;
         for &depth in depths {
-            let context = haystack.fill(engine, tokens, &[(depth, needle.sentence.clone())])?;
-            out.push(Sample {
-                task: "niah".into(),
-                length,
-                depth: Some(depth),
-                prompt: Sample::prompt(engine, &instruction(&context), &needle.answer_prefix)?,
-                answers: needle.answers.clone(),
-                max_new_tokens: 32,
-            });
+            for (i, needle) in needles.iter().enumerate() {
+                let instruction = |context: &str| {
+                    format!(
+                        "Here is a document.\n<document>\n{context}\n</document>\n\n{} Answer from the document in one sentence.",
+                        needle.question
+                    )
+                };
+                let overhead = Sample::prompt(engine, &instruction(&needle.sentence), &needle.answer_prefix)?.len();
+                let tokens = length.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
+                    Error::invalid("lengths", format!("{length} tokens leaves no room for text beside the question"))
+                })?;
+                let context = haystack.fill(engine, tokens, &[(depth, needle.sentence.clone())])?;
+                out.push(Sample {
+                    task: format!("niah-{}", i + 1),
+                    length,
+                    depth: Some(depth),
+                    prompt: Sample::prompt(engine, &instruction(&context), &needle.answer_prefix)?,
+                    answers: needle.answers.clone(),
+                    max_new_tokens: 32,
+                });
+            }
         }
     }
     Ok(out)

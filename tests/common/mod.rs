@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fastkv::builder::{build, BuildOptions};
+use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::tensors::DType;
 use serde::Deserialize;
 
@@ -13,6 +13,13 @@ pub const FIXTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 /// scripts/gpu-check.sh), else where the tests were built.
 pub fn root() -> PathBuf {
     std::env::var_os("FASTKV_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// The essays `scripts/models.sh` installs (CI runs it before the tests).
+pub fn essays() -> PathBuf {
+    let dir = root().join(fastkv::eval::haystack::ESSAYS);
+    assert!(dir.is_dir(), "{} is missing: run scripts/models.sh first", dir.display());
+    dir
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -30,6 +37,7 @@ pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, Path
         force: false,
         progress: false,
         tsp_layer: None,
+        calibrate: Calibrate::Never,
     })
     .unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
     (tmp, output)

@@ -205,6 +205,7 @@ mod tests {
             force: false,
             progress: false,
             tsp_layer: None,
+            calibrate: fastkv::builder::Calibrate::Never,
         };
         build(&options).unwrap();
         for absolute in [false, true] {

@@ -1,0 +1,243 @@
+//! Calibration of FastKV's TSP layer ℓ* (and TSP rate t) for one model. The paper's authors choose ℓ*
+//! by hand per model; on small models the heads that retrieve sit late, and the N/2 − 1 rule drops
+//! what they would have found. Calibration measures it instead:
+//!
+//! Probes are essays with four synthetic facts (random names and numbers, never an evaluation's
+//! needle) and a question about one of them. One full prefill per probe yields the rows TSP would
+//! propagate at every candidate layer and rate ([`crate::backend::Backend::tsp_selections`]); a
+//! candidate's *recall* is the share of the asked fact's value tokens among them, averaged over probes.
+//!
+//! **Criterion**: the candidate with the largest ideal prefill saving among those whose recall is at
+//! least [`MIN_RECALL`]; if none reaches it, the one with the highest recall.
+
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, Manifest};
+use crate::error::{Error, Result};
+use crate::eval::haystack::Haystack;
+use crate::eval::Sample;
+use crate::policy::{Budget, Method, Policy};
+use crate::spec::ModelSpec;
+
+/// A candidate qualifies when its TSP keeps at least this share of the asked facts' tokens.
+pub const MIN_RECALL: f64 = 0.9;
+/// TSP rates tried beside the engine's own (rate mode only).
+pub const TSP_RATES: [f64; 4] = [0.05, 0.1, 0.2, 0.3];
+
+/// What to probe with.
+#[derive(Clone, Debug)]
+pub struct Probes {
+    /// Essays to hide the facts in (a folder of .txt files, a .txt or a RULER .json).
+    pub haystack: PathBuf,
+    pub count: usize,
+    /// Prompt length in tokens (capped by the model's context).
+    pub tokens: usize,
+    pub seed: u64,
+}
+
+impl Probes {
+    /// The defaults: eight 2K-token probes from the essays `scripts/models.sh` installs.
+    pub fn new(haystack: PathBuf) -> Self {
+        Probes { haystack, count: 8, tokens: 2048, seed: 0 }
+    }
+}
+
+/// The choice and its evidence, stored in engine.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub tsp_layer: usize,
+    pub budget: Budget,
+    /// The criterion's threshold ([`MIN_RECALL`] when it ran).
+    pub min_recall: f64,
+    pub probes: usize,
+    pub probe_tokens: usize,
+    pub seed: u64,
+    /// Per candidate budget, the mean recall of TSP at each layer ℓ = 0 … N − 2.
+    pub candidates: Vec<Candidate>,
+    /// Full-KV over FastKV prefill FLOPs at the chosen ℓ* and budget, at the probes' length.
+    pub ideal_speedup: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub budget: Budget,
+    pub recall: Vec<f64>,
+}
+
+/// One probe prompt and where its answer's tokens are.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub sample: Sample,
+    /// Every fact sentence hidden in it; the first is the one asked about.
+    pub facts: Vec<String>,
+    /// Prompt positions of the asked fact's value tokens.
+    pub answer_positions: Vec<u32>,
+}
+
+const FIRST: [&str; 12] =
+    ["Anika", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "Hiroshi", "Ines", "Jonas", "Kalani", "Lucia"];
+const LAST: [&str; 12] = [
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Tanaka",
+    "Petrov",
+    "Alvarez",
+    "Novak",
+    "Brennan",
+    "Haddad",
+    "Kowalski",
+    "Reyes",
+    "Sato",
+];
+const THINGS: [&str; 8] =
+    ["bicycle lock", "garden shed", "storage unit", "mailbox", "safe", "locker", "boathouse", "cellar"];
+
+/// `count` probes of `tokens` tokens; the same seed gives the same probes.
+pub fn probes(engine: &Engine, haystack: &Haystack, count: usize, tokens: usize, seed: u64) -> Result<Vec<Probe>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            // Four distinct (person, thing) keys, each with a six-digit code; the first is asked about.
+            let mut keys: Vec<(String, &str)> = Vec::new();
+            while keys.len() < 4 {
+                let person = format!("{} {}", FIRST.choose(&mut rng).unwrap(), LAST.choose(&mut rng).unwrap());
+                let thing = *THINGS.choose(&mut rng).unwrap();
+                if !keys.iter().any(|(p, t)| *p == person || *t == thing) {
+                    keys.push((person, thing));
+                }
+            }
+            let codes: Vec<String> = (0..4).map(|_| rng.random_range(100_000..1_000_000u32).to_string()).collect();
+            let facts: Vec<String> =
+                keys.iter().zip(&codes).map(|((p, t), c)| format!("The code to {p}'s {t} is {c}.")).collect();
+            // The asked fact sits at a depth spread over the probes; the others at random depths.
+            let depth = (i as f64 + 0.5) / count as f64;
+            let placed: Vec<(f64, String)> = facts
+                .iter()
+                .enumerate()
+                .map(|(j, f)| (if j == 0 { depth } else { rng.random_range(0.0..1.0) }, f.clone()))
+                .collect();
+            let (person, thing) = &keys[0];
+            let question = format!("What is the code to {person}'s {thing}?");
+            let prefix = format!("The code to {person}'s {thing} is");
+            let instruction = |context: &str| {
+                format!("Read the document and answer the question.\n<document>\n{context}\n</document>\n\n{question}")
+            };
+            let fixed: String = facts.iter().map(|f| format!(" {f} ")).collect();
+            let overhead = Sample::prompt(engine, &instruction(&fixed), &prefix)?.len();
+            let room = tokens.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
+                Error::invalid("probe_tokens", format!("{tokens} tokens leave no room for text beside the facts"))
+            })?;
+            let context = haystack.fill(engine, room, &placed)?;
+            let prompt = Sample::prompt(engine, &instruction(&context), &prefix)?;
+            let answer_positions = find(engine, &prompt, &codes[0])?;
+            let sample = Sample {
+                task: "calibration".into(),
+                length: tokens,
+                depth: Some(depth),
+                prompt,
+                answers: vec![codes[0].clone()],
+                max_new_tokens: 8,
+            };
+            Ok(Probe { sample, facts, answer_positions })
+        })
+        .collect()
+}
+
+/// Positions of `value`'s tokens in `prompt` (its only occurrence after a space).
+fn find(engine: &Engine, prompt: &[u32], value: &str) -> Result<Vec<u32>> {
+    let ids = engine.encode(&format!(" {value}"))?;
+    let at = prompt.windows(ids.len()).position(|w| w == ids.as_slice()).ok_or_else(|| {
+        Error::invalid("probe_tokens", format!("the tokenizer splits the probe value {value} unlike in the prompt"))
+    })?;
+    Ok((at..at + ids.len()).map(|p| p as u32).collect())
+}
+
+/// Runs the probes on `engine` and chooses ℓ* and the TSP budget by the module's criterion.
+pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result<Calibration> {
+    let spec = engine.spec();
+    let n = spec.num_layers;
+    if n < 2 {
+        return Err(Error::invalid("tsp_layer", "a model of one layer has no layer to propagate to"));
+    }
+    let tokens = probes_cfg.tokens.min(spec.max_position_embeddings);
+    let haystack = Haystack::load(&probes_cfg.haystack, engine, tokens)?;
+    let probes = probes(engine, &haystack, probes_cfg.count, tokens, probes_cfg.seed)?;
+    let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
+    let budgets: Vec<Budget> = match base.budget {
+        Budget::Rate { retain_rate, .. } => {
+            TSP_RATES.iter().map(|&tsp_rate| Budget::Rate { tsp_rate, retain_rate }).collect()
+        }
+        absolute => vec![absolute],
+    };
+    let policies: Vec<Policy> = budgets
+        .iter()
+        .flat_map(|&budget| (0..n - 1).map(move |tsp_layer| Policy { tsp_layer, budget, ..base }))
+        .collect();
+
+    let bar = if progress { ProgressBar::new(probes.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("calibrating ℓ* {bar:40} {pos}/{len} probes [{elapsed} < {eta}]")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let mut sums = vec![0.0; policies.len()];
+    for probe in &probes {
+        let kept = engine.backend.tsp_selections(&probe.sample.prompt, &policies)?;
+        for (sum, kept) in sums.iter_mut().zip(kept) {
+            let hits = match kept {
+                Some(rows) => probe.answer_positions.iter().filter(|p| rows.binary_search(p).is_ok()).count(),
+                None => probe.answer_positions.len(), // TSP did not fire: everything goes on
+            };
+            *sum += hits as f64 / probe.answer_positions.len() as f64;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    // Four decimals: evidence to read, and values that survive engine.json's round trip exactly.
+    let round = |x: f64| (x * 1e4).round() / 1e4;
+    let recall: Vec<f64> = sums.iter().map(|s| round(s / probes.len() as f64)).collect();
+    let speedup = |p: &Policy| ideal_speedup(spec, p, tokens);
+    let qualified = (0..policies.len()).filter(|&i| recall[i] >= MIN_RECALL);
+    let best =
+        qualified.max_by(|&a, &b| speedup(&policies[a]).total_cmp(&speedup(&policies[b]))).unwrap_or_else(|| {
+            (0..policies.len()).max_by(|&a, &b| recall[a].total_cmp(&recall[b]).then(b.cmp(&a))).expect("candidates")
+        });
+    let chosen = policies[best];
+    Ok(Calibration {
+        tsp_layer: chosen.tsp_layer,
+        budget: chosen.budget,
+        min_recall: MIN_RECALL,
+        probes: probes.len(),
+        probe_tokens: tokens,
+        seed: probes_cfg.seed,
+        candidates: budgets
+            .iter()
+            .zip(recall.chunks(n - 1))
+            .map(|(&budget, r)| Candidate { budget, recall: r.to_vec() })
+            .collect(),
+        ideal_speedup: round(speedup(&chosen)),
+    })
+}
+
+/// Full-KV over FastKV prefill FLOPs of a `tokens`-token prompt under `policy`: TSP's ideal speed-up.
+pub fn ideal_speedup(spec: &ModelSpec, policy: &Policy, tokens: usize) -> f64 {
+    let t = policy.tsp_len(tokens);
+    let seq: Vec<usize> = (0..spec.num_layers).map(|l| if l <= policy.tsp_layer { tokens } else { t }).collect();
+    spec.prefill_flops(&vec![tokens; spec.num_layers]) / spec.prefill_flops(&seq)
+}
+
+/// Makes `calibration`'s choice the engine's default FastKV policy and records its evidence.
+pub fn apply(manifest: &mut Manifest, calibration: Calibration) {
+    manifest.fastkv.tsp_layer = calibration.tsp_layer;
+    manifest.fastkv.budget = calibration.budget;
+    manifest.preset = None;
+    manifest.calibration = Some(calibration);
+}

@@ -1,0 +1,167 @@
+//! Calibration of ℓ*: the driver's selection-only runs propagate exactly what FastKV propagates, the
+//! choice is deterministic and recorded in engine.json, the probes share no text with the evaluation's
+//! needles, and `fastkv calibrate` writes only without --dry-run.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::Command;
+
+use common::{essays, fixture};
+use fastkv::builder::{build, BuildOptions, Calibrate};
+use fastkv::calibrate::{self, Probes};
+use fastkv::eval::haystack::Haystack;
+use fastkv::eval::niah::Needle;
+use fastkv::tensors::DType;
+use fastkv::{Engine, Method, Policy, Prompt, Request};
+
+fn build_with(calibrate: Calibrate, output: &Path) -> fastkv::engine::Manifest {
+    build(&BuildOptions {
+        checkpoint: fixture("llama"),
+        output: output.into(),
+        dtype: DType::F32,
+        force: false,
+        progress: false,
+        tsp_layer: None,
+        calibrate,
+    })
+    .unwrap()
+}
+
+fn small_probes() -> Probes {
+    Probes { count: 3, tokens: 512, ..Probes::new(essays()) }
+}
+
+#[test]
+fn tsp_selections_are_what_fastkv_propagates() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_with(Calibrate::Never, &tmp.path().join("e"));
+    let engine = Engine::open(tmp.path().join("e")).unwrap();
+    let haystack = Haystack::load(&essays(), &engine, 600).unwrap();
+    let prompt = engine.encode(&haystack.fill(&engine, 600, &[]).unwrap()).unwrap();
+    let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
+    let policies: Vec<Policy> = (0..engine.spec().num_layers - 1)
+        .flat_map(|tsp_layer| {
+            calibrate::TSP_RATES.map(|tsp_rate| Policy {
+                tsp_layer,
+                budget: fastkv::policy::Budget::Rate { tsp_rate, retain_rate: 0.1 },
+                ..base
+            })
+        })
+        .collect();
+    let selections = engine.backend().tsp_selections(&prompt, &policies).unwrap();
+    for (policy, selection) in policies.iter().zip(selections) {
+        let mut req = Request::new(Prompt::Tokens(prompt.clone()));
+        req.max_new_tokens = 1;
+        req.policy = Some(*policy);
+        req.record_selection = true;
+        let out = engine.generate(&req, |_| ControlFlow::Continue(())).unwrap();
+        let expected = out.selection.unwrap().tsp_positions;
+        assert!(expected.is_some(), "TSP fires at ℓ* = {}", policy.tsp_layer);
+        assert_eq!(selection, expected, "ℓ* = {}, {:?}", policy.tsp_layer, policy.budget);
+    }
+}
+
+#[test]
+fn calibration_is_deterministic_and_becomes_the_engine_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = build_with(Calibrate::Always(small_probes()), &tmp.path().join("a"));
+    let b = build_with(Calibrate::Always(small_probes()), &tmp.path().join("b"));
+    let c = a.calibration.clone().expect("calibrated");
+    assert_eq!(a.calibration, b.calibration, "same engine, same probes: same choice");
+    assert_eq!((c.probes, c.probe_tokens, c.min_recall), (3, 512, calibrate::MIN_RECALL));
+    let engine = Engine::open(tmp.path().join("a")).unwrap();
+    let policy = engine.default_policy();
+    assert_eq!((policy.tsp_layer, policy.budget), (c.tsp_layer, c.budget));
+    assert_eq!(engine.manifest.calibration, a.calibration, "engine.json keeps the evidence");
+    let n = engine.spec().num_layers;
+    assert_eq!(c.candidates.len(), calibrate::TSP_RATES.len());
+    for cand in &c.candidates {
+        assert_eq!(cand.recall.len(), n - 1, "one recall per candidate layer");
+        assert!(cand.recall.iter().all(|r| (0.0..=1.0).contains(r)));
+    }
+    assert!((c.ideal_speedup - calibrate::ideal_speedup(engine.spec(), &policy, 512)).abs() < 1e-4);
+    // The criterion: no qualifying candidate is faster than the choice.
+    for cand in &c.candidates {
+        for (layer, &recall) in cand.recall.iter().enumerate() {
+            let p = Policy { tsp_layer: layer, budget: cand.budget, ..policy };
+            if recall >= c.min_recall {
+                assert!(calibrate::ideal_speedup(engine.spec(), &p, 512) <= c.ideal_speedup + 1e-4, "ℓ = {layer}");
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_calibration_falls_back_to_the_rule_without_essays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = Probes::new(tmp.path().join("no-essays"));
+    let m = build_with(Calibrate::Auto(missing), &tmp.path().join("e"));
+    assert_eq!(m.calibration, None);
+    assert_eq!(m.fastkv.tsp_layer, m.model.num_layers / 2 - 1);
+    let m = build_with(Calibrate::Auto(small_probes()), &tmp.path().join("f"));
+    assert!(m.calibration.is_some(), "no preset matches the fixture, so the build calibrates");
+}
+
+#[test]
+fn probes_share_no_text_with_the_evaluation_needles() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_with(Calibrate::Never, &tmp.path().join("e"));
+    let engine = Engine::open(tmp.path().join("e")).unwrap();
+    let haystack = Haystack::load(&essays(), &engine, 512).unwrap();
+    let probes = calibrate::probes(&engine, &haystack, 8, 512, 0).unwrap();
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    };
+    let trigrams = |s: &str| -> Vec<String> { words(s).windows(3).map(|w| w.join(" ")).collect() };
+    for needle in Needle::all() {
+        let needle_text = format!("{} {} {}", needle.sentence, needle.question, needle.answer_prefix);
+        for probe in &probes {
+            for fact in &probe.facts {
+                for t in trigrams(fact) {
+                    assert!(!trigrams(&needle_text).contains(&t), "probe fact {fact:?} shares {t:?} with a needle");
+                }
+                for answer in &needle.answers {
+                    assert!(!fact.to_lowercase().contains(&answer.to_lowercase()), "{fact:?} holds {answer:?}");
+                }
+            }
+        }
+    }
+    for probe in &probes {
+        let at: Vec<u32> = probe.answer_positions.iter().map(|&p| probe.sample.prompt[p as usize]).collect();
+        let value = engine.decode(&at).unwrap();
+        assert_eq!(value.trim(), probe.sample.answers[0], "the recorded positions hold the asked code");
+        assert!(probe.facts[0].contains(&probe.sample.answers[0]));
+    }
+}
+
+#[test]
+fn calibrate_command_writes_engine_json_only_without_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("e");
+    build_with(Calibrate::Never, &dir);
+    let manifest = dir.join("engine.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+            .args(["calibrate", "--engine", dir.to_str().unwrap(), "--haystack", essays().to_str().unwrap()])
+            .args(["--probes", "2", "--probe-tokens", "384"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dry = run(&["--dry-run"]);
+    assert!(dry.contains("chosen: ℓ* = ") && dry.contains("recall"), "{dry}");
+    assert_eq!(std::fs::read(&manifest).unwrap(), before, "--dry-run leaves engine.json alone");
+    let wet = run(&[]);
+    assert!(wet.contains("wrote "), "{wet}");
+    let engine = Engine::open(&dir).unwrap();
+    let c = engine.manifest.calibration.as_ref().expect("written");
+    assert_eq!(engine.default_policy().tsp_layer, c.tsp_layer);
+    let verify =
+        Command::new(env!("CARGO_BIN_EXE_fastkv")).args(["verify", "--engine", dir.to_str().unwrap()]).output();
+    assert!(verify.unwrap().status.success(), "a calibrated engine still verifies");
+}
