@@ -198,7 +198,7 @@ fn write_engine(
         let t = &ckpt.layout[i];
         bar.set_message(t.name.clone());
         for src in &t.sources {
-            ckpt.weights.write_as(src, opts.dtype, buf)?;
+            ckpt.weights.write_as(&src.name, opts.dtype, buf)?;
         }
         bar.inc(buf.len() as u64);
         Ok(())
