@@ -467,7 +467,11 @@ fn a_tokenizer_that_panics_while_decoding_is_one_error_line() {
         ]});
     });
     let (_tmp, engine) = build_engine(&dir, DType::F32);
-    run_fails_in_one_line(&engine, &["--prompt", "hello", "--max-new-tokens", "2"], "tokenizer.json: the tokenizer failed while decoding");
+    run_fails_in_one_line(
+        &engine,
+        &["--prompt", "hello", "--max-new-tokens", "2"],
+        "tokenizer.json: the tokenizer failed while decoding",
+    );
 }
 
 #[test]
@@ -522,7 +526,8 @@ fn absurd_config_values_are_refused_with_the_bound() {
     edit_json(&dir.join("config.json"), |v| v["sliding_window"] = (1u64 << 40).into());
     build_fails(&dir, &["config.json", "sliding_window = 1099511627776 is above"]);
 
-    let (_t, path) = tiny_gguf(|m, _| m.iter_mut().find(|(k, _)| *k == "llama.block_count").unwrap().1 = Meta::U32(100_000));
+    let (_t, path) =
+        tiny_gguf(|m, _| m.iter_mut().find(|(k, _)| *k == "llama.block_count").unwrap().1 = Meta::U32(100_000));
     build_fails(&path, &["tiny.gguf", "100000 is above the supported 1024"]);
 
     let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
