@@ -91,9 +91,7 @@ impl Checkpoint {
             return Err(Error::bad_file(&tokenizer_path, "missing: a checkpoint needs tokenizer.json"));
         }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        let tok = tokenizer_json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::bad_file(&tokenizer_path, format!("cannot load tokenizer: {e}")))?;
+        let tok = crate::text::parse_tokenizer(&tokenizer_json, &tokenizer_path)?;
         let weights = Weights::Hf(TensorSet::open_checkpoint(dir)?);
         let tokenizer = TokenizerInfo::read_hf(dir, &spec, &tok)?;
         Self::checked(dir, spec, weights, tokenizer_json, tokenizer)

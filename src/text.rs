@@ -1,7 +1,10 @@
 //! Text in and out: the HF tokenizer, the chat template (Jinja, rendered with minijinja) and
 //! incremental detokenization for streaming.
 
-use std::path::Path;
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use tokenizers::Tokenizer;
 
@@ -10,14 +13,15 @@ use crate::tokenizer_info::TokenizerInfo;
 
 pub struct TextCodec {
     tokenizer: Tokenizer,
+    /// The `tokenizer.json` it was loaded from, named in errors.
+    path: PathBuf,
     info: TokenizerInfo,
 }
 
 impl TextCodec {
     pub fn load(path: &Path, info: &TokenizerInfo) -> Result<Self> {
-        let tokenizer =
-            Tokenizer::from_file(path).map_err(|e| Error::bad_file(path, format!("cannot load tokenizer: {e}")))?;
-        Ok(TextCodec { tokenizer, info: info.clone() })
+        let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Ok(TextCodec { tokenizer: parse_tokenizer(&json, path)?, path: path.into(), info: info.clone() })
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -25,15 +29,12 @@ impl TextCodec {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer(format!("cannot tokenize prompt: {e}")))?;
+        let enc = tokenizer_call(&self.path, "encoding", || self.tokenizer.encode(text, add_special_tokens))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
+        tokenizer_call(&self.path, "decoding", || self.tokenizer.decode(ids, true))
     }
 
     /// The prompt for a single user turn with the generation prompt appended, as
@@ -65,6 +66,61 @@ impl TextCodec {
     pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
         self.encode(rendered, false)
     }
+}
+
+/// The tokenizer of `tokenizer.json` text; `path` names it in errors.
+pub(crate) fn parse_tokenizer(json: &str, path: &Path) -> Result<Tokenizer> {
+    tokenizer_call(path, "loading", || json.parse::<Tokenizer>())
+}
+
+/// Runs a call into `tokenizers` on a tokenizer from `path`, while `doing` something. Its errors,
+/// and its panics — a decoder that indexes out of bounds, an oniguruma regex that fails to match or
+/// to allocate, a deserializer that `expect`s —, become one error naming the file.
+fn tokenizer_call<T, E: std::fmt::Display>(
+    path: &Path,
+    doing: &str,
+    call: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    let failed = |why: String| Error::bad_file(path, format!("the tokenizer failed while {doing}: {why}"));
+    match isolate(call) {
+        Ok(result) => result.map_err(|e| failed(e.to_string())),
+        Err(panic) => Err(failed(panic)),
+    }
+}
+
+thread_local! {
+    /// How many [`isolate`] calls this thread is inside: the panic hook stays quiet while it is not 0.
+    static ISOLATED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `call`, turning a panic inside it into `Err(its message)` (one line). The process's panic
+/// hook is wrapped once so that it prints nothing for panics inside `isolate` on the same thread,
+/// and passes every other panic to the hook that was there before. A thread-local flag and not a
+/// hook swapped in around each call, because the hook is process-wide: swapping it would race with
+/// other threads' panics and requests. (A hook set later by the application replaces ours: then the
+/// panic is still caught, only printed.) `AssertUnwindSafe`: `tokenizers` guards its caches with
+/// locks it tolerates poisoned, and a failed call leaves nothing of ours half-updated.
+fn isolate<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if ISOLATED.with(Cell::get) == 0 {
+                previous(info)
+            }
+        }));
+    });
+    ISOLATED.with(|n| n.set(n.get() + 1));
+    let result = panic::catch_unwind(AssertUnwindSafe(call));
+    ISOLATED.with(|n| n.set(n.get() - 1));
+    result.map_err(|payload| {
+        let msg = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+            (Some(s), _) => s.to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "a panic without a message".into(),
+        };
+        msg.lines().collect::<Vec<_>>().join(" ")
+    })
 }
 
 /// Turns a growing list of token ids into text pieces, holding back bytes of an unfinished UTF-8
