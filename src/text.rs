@@ -51,6 +51,7 @@ impl TextCodec {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let bad = |e: minijinja::Error| Error::invalid("chat", format!("chat template failed: {e}"));
         env.add_template("chat", template).map_err(bad)?;
         let ctx = minijinja::context! {
@@ -59,12 +60,54 @@ impl TextCodec {
             bos_token => self.info.bos_token.clone().unwrap_or_default(),
             eos_token => self.info.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(bad)
+        let mut out = BoundedWriter { buf: Vec::new(), limit: user_message.len() + TEMPLATE_OUTPUT };
+        match env.get_template("chat").and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ())) {
+            Ok(_) => String::from_utf8(out.buf).map_err(|_| Error::invalid("chat", "chat template rendered invalid UTF-8")),
+            Err(_) if out.buf.len() == out.limit => Err(Error::invalid(
+                "chat",
+                format!("chat template rendered more than {} bytes (the message plus {TEMPLATE_OUTPUT})", out.limit),
+            )),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::invalid(
+                "chat",
+                format!("chat template exceeded its fuel budget of {TEMPLATE_FUEL} instructions (does it loop without end?)"),
+            )),
+            Err(e) => Err(bad(e)),
+        }
     }
 
     /// Encodes a rendered chat prompt: the template already holds every special token.
     pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
         self.encode(rendered, false)
+    }
+}
+
+/// Instructions a chat template may run for one prompt: real templates take a few thousand; this
+/// stops one that would loop for minutes within about a second.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// Bytes a chat template may add to the message it wraps. (minijinja bounds the rest itself:
+/// recursion to 500 levels, a string repeated with `*` to 100 MB.)
+const TEMPLATE_OUTPUT: usize = 1 << 20;
+
+/// A rendering target that fills up to `limit` bytes and fails the write that would go past it.
+struct BoundedWriter {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit - self.buf.len();
+        if bytes.len() > room {
+            self.buf.extend_from_slice(&bytes[..room]);
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
