@@ -16,12 +16,22 @@ pub struct TextCodec {
     /// The `tokenizer.json` it was loaded from, named in errors.
     path: PathBuf,
     info: TokenizerInfo,
+    /// [`max_token_bytes`] of the tokenizer.
+    max_token_bytes: Option<usize>,
 }
 
 impl TextCodec {
     pub fn load(path: &Path, info: &TokenizerInfo) -> Result<Self> {
         let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Ok(TextCodec { tokenizer: parse_tokenizer(&json, path)?, path: path.into(), info: info.clone() })
+        let tokenizer = parse_tokenizer(&json, path)?;
+        let max_token_bytes = serde_json::from_str(&json).ok().and_then(|v| max_token_bytes(&v));
+        Ok(TextCodec { tokenizer, path: path.into(), info: info.clone(), max_token_bytes })
+    }
+
+    /// The fewest tokens `text` can encode to, known without tokenizing it (0 where the tokenizer
+    /// gives no bound), and the most bytes one token stands for that it is derived from.
+    pub fn min_tokens(&self, text: &str) -> (usize, Option<usize>) {
+        (self.max_token_bytes.map_or(0, |max| text.len().div_ceil(max)), self.max_token_bytes)
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -79,6 +89,43 @@ impl TextCodec {
     pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
         self.encode(rendered, false)
     }
+}
+
+/// The most input bytes one token can stand for, where the tokenizer's configuration bounds it:
+/// byte-level BPE with every byte in the vocabulary (so nothing is dropped as unknown), no
+/// normalizer, no pre-tokenizer step that removes text, no truncation, and no added token that
+/// swallows the whitespace beside it. Then a text of `n` bytes is at least `n / max` tokens.
+fn max_token_bytes(json: &serde_json::Value) -> Option<usize> {
+    use serde_json::Value;
+    let unset = |key: &str| json.get(key).map_or(true, Value::is_null);
+    if !unset("normalizer") || !unset("truncation") {
+        return None;
+    }
+    let pre = json.get("pre_tokenizer")?;
+    let steps: Vec<&Value> = match pre["type"].as_str()? {
+        "Sequence" => pre["pretokenizers"].as_array()?.iter().collect(),
+        _ => vec![pre],
+    };
+    let keeps_text = |step: &Value| match step["type"].as_str() {
+        Some("ByteLevel" | "Digits" | "Metaspace") => true,
+        Some("Split" | "Punctuation") => step["behavior"] != "Removed",
+        _ => false,
+    };
+    if !steps.iter().all(|s| keeps_text(s)) || !steps.iter().any(|s| s["type"] == "ByteLevel") {
+        return None;
+    }
+    let model = &json["model"];
+    let vocab = model["vocab"].as_object()?;
+    let every_byte = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet();
+    if model["type"] != "BPE" || !every_byte.iter().all(|c| vocab.contains_key(&c.to_string())) {
+        return None;
+    }
+    let added = json["added_tokens"].as_array()?;
+    if added.iter().any(|t| t["lstrip"] == true || t["rstrip"] == true) {
+        return None;
+    }
+    let added = added.iter().filter_map(|t| t["content"].as_str());
+    vocab.keys().map(String::as_str).chain(added).map(str::len).max()
 }
 
 /// Instructions a chat template may run for one prompt: real templates take a few thousand; this
