@@ -164,7 +164,7 @@ fn byte_level_tokenizer() -> Result<String> {
 }
 
 /// Runs `write` into a temporary folder beside `output` and renames it to `output` when it
-/// succeeds; on failure nothing is left behind.
+/// succeeds; on failure — an error or a panic — nothing is left behind.
 fn atomically(output: &Path, force: bool, write: impl FnOnce(&Path) -> Result<Manifest>) -> Result<Manifest> {
     if output.exists() && !force {
         return Err(Error::bad_file(output, "already exists; pass --force to replace it"));
@@ -175,20 +175,25 @@ fn atomically(output: &Path, force: bool, write: impl FnOnce(&Path) -> Result<Ma
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write(&tmp).and_then(|manifest| {
-        if output.exists() {
-            std::fs::remove_dir_all(output).map_err(|e| Error::io(output, e))?;
-        }
-        std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e))?;
-        Ok(manifest)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = PartialDir(parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    std::fs::create_dir(&tmp.0).map_err(|e| Error::io(&tmp.0, e))?;
+    let manifest = write(&tmp.0)?;
+    if output.exists() {
+        std::fs::remove_dir_all(output).map_err(|e| Error::io(output, e))?;
     }
-    result
+    std::fs::rename(&tmp.0, output).map_err(|e| Error::io(output, e))?;
+    Ok(manifest)
+}
+
+/// A build's temporary output folder, removed when dropped: on every error return and while a
+/// panic unwinds. After the rename into place there is nothing left to remove.
+struct PartialDir(PathBuf);
+
+impl Drop for PartialDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Writes the engine's files into `dir`, with `defaults` (FastKV policy, preset name) in its manifest.
@@ -215,7 +220,7 @@ fn write_engine(
         let t = &ckpt.layout[i];
         bar.set_message(t.name.clone());
         for src in &t.sources {
-            ckpt.weights.write_as(src, opts.dtype, buf)?;
+            ckpt.weights.write_as(&src.name, opts.dtype, buf)?;
         }
         bar.inc(buf.len() as u64);
         Ok(())
@@ -241,4 +246,18 @@ fn write_engine(
     };
     manifest.write(dir)?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_that_panics_leaves_no_partial_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let output = tmp.path().join("engine");
+        let build = std::panic::catch_unwind(|| atomically(&output, false, |_| panic!("a bug in a writer")));
+        assert!(build.is_err());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "the partial folder was left behind");
+    }
 }

@@ -13,7 +13,14 @@ use crate::tokenizer_info::TokenizerInfo;
 pub struct EngineTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    pub sources: Vec<String>,
+    pub sources: Vec<Source>,
+}
+
+/// A checkpoint tensor and the shape the spec requires of it: each part of a fused tensor is
+/// checked on its own, since parts of a wrong split can still add up to the right total.
+pub struct Source {
+    pub name: String,
+    pub shape: Vec<usize>,
 }
 
 /// Where the weights come from; tensors are named as in HF checkpoints either way.
@@ -27,6 +34,14 @@ impl Weights {
         match self {
             Weights::Hf(t) => Ok(t.get(name)?.shape.to_vec()),
             Weights::Gguf(g) => g.shape(name),
+        }
+    }
+
+    /// The name the checkpoint's own file gives tensor `name`, for messages.
+    fn file_name_of(&self, name: &str) -> String {
+        match self {
+            Weights::Hf(_) => name.to_string(),
+            Weights::Gguf(g) => g.file_name_of(name),
         }
     }
 
@@ -76,9 +91,7 @@ impl Checkpoint {
             return Err(Error::bad_file(&tokenizer_path, "missing: a checkpoint needs tokenizer.json"));
         }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        let tok = tokenizer_json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::bad_file(&tokenizer_path, format!("cannot load tokenizer: {e}")))?;
+        let tok = crate::text::parse_tokenizer(&tokenizer_json, &tokenizer_path)?;
         let weights = Weights::Hf(TensorSet::open_checkpoint(dir)?);
         let tokenizer = TokenizerInfo::read_hf(dir, &spec, &tok)?;
         Self::checked(dir, spec, weights, tokenizer_json, tokenizer)
@@ -102,73 +115,67 @@ impl Checkpoint {
 /// Engine tensor names → HF tensor names, for the Llama-style layout all four families share.
 pub(crate) fn hf_layout(spec: &ModelSpec) -> Vec<EngineTensor> {
     let (e, d, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
-    let t = |name: String, shape: Vec<usize>, sources: Vec<String>| EngineTensor { name, shape, sources };
-    let mut out = vec![t("embed".into(), vec![spec.vocab_size, e], vec!["model.embed_tokens.weight".into()])];
+    let one = |name: String, shape: Vec<usize>, source: String| EngineTensor {
+        name,
+        sources: vec![Source { name: source, shape: shape.clone() }],
+        shape,
+    };
+    // Parts of `(name, rows)` stacked along rows; `tail` is the shape after the rows.
+    let fused = |name: String, tail: &[usize], parts: Vec<(String, usize)>| EngineTensor {
+        name,
+        shape: [&[parts.iter().map(|p| p.1).sum()], tail].concat(),
+        sources: parts.into_iter().map(|(name, rows)| Source { name, shape: [&[rows], tail].concat() }).collect(),
+    };
+    let mut out = vec![one("embed".into(), vec![spec.vocab_size, e], "model.embed_tokens.weight".into())];
     for l in 0..spec.num_layers {
         let p = format!("model.layers.{l}");
-        let qkv = |suffix: &str| ["q_proj", "k_proj", "v_proj"].map(|m| format!("{p}.self_attn.{m}.{suffix}")).to_vec();
-        out.push(t(format!("layers.{l}.attn_norm"), vec![e], vec![format!("{p}.input_layernorm.weight")]));
-        out.push(t(format!("layers.{l}.wqkv"), vec![spec.qkv_rows(), e], qkv("weight")));
+        let qkv = |suffix: &str| {
+            let rows = [spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d];
+            ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .zip(rows)
+                .map(|(m, r)| (format!("{p}.self_attn.{m}.{suffix}"), r))
+                .collect()
+        };
+        out.push(one(format!("layers.{l}.attn_norm"), vec![e], format!("{p}.input_layernorm.weight")));
+        out.push(fused(format!("layers.{l}.wqkv"), &[e], qkv("weight")));
         if spec.qkv_bias {
-            out.push(t(format!("layers.{l}.bqkv"), vec![spec.qkv_rows()], qkv("bias")));
+            out.push(fused(format!("layers.{l}.bqkv"), &[], qkv("bias")));
         }
         if spec.qk_norm {
-            out.push(t(format!("layers.{l}.q_norm"), vec![d], vec![format!("{p}.self_attn.q_norm.weight")]));
-            out.push(t(format!("layers.{l}.k_norm"), vec![d], vec![format!("{p}.self_attn.k_norm.weight")]));
+            out.push(one(format!("layers.{l}.q_norm"), vec![d], format!("{p}.self_attn.q_norm.weight")));
+            out.push(one(format!("layers.{l}.k_norm"), vec![d], format!("{p}.self_attn.k_norm.weight")));
         }
-        out.push(t(
-            format!("layers.{l}.wo"),
-            vec![e, spec.num_heads * d],
-            vec![format!("{p}.self_attn.o_proj.weight")],
-        ));
-        out.push(t(format!("layers.{l}.mlp_norm"), vec![e], vec![format!("{p}.post_attention_layernorm.weight")]));
-        out.push(t(
+        out.push(one(format!("layers.{l}.wo"), vec![e, spec.num_heads * d], format!("{p}.self_attn.o_proj.weight")));
+        out.push(one(format!("layers.{l}.mlp_norm"), vec![e], format!("{p}.post_attention_layernorm.weight")));
+        out.push(fused(
             format!("layers.{l}.w_gate_up"),
-            vec![2 * i, e],
-            vec![format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")],
+            &[e],
+            vec![(format!("{p}.mlp.gate_proj.weight"), i), (format!("{p}.mlp.up_proj.weight"), i)],
         ));
-        out.push(t(format!("layers.{l}.w_down"), vec![e, i], vec![format!("{p}.mlp.down_proj.weight")]));
+        out.push(one(format!("layers.{l}.w_down"), vec![e, i], format!("{p}.mlp.down_proj.weight")));
     }
-    out.push(t("final_norm".into(), vec![e], vec!["model.norm.weight".into()]));
+    out.push(one("final_norm".into(), vec![e], "model.norm.weight".into()));
     // Tied checkpoints may still ship lm_head.weight; it is the embedding and is not copied.
     if !spec.tie_word_embeddings {
-        out.push(t("lm_head".into(), vec![spec.vocab_size, e], vec!["lm_head.weight".into()]));
+        out.push(one("lm_head".into(), vec![spec.vocab_size, e], "lm_head.weight".into()));
     }
     out
 }
 
-/// Every source exists, has a float dtype, and the row blocks add up to the engine tensor's shape.
-fn check_sources(dir: &Path, weights: &Weights, t: &EngineTensor) -> Result<()> {
-    let mut rows = 0;
-    for name in &t.sources {
-        let shape = weights.shape(name)?;
-        let expected_tail = &t.shape[1..];
-        let ok = shape.len() == t.shape.len() && &shape[1..] == expected_tail;
-        if !ok || shape.is_empty() {
-            let mut expected = t.shape.clone();
-            if t.sources.len() > 1 {
-                expected[0] = shape.first().copied().unwrap_or(0);
-            }
+/// Every source exists, is readable (HF: a float dtype) and has exactly the shape the spec gives it.
+fn check_sources(path: &Path, weights: &Weights, t: &EngineTensor) -> Result<()> {
+    for src in &t.sources {
+        let shape = weights.shape(&src.name)?;
+        if shape != src.shape {
             return Err(Error::TensorMismatch {
-                path: dir.into(),
-                name: name.clone(),
+                path: path.into(),
+                name: weights.file_name_of(&src.name),
                 what: "shape",
-                expected: format!("{expected:?}"),
+                expected: format!("{:?}", src.shape),
                 actual: format!("{shape:?}"),
             });
         }
-        rows += shape[0];
-    }
-    if rows != t.shape[0] {
-        let shapes: Vec<String> =
-            t.sources.iter().map(|n| format!("{n} {:?}", weights.shape(n).unwrap_or_default())).collect();
-        return Err(Error::TensorMismatch {
-            path: dir.into(),
-            name: t.sources.join(" + "),
-            what: "total rows",
-            expected: t.shape[0].to_string(),
-            actual: format!("{rows} ({})", shapes.join(", ")),
-        });
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! number of concurrent requests.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +81,17 @@ impl Manifest {
         let manifest: Manifest =
             serde_json::from_value(v).map_err(|e| Error::bad_file(&path, format!("invalid manifest: {e}")))?;
         manifest.model.validate().map_err(|m| Error::bad_file(&path, m))?;
+        // Every listed file is read and hashed: only plain names inside the engine directory.
+        let plain = |name: &str| {
+            let mut parts = Path::new(name).components();
+            matches!((parts.next(), parts.next()), (Some(Component::Normal(_)), None))
+        };
+        if let Some(bad) = manifest.files.keys().find(|n| !plain(n)) {
+            return Err(Error::bad_file(
+                &path,
+                format!("file `{bad}` must be a plain file name inside the engine directory"),
+            ));
+        }
         Ok(manifest)
     }
 
@@ -97,8 +108,16 @@ impl Manifest {
 
     /// Checks that every listed file exists with its recorded size; with `hashes`, also its sha256.
     pub fn check_files(&self, dir: &Path, hashes: bool) -> Result<()> {
+        let real_dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         for (name, entry) in &self.files {
             let path = dir.join(name);
+            let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+            if !real.starts_with(&real_dir) {
+                return Err(Error::bad_file(
+                    &dir.join(MANIFEST),
+                    format!("file `{name}` resolves outside the engine directory (to {})", real.display()),
+                ));
+            }
             let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
             if meta.len() != entry.bytes {
                 return Err(Error::bad_file(

@@ -160,9 +160,31 @@ impl Engine {
         for policy in policies {
             policy.validate(spec)?;
         }
+        let max_pos = spec.max_position_embeddings;
+        // A text too long for the model is refused before it is tokenized, where its length in
+        // bytes already proves it: tokenizing megabytes takes seconds and gigabytes.
+        let fits = |text: &str| {
+            match self.text.min_tokens(text) {
+            (tokens, Some(max)) if tokens > max_pos => Err(Error::invalid(
+                "prompt",
+                format!(
+                    "the prompt is at least {tokens} tokens ({} bytes, no token of this tokenizer is longer than {max}); this model takes at most {max_pos}",
+                    text.len()
+                ),
+            )),
+            _ => Ok(()),
+        }
+        };
         let ids = match &req.prompt {
-            Prompt::Text(t) => self.text.encode(t, true)?,
-            Prompt::Chat(m) => self.text.encode_chat(&self.text.chat_prompt(m)?)?,
+            Prompt::Text(t) => {
+                fits(t)?;
+                self.text.encode(t, true)?
+            }
+            Prompt::Chat(m) => {
+                let rendered = self.text.chat_prompt(m)?;
+                fits(&rendered)?;
+                self.text.encode_chat(&rendered)?
+            }
             Prompt::Tokens(ids) => ids.clone(),
         };
         if ids.is_empty() {
@@ -174,7 +196,6 @@ impl Engine {
                 format!("token id {bad} is outside the vocabulary ({})", spec.vocab_size),
             ));
         }
-        let max_pos = spec.max_position_embeddings;
         if ids.len() > max_pos {
             return Err(Error::invalid(
                 "prompt",

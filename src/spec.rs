@@ -133,20 +133,30 @@ impl ModelSpec {
         Ok(spec)
     }
 
-    /// Checks the invariants every backend relies on.
+    /// Checks the invariants every backend relies on. Runs wherever a spec is read (config.json, GGUF
+    /// metadata, engine.json), before anything is sized from it.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
+        // Each size field (config.json names) and the largest value fastkv accepts: several times the
+        // largest model of the supported families, and small enough that every tensor's byte size —
+        // even all of them together — is far below `u64::MAX`, so no size computed from a spec overflows.
+        let sizes = [
+            ("vocab_size", self.vocab_size, 1 << 21),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_layers, 1024),
+            ("num_attention_heads", self.num_heads, 1024),
+            ("num_key_value_heads", self.num_kv_heads, 1024),
+            ("head_dim", self.head_dim, 1024),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+        let window = self.sliding_window.map(|w| ("sliding_window", w, 1 << 24));
+        for (name, value, limit) in sizes.into_iter().chain(window) {
+            if value == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+            if value > limit {
+                return Err(format!("{name} = {value} is above the supported {limit}"));
+            }
         }
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(format!(
@@ -157,11 +167,26 @@ impl ModelSpec {
         if self.head_dim % 2 != 0 {
             return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
-        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err("rope_theta must be positive".into());
-        }
-        if self.sliding_window == Some(0) {
-            return Err("sliding_window must be positive".into());
+        let positive = |name: &str, x: f64| match x.is_finite() && x > 0.0 {
+            true => Ok(()),
+            false => Err(format!("{name} = {x} must be a positive finite number")),
+        };
+        positive("rope_theta", self.rope_theta)?;
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("rope factor", factor)?,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                positive("rope factor", factor)?;
+                positive("rope low_freq_factor", low_freq_factor)?;
+                positive("rope high_freq_factor", high_freq_factor)?;
+                positive("rope original_max_position_embeddings", original_max_position_embeddings)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "rope high_freq_factor ({high_freq_factor}) must be above low_freq_factor ({low_freq_factor})"
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -196,8 +196,8 @@ fn corrupt_engine_weights_are_detected() {
     assert!(open_err(&engine).contains("size"));
 }
 
-/// Runs `fastkv run` with `args`; asserts a one-line error containing `needle`.
-fn run_fails(engine: &Path, args: &[&str], needle: &str) {
+/// Runs `fastkv run` with `args`; asserts an error containing `needle` and no output; returns stderr.
+fn run_fails(engine: &Path, args: &[&str], needle: &str) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_fastkv"))
         .args(["run", "--engine", engine.to_str().unwrap()])
         .args(args)
@@ -208,6 +208,13 @@ fn run_fails(engine: &Path, args: &[&str], needle: &str) {
     assert!(stderr.contains(needle), "{args:?}: error should mention {needle:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(run.stdout.is_empty(), "{args:?} printed output before failing");
+    stderr.into_owned()
+}
+
+/// [`run_fails`], and the error is one line.
+fn run_fails_in_one_line(engine: &Path, args: &[&str], needle: &str) {
+    let stderr = run_fails(engine, args, needle);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one-line error expected, got:\n{stderr}");
 }
 
 #[test]
@@ -298,4 +305,271 @@ fn tsp_layer_flag_sets_the_engine_default_and_is_checked() {
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
     assert!(String::from_utf8_lossy(&good.stdout).contains("ℓ* = 2 (--tsp-layer)"));
     assert_eq!(Engine::open(tmp.path().join("engine")).unwrap().default_policy().tsp_layer, 2);
+}
+
+/// Rewrites a JSON file of a copied fixture through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// A GGUF metadata value.
+enum Meta {
+    U32(u32),
+    Str(&'static str),
+    Strs(Vec<String>),
+}
+
+/// A GGUF v3 file of `meta` and zero-filled F32 tensors `(name, ggml dims, stored values)`.
+fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[(String, Vec<u64>, usize)]) -> Vec<u8> {
+    let str = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (key, value) in meta {
+        str(&mut b, key);
+        match value {
+            Meta::U32(n) => {
+                b.extend(4u32.to_le_bytes());
+                b.extend(n.to_le_bytes());
+            }
+            Meta::Str(s) => {
+                b.extend(8u32.to_le_bytes());
+                str(&mut b, s);
+            }
+            Meta::Strs(a) => {
+                b.extend(9u32.to_le_bytes());
+                b.extend(8u32.to_le_bytes());
+                b.extend((a.len() as u64).to_le_bytes());
+                a.iter().for_each(|s| str(&mut b, s));
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, dims, values) in tensors {
+        str(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(0u32.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offset += *values as u64 * 4;
+    }
+    b.resize(b.len().div_ceil(32) * 32 + offset as usize, 0);
+    b
+}
+
+/// A one-layer llama GGUF (hidden 32, two heads of 16, one KV head, 8 tokens) after `edit` changed
+/// its metadata or its tensors' ggml dims.
+fn tiny_gguf(
+    edit: impl FnOnce(&mut Vec<(&'static str, Meta)>, &mut Vec<(String, Vec<u64>, usize)>),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let mut meta = vec![
+        ("general.architecture", Meta::Str("llama")),
+        ("llama.embedding_length", Meta::U32(32)),
+        ("llama.attention.head_count", Meta::U32(2)),
+        ("llama.attention.head_count_kv", Meta::U32(1)),
+        ("llama.block_count", Meta::U32(1)),
+        ("llama.feed_forward_length", Meta::U32(32)),
+        ("llama.context_length", Meta::U32(64)),
+        ("tokenizer.ggml.model", Meta::Str("gpt2")),
+        ("tokenizer.ggml.pre", Meta::Str("smollm")),
+        ("tokenizer.ggml.tokens", Meta::Strs("abcdefgh".chars().map(String::from).collect())),
+        ("tokenizer.ggml.merges", Meta::Strs(Vec::new())),
+    ];
+    let t = |name: &str, dims: &[u64]| (name.to_string(), dims.to_vec(), dims.iter().product::<u64>() as usize);
+    let mut tensors = vec![
+        t("token_embd.weight", &[32, 8]),
+        t("output_norm.weight", &[32]),
+        t("blk.0.attn_norm.weight", &[32]),
+        t("blk.0.attn_q.weight", &[32, 32]),
+        t("blk.0.attn_k.weight", &[32, 16]),
+        t("blk.0.attn_v.weight", &[32, 16]),
+        t("blk.0.attn_output.weight", &[32, 32]),
+        t("blk.0.ffn_norm.weight", &[32]),
+        t("blk.0.ffn_gate.weight", &[32, 32]),
+        t("blk.0.ffn_up.weight", &[32, 32]),
+        t("blk.0.ffn_down.weight", &[32, 32]),
+    ];
+    edit(&mut meta, &mut tensors);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny.gguf");
+    std::fs::write(&path, gguf_bytes(&meta, &tensors)).unwrap();
+    (tmp, path)
+}
+
+/// Sets the ggml dims (and stored size) of tensor `name`.
+fn set_dims(tensors: &mut [(String, Vec<u64>, usize)], name: &str, dims: &[u64]) {
+    let t = tensors.iter_mut().find(|t| t.0 == name).unwrap();
+    t.1 = dims.to_vec();
+    t.2 = dims.iter().product::<u64>() as usize;
+}
+
+#[test]
+fn fused_parts_with_a_wrong_split_but_the_right_total_are_refused() {
+    // q_proj 80 rows and k_proj 16 instead of 64 and 32: q|k|v still has its 128 rows.
+    let resize = |t: &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, name: &str, rows: usize| {
+        let e = t.iter_mut().find(|(n, ..)| n == name).unwrap();
+        e.2[0] = rows;
+        e.3.resize(rows * e.2[1] * 4, 0);
+    };
+    let (_t, dir) = edit_weights(|t| {
+        resize(t, "model.layers.1.self_attn.q_proj.weight", 80);
+        resize(t, "model.layers.1.self_attn.k_proj.weight", 16);
+    });
+    build_fails(&dir, &["model.layers.1.self_attn.q_proj.weight", "[80, 64]", "expected [64, 64]"]);
+    let (_t, dir) = edit_weights(|t| {
+        resize(t, "model.layers.0.mlp.gate_proj.weight", 64);
+        resize(t, "model.layers.0.mlp.up_proj.weight", 192);
+    });
+    build_fails(&dir, &["model.layers.0.mlp.gate_proj.weight", "[64, 64]", "expected [128, 64]"]);
+}
+
+#[test]
+fn gguf_fused_parts_with_a_wrong_split_but_the_right_total_are_refused() {
+    let (tmp, ok) = tiny_gguf(|_, _| {});
+    let engine = tmp.path().join("engine");
+    fastkv::builder::build(&fastkv::builder::BuildOptions {
+        checkpoint: ok,
+        output: engine.clone(),
+        dtype: DType::F32,
+        force: false,
+        progress: false,
+        tsp_layer: None,
+    })
+    .unwrap();
+    // attn_q 24 rows and attn_k 24 instead of 32 and 16 (q|k|v still 64 rows): not whole heads.
+    let (_t, path) = tiny_gguf(|_, t| {
+        set_dims(t, "blk.0.attn_q.weight", &[32, 24]);
+        set_dims(t, "blk.0.attn_k.weight", &[32, 24]);
+    });
+    build_fails(&path, &["tiny.gguf", "blk.0.attn_q.weight", "[24, 32]", "expected [32, 32]"]);
+}
+
+#[test]
+fn gguf_sizes_that_overflow_are_refused() {
+    // 2^62 f32 values: 2^64 bytes, which wraps to 0 in unchecked arithmetic.
+    let (_t, path) = tiny_gguf(|_, t| t.push(("huge.weight".into(), vec![1 << 62, 1], 0)));
+    build_fails(&path, &["tiny.gguf", "huge.weight", "too large"]);
+}
+
+#[test]
+fn a_tokenizer_that_panics_while_decoding_is_one_error_line() {
+    let (_t, dir) = copy_fixture("llama");
+    // tokenizers' Strip decoder indexes before the start of an empty token (Replace empties them all).
+    edit_json(&dir.join("tokenizer.json"), |v| {
+        v["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": ""},
+            {"type": "Strip", "content": " ", "start": 0, "stop": 1},
+        ]});
+    });
+    let (_tmp, engine) = build_engine(&dir, DType::F32);
+    run_fails_in_one_line(
+        &engine,
+        &["--prompt", "hello", "--max-new-tokens", "2"],
+        "tokenizer.json: the tokenizer failed while decoding",
+    );
+}
+
+#[test]
+fn a_tokenizer_that_panics_while_loading_is_one_error_line() {
+    let (_t, dir) = copy_fixture("llama");
+    // Deeper than serde_json's recursion limit: tokenizers' decoder deserializer `expect`s.
+    let path = dir.join("tokenizer.json");
+    edit_json(&path, |v| v["decoder"] = "NESTED".into());
+    let nested = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("\"NESTED\"", &nested)).unwrap();
+    build_fails(&dir, &["tokenizer.json"]);
+}
+
+#[test]
+fn a_chat_template_that_never_ends_runs_out_of_fuel() {
+    let (_t, dir) = copy_fixture("llama");
+    edit_json(&dir.join("tokenizer_config.json"), |v| {
+        v["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}".into();
+    });
+    let (_tmp, engine) = build_engine(&dir, DType::F32);
+    run_fails_in_one_line(&engine, &["--chat", "--prompt", "hi"], "chat template exceeded its fuel budget");
+}
+
+#[test]
+fn a_chat_template_that_renders_megabytes_is_stopped() {
+    let (_t, dir) = copy_fixture("llama");
+    edit_json(&dir.join("tokenizer_config.json"), |v| {
+        v["chat_template"] = "{% for i in range(4) %}{{ 'x' * 1000000 }}{% endfor %}".into();
+    });
+    let (_tmp, engine) = build_engine(&dir, DType::F32);
+    run_fails_in_one_line(&engine, &["--chat", "--prompt", "hi"], "chat template rendered more than");
+}
+
+#[test]
+fn absurd_config_values_are_refused_with_the_bound() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("num_hidden_layers", 100_000.into(), "num_hidden_layers = 100000 is above the supported 1024"),
+        ("hidden_size", (1u64 << 40).into(), "hidden_size = 1099511627776 is above the supported"),
+        ("vocab_size", 4_000_000_000u64.into(), "vocab_size = 4000000000 is above the supported"),
+        ("max_position_embeddings", (1u64 << 40).into(), "max_position_embeddings = 1099511627776 is above"),
+        ("rope_theta", (-1.0).into(), "rope_theta"),
+    ];
+    for (key, value, needle) in cases {
+        let (_t, dir) = copy_fixture("llama");
+        edit_json(&dir.join("config.json"), |v| v[key] = value);
+        build_fails(&dir, &["config.json", needle]);
+    }
+    let (_t, dir) = copy_fixture("llama");
+    edit_json(&dir.join("config.json"), |v| v["rope_scaling"]["factor"] = (-8.0).into());
+    build_fails(&dir, &["config.json", "factor"]);
+    let (_t, dir) = copy_fixture("mistral");
+    edit_json(&dir.join("config.json"), |v| v["sliding_window"] = (1u64 << 40).into());
+    build_fails(&dir, &["config.json", "sliding_window = 1099511627776 is above"]);
+
+    let (_t, path) =
+        tiny_gguf(|m, _| m.iter_mut().find(|(k, _)| *k == "llama.block_count").unwrap().1 = Meta::U32(100_000));
+    build_fails(&path, &["tiny.gguf", "100000 is above the supported 1024"]);
+
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    edit_json(&engine.join("engine.json"), |v| v["model"]["num_layers"] = 100_000.into());
+    let msg = open_err(&engine);
+    assert!(msg.contains("engine.json") && msg.contains("100000 is above the supported 1024"), "{msg}");
+}
+
+#[test]
+fn a_huge_prompt_is_refused_before_it_is_tokenized() {
+    let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
+    let engine = Engine::open(&dir).unwrap();
+    let req = Request::new(Prompt::Text("a ".repeat(1 << 20)));
+    let start = std::time::Instant::now();
+    let err = engine.generate(&req, |_| ControlFlow::Continue(())).unwrap_err().to_string();
+    assert!(err.contains("at least") && err.contains("at most 4096"), "{err}");
+    assert!(start.elapsed().as_secs_f64() < 1.0, "took {:?}", start.elapsed());
+}
+
+#[test]
+fn engine_files_outside_the_engine_directory_are_refused() {
+    let (tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let outside = tmp.path().join("secret.txt");
+    std::fs::write(&outside, "secret").unwrap();
+    let entry = serde_json::json!({"bytes": 6, "sha256": "0"});
+    let list = |name: &str| {
+        edit_json(&engine.join("engine.json"), |v| {
+            v["files"].as_object_mut().unwrap().retain(|k, _| !k.contains("secret"));
+            v["files"][name] = entry.clone();
+        })
+    };
+    for name in ["../secret.txt", outside.to_str().unwrap(), "sub/../../secret.txt"] {
+        list(name);
+        let msg = open_err(&engine);
+        assert!(msg.contains("engine.json") && msg.contains(name) && msg.contains("plain file name"), "{msg}");
+    }
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&outside, engine.join("secret-link")).unwrap();
+        list("secret-link");
+        let msg = open_err(&engine);
+        assert!(msg.contains("secret-link") && msg.contains("outside the engine directory"), "{msg}");
+    }
 }

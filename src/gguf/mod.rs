@@ -41,6 +41,11 @@ impl Gguf {
         self.file.tensors.get(&name).ok_or(Error::MissingTensor { path: self.file.path.clone(), name })
     }
 
+    /// The GGUF name of an HF tensor name (itself if it has none), for messages.
+    pub(crate) fn file_name_of(&self, hf_name: &str) -> String {
+        gguf_name(hf_name).unwrap_or_else(|| hf_name.to_string())
+    }
+
     /// Row-major shape of the tensor behind an HF tensor name.
     pub fn shape(&self, hf_name: &str) -> Result<Vec<usize>> {
         Ok(self.info(hf_name)?.shape())

@@ -108,16 +108,23 @@ impl GgufFile {
             if n_dims == 0 || n_dims > 4 {
                 return Err(bad(format!("tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)")));
             }
-            let dims = (0..n_dims).map(|_| c.u64("tensor dim").map(|d| d as usize)).collect::<Result<Vec<_>, _>>();
+            let dims = (0..n_dims).map(|_| c.usize("tensor dim")).collect::<Result<Vec<_>, _>>();
             let ty = c.u32("tensor type").map_err(bad)?;
-            let offset = c.u64("tensor offset").map_err(bad)? as usize;
+            let offset = c.usize("tensor offset").map_err(bad)?;
             table.push((name, dims.map_err(bad)?, ty, offset));
         }
         let align = match metadata.get("general.alignment") {
             None => 32,
-            Some(v) => v.as_u64().filter(|a| *a > 0).ok_or_else(|| bad(format!("general.alignment is {v:?}")))?,
-        } as usize;
-        let data_start = c.pos.div_ceil(align) * align;
+            Some(v) => v
+                .as_u64()
+                .and_then(|a| usize::try_from(a).ok())
+                .filter(|a| *a > 0)
+                .ok_or_else(|| bad(format!("general.alignment is {v:?}")))?,
+        };
+        let data_start = c
+            .pos
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| bad(format!("general.alignment {align} is too large")))?;
         let mut tensors = HashMap::new();
         for (name, dims, ty, offset) in table {
             let ggml_type = GgmlType::from_id(ty).ok_or_else(|| {
@@ -137,8 +144,8 @@ impl GgufFile {
             let bytes = dims
                 .iter()
                 .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .map(|n| n / block * block_bytes)
-                .ok_or_else(|| bad(format!("tensor `{name}`: dims {dims:?} overflow")))?;
+                .and_then(|n| (n / block).checked_mul(block_bytes))
+                .ok_or_else(|| bad(format!("tensor `{name}`: dims {dims:?} are too large (their size overflows)")))?;
             let start = data_start.checked_add(offset).filter(|s| s.checked_add(bytes).is_some());
             let range = match start {
                 Some(s) if s + bytes <= mmap.len() => s..s + bytes,
@@ -195,6 +202,12 @@ impl<'a> Cursor<'a> {
         self.array(what).map(u64::from_le_bytes)
     }
 
+    /// A u64 that must fit a `usize` (a size or an offset).
+    fn usize(&mut self, what: &str) -> Result<usize, String> {
+        let n = self.u64(what)?;
+        usize::try_from(n).map_err(|_| format!("{what} {n} at byte {} is too large", self.pos - 8))
+    }
+
     fn string(&mut self, what: &str) -> Result<String, String> {
         let len = self.u64(what)?;
         let bytes = self.take(usize::try_from(len).unwrap_or(usize::MAX), what)?;
@@ -215,8 +228,14 @@ impl<'a> Cursor<'a> {
             9 if depth == 0 => {
                 let elem = self.u32(key)?;
                 let n = self.u64(key)?;
-                // Each element takes at least one byte: a count beyond the file is corruption.
-                if n > (self.buf.len() - self.pos) as u64 {
+                // A count the rest of the file cannot hold is corruption, refused before anything is allocated.
+                let min_bytes = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    _ => 8,
+                };
+                if n.checked_mul(min_bytes).map_or(true, |b| b > (self.buf.len() - self.pos) as u64) {
                     return Err(format!("truncated: `{key}` claims {n} elements at byte {}", self.pos));
                 }
                 Value::Array((0..n).map(|_| self.value(elem, key, depth + 1)).collect::<Result<_, _>>()?)
