@@ -5,7 +5,7 @@
 //! Probes are essays with four synthetic facts (random names and numbers, never an evaluation's
 //! needle) and a question about one of them. One full prefill per probe yields the rows TSP would
 //! propagate at every candidate layer and rate ([`crate::backend::Backend::tsp_selections`]); a
-//! candidate's *recall* is the share of the asked fact's value tokens among them, averaged over probes.
+//! candidate's *recall* is the share of the asked fact's tokens among them, averaged over probes.
 //!
 //! **Criterion**: the candidate with the largest ideal prefill saving among those whose recall is at
 //! least [`MIN_RECALL`]; if none reaches it, the one with the highest recall.
@@ -26,7 +26,7 @@ use crate::policy::{Budget, Method, Policy};
 use crate::spec::ModelSpec;
 
 /// A candidate qualifies when its TSP keeps at least this share of the asked facts' tokens.
-pub const MIN_RECALL: f64 = 0.9;
+pub const MIN_RECALL: f64 = 0.95;
 /// TSP rates tried beside the engine's own (rate mode only).
 pub const TSP_RATES: [f64; 4] = [0.05, 0.1, 0.2, 0.3];
 
@@ -76,8 +76,9 @@ pub struct Probe {
     pub sample: Sample,
     /// Every fact sentence hidden in it; the first is the one asked about.
     pub facts: Vec<String>,
-    /// Prompt positions of the asked fact's value tokens.
-    pub answer_positions: Vec<u32>,
+    /// Prompt positions of the asked fact's tokens: the key and the value with the words that tie them,
+    /// all of which the layers after ℓ* need to answer.
+    pub fact_positions: Vec<u32>,
 }
 
 const FIRST: [&str; 12] =
@@ -136,7 +137,7 @@ pub fn probes(engine: &Engine, haystack: &Haystack, count: usize, tokens: usize,
             })?;
             let context = haystack.fill(engine, room, &placed)?;
             let prompt = Sample::prompt(engine, &instruction(&context), &prefix)?;
-            let answer_positions = find(engine, &prompt, &codes[0])?;
+            let fact_positions = find(engine, &prompt, &facts[0])?;
             let sample = Sample {
                 task: "calibration".into(),
                 length: tokens,
@@ -145,16 +146,16 @@ pub fn probes(engine: &Engine, haystack: &Haystack, count: usize, tokens: usize,
                 answers: vec![codes[0].clone()],
                 max_new_tokens: 8,
             };
-            Ok(Probe { sample, facts, answer_positions })
+            Ok(Probe { sample, facts, fact_positions })
         })
         .collect()
 }
 
-/// Positions of `value`'s tokens in `prompt` (its only occurrence after a space).
-fn find(engine: &Engine, prompt: &[u32], value: &str) -> Result<Vec<u32>> {
-    let ids = engine.encode(&format!(" {value}"))?;
+/// Positions of `sentence`'s tokens in `prompt` (its only occurrence, after a space).
+fn find(engine: &Engine, prompt: &[u32], sentence: &str) -> Result<Vec<u32>> {
+    let ids = engine.encode(&format!(" {sentence}"))?;
     let at = prompt.windows(ids.len()).position(|w| w == ids.as_slice()).ok_or_else(|| {
-        Error::invalid("probe_tokens", format!("the tokenizer splits the probe value {value} unlike in the prompt"))
+        Error::invalid("probe_tokens", format!("the tokenizer splits the probe fact {sentence:?} unlike in the prompt"))
     })?;
     Ok((at..at + ids.len()).map(|p| p as u32).collect())
 }
@@ -192,10 +193,10 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
         let kept = engine.backend.tsp_selections(&probe.sample.prompt, &policies)?;
         for (sum, kept) in sums.iter_mut().zip(kept) {
             let hits = match kept {
-                Some(rows) => probe.answer_positions.iter().filter(|p| rows.binary_search(p).is_ok()).count(),
-                None => probe.answer_positions.len(), // TSP did not fire: everything goes on
+                Some(rows) => probe.fact_positions.iter().filter(|p| rows.binary_search(p).is_ok()).count(),
+                None => probe.fact_positions.len(), // TSP did not fire: everything goes on
             };
-            *sum += hits as f64 / probe.answer_positions.len() as f64;
+            *sum += hits as f64 / probe.fact_positions.len() as f64;
         }
         bar.inc(1);
     }

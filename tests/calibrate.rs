@@ -129,9 +129,9 @@ fn probes_share_no_text_with_the_evaluation_needles() {
         }
     }
     for probe in &probes {
-        let at: Vec<u32> = probe.answer_positions.iter().map(|&p| probe.sample.prompt[p as usize]).collect();
-        let value = engine.decode(&at).unwrap();
-        assert_eq!(value.trim(), probe.sample.answers[0], "the recorded positions hold the asked code");
+        let at: Vec<u32> = probe.fact_positions.iter().map(|&p| probe.sample.prompt[p as usize]).collect();
+        let fact = engine.decode(&at).unwrap();
+        assert_eq!(fact.trim(), probe.facts[0], "the recorded positions hold the asked fact");
         assert!(probe.facts[0].contains(&probe.sample.answers[0]));
     }
 }
