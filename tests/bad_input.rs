@@ -440,6 +440,7 @@ fn gguf_fused_parts_with_a_wrong_split_but_the_right_total_are_refused() {
         force: false,
         progress: false,
         tsp_layer: None,
+        calibrate: fastkv::builder::Calibrate::Never,
     })
     .unwrap();
     // attn_q 24 rows and attn_k 24 instead of 32 and 16 (q|k|v still 64 rows): not whole heads.
