@@ -38,26 +38,36 @@ enum Shape {
     Sections(&'static [Shape]),
 }
 
-const TARGETS: [(&str, fn(&[u8]), Shape); 5] = [
-    ("gguf", targets::gguf, Shape::Bytes),
-    ("hf_config", targets::hf_config, Shape::Json),
-    ("safetensors", targets::safetensors, Shape::Safetensors),
-    ("engine", targets::engine, Shape::Sections(&[Shape::Json, Shape::Json, Shape::Json])),
-    ("tokenizer", targets::tokenizer, Shape::Sections(&[Shape::Json, Shape::Bytes, Shape::Bytes])),
+struct Target {
+    name: &'static str,
+    run: fn(&[u8]),
+    shape: Shape,
+}
+
+const TARGETS: [Target; 5] = [
+    Target { name: "gguf", run: targets::gguf, shape: Shape::Bytes },
+    Target { name: "hf_config", run: targets::hf_config, shape: Shape::Json },
+    Target { name: "safetensors", run: targets::safetensors, shape: Shape::Safetensors },
+    Target { name: "engine", run: targets::engine, shape: Shape::Sections(&[Shape::Json, Shape::Json, Shape::Json]) },
+    Target {
+        name: "tokenizer",
+        run: targets::tokenizer,
+        shape: Shape::Sections(&[Shape::Json, Shape::Bytes, Shape::Bytes]),
+    },
 ];
 
 #[test]
 fn fuzz_targets_survive_mutated_seed_corpora() {
     let only = std::env::var("FASTKV_FUZZ_TARGET").ok();
     if let Some(name) = &only {
-        let names: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+        let names: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
         assert!(names.contains(&name.as_str()), "FASTKV_FUZZ_TARGET={name}: the targets are {names:?}");
     }
     let seconds: f64 = std::env::var("FASTKV_FUZZ_SECONDS").map_or(10.0, |s| s.parse().expect("FASTKV_FUZZ_SECONDS"));
     let seed: u64 = std::env::var("FASTKV_FUZZ_SEED").map_or(DEFAULT_SEED, |s| s.parse().expect("FASTKV_FUZZ_SEED"));
     println!("mutation seed {seed} (FASTKV_FUZZ_SEED)");
     std::thread::spawn(watchdog);
-    for (i, (name, run, shape)) in TARGETS.iter().enumerate() {
+    for (i, Target { name, run, shape }) in TARGETS.iter().enumerate() {
         if only.as_ref().is_some_and(|o| o != name) {
             continue;
         }
