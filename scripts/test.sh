@@ -5,7 +5,8 @@
 # with the `cuda` and `tensorrt` features (without a GPU each CUDA test prints "skipped: no CUDA device"; the TensorRT
 # plugin library is checked in the lean runtime's registry), builds the benchmarks with the same features (one build),
 # checks that the crate without features still builds, and tests the Triton backend against a real server on the
-# bundled model.
+# bundled model. The Rust tests include the fuzz smoke run (tests/fuzz.rs, about a minute) on the seed corpora
+# scripts/fuzz-corpus.sh writes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/models.sh >/dev/null
@@ -15,6 +16,7 @@ export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 FASTKV_TRT_LEAN_LIB=$(scripts/install-trt-lean.sh)
 export FASTKV_TRT_LEAN_LIB
 export FASTKV_FEATURES=fastkv/cuda,fastkv/tensorrt
+scripts/fuzz-corpus.sh >/dev/null
 cargo test --release --locked --workspace --features "$FASTKV_FEATURES"
 cargo build --release --locked --workspace --benches --features "$FASTKV_FEATURES"
 cargo check --release --locked -p fastkv

@@ -574,3 +574,23 @@ fn engine_files_outside_the_engine_directory_are_refused() {
         assert!(msg.contains("secret-link") && msg.contains("outside the engine directory"), "{msg}");
     }
 }
+
+// Found by fuzzing (tests/fuzz.rs, scripts/fuzz.sh): each input minimised from a crash.
+
+#[test]
+fn absurd_head_dim_in_config_is_refused() {
+    // Validated as before, this spec made `Rope::new` allocate 2 TiB (an abort, not an error).
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "head_dim": 1u64 << 40, "vocab_size": 32, "max_position_embeddings": 64,
+    });
+    assert!(fastkv::spec::ModelSpec::from_hf_value(&config, Path::new("config.json")).is_err());
+}
+
+#[test]
+fn tokenizer_json_with_a_broken_decoder_is_an_error() {
+    // tokenizers 0.22 panics (decoders/mod.rs `expect`) on a syntax error inside the decoder object.
+    let (_t, dir) = copy_fixture("llama");
+    std::fs::write(dir.join("tokenizer.json"), r#"{"decoder":{]}"#).unwrap();
+    build_fails(&dir, &["tokenizer.json"]);
+}

@@ -1,0 +1,8 @@
+//! `targets::gguf` (tests/fuzz/targets.rs) under libFuzzer: `scripts/fuzz.sh gguf [SECONDS]`.
+#![no_main]
+
+#[path = "../../tests/fuzz/targets.rs"]
+#[allow(dead_code)] // each binary runs one of the targets
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::gguf(data));
