@@ -169,6 +169,9 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
     if n < 2 {
         return Err(Error::invalid("tsp_layer", "a model of one layer has no layer to propagate to"));
     }
+    if probes_cfg.count == 0 {
+        return Err(Error::invalid("probes", "calibration needs at least one probe"));
+    }
     let tokens = probes_cfg.tokens.min(spec.max_position_embeddings);
     let haystack = Haystack::load(&probes_cfg.haystack, engine, tokens)?;
     let probes = probes(engine, &haystack, probes_cfg.count, tokens, probes_cfg.seed)?;

@@ -143,15 +143,7 @@ pub fn prefill_many<O: Ops>(
     reserve: usize,
 ) -> Result<Vec<Prefill<Vec<O::LayerCache>>>> {
     for policy in policies {
-        policy.validate(ops.spec())?;
-        policy.check_prompt(tokens.len())?;
-        if !O::HOST_SELECTION && !ANY_BACKEND_METHODS.contains(&policy.method) {
-            return Err(Error::Unsupported {
-                backend: O::NAME,
-                what: format!("method `{}`", policy.method.name()),
-                supported: ANY_BACKEND_METHODS.map(Method::name).join(", "),
-            });
-        }
+        check::<O>(ops.spec(), policy, tokens.len())?;
     }
     let filter_k = |p: &Policy| {
         let k = p.kv_budget(0, tokens.len()).max(1);
@@ -178,13 +170,26 @@ pub fn prefill_many<O: Ops>(
         .collect()
 }
 
+/// Whether `policy` can prefill a `prompt_len`-token prompt on backend `O`.
+fn check<O: Ops>(spec: &ModelSpec, policy: &Policy, prompt_len: usize) -> Result<()> {
+    policy.validate(spec)?;
+    policy.check_prompt(prompt_len)?;
+    if !O::HOST_SELECTION && !ANY_BACKEND_METHODS.contains(&policy.method) {
+        return Err(Error::Unsupported {
+            backend: O::NAME,
+            what: format!("method `{}`", policy.method.name()),
+            supported: ANY_BACKEND_METHODS.map(Method::name).join(", "),
+        });
+    }
+    Ok(())
+}
+
 /// The prompt positions each FastKV policy's TSP propagates past its ℓ* (ascending; `None` where TSP
 /// does not fire), from one shared prefill in which every policy stops at its ℓ* and caches nothing:
 /// the candidates of calibration (every layer, every rate) for the cost of one full prefill.
 pub fn tsp_selections<O: Ops>(ops: &O, tokens: &[u32], policies: &[Policy]) -> Result<Vec<Option<Vec<u32>>>> {
     for policy in policies {
-        policy.validate(ops.spec())?;
-        policy.check_prompt(tokens.len())?;
+        check::<O>(ops.spec(), policy, tokens.len())?;
         if policy.method != Method::Fastkv {
             return Err(Error::invalid("method", "TSP selections need FastKV policies"));
         }

@@ -487,24 +487,25 @@ fn a_tokenizer_that_panics_while_loading_is_one_error_line() {
     build_fails(&dir, &["tokenizer.json"]);
 }
 
+/// An engine of the llama fixture with `template` as its chat template fails a `--chat` run with `needle`.
+fn chat_template_fails(template: &str, needle: &str) {
+    let (_t, dir) = copy_fixture("llama");
+    edit_json(&dir.join("tokenizer_config.json"), |v| v["chat_template"] = template.into());
+    let (_tmp, engine) = build_engine(&dir, DType::F32);
+    run_fails_in_one_line(&engine, &["--chat", "--prompt", "hi"], needle);
+}
+
 #[test]
 fn a_chat_template_that_never_ends_runs_out_of_fuel() {
-    let (_t, dir) = copy_fixture("llama");
-    edit_json(&dir.join("tokenizer_config.json"), |v| {
-        v["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}".into();
-    });
-    let (_tmp, engine) = build_engine(&dir, DType::F32);
-    run_fails_in_one_line(&engine, &["--chat", "--prompt", "hi"], "chat template exceeded its fuel budget");
+    chat_template_fails(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "chat template exceeded its fuel budget",
+    );
 }
 
 #[test]
 fn a_chat_template_that_renders_megabytes_is_stopped() {
-    let (_t, dir) = copy_fixture("llama");
-    edit_json(&dir.join("tokenizer_config.json"), |v| {
-        v["chat_template"] = "{% for i in range(4) %}{{ 'x' * 1000000 }}{% endfor %}".into();
-    });
-    let (_tmp, engine) = build_engine(&dir, DType::F32);
-    run_fails_in_one_line(&engine, &["--chat", "--prompt", "hi"], "chat template rendered more than");
+    chat_template_fails("{% for i in range(4) %}{{ 'x' * 1000000 }}{% endfor %}", "chat template rendered more than");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Command;
 
-use common::{essays, fixture};
+use common::{build_engine, essays, fixture};
 use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::calibrate::{self, Probes};
 use fastkv::eval::haystack::Haystack;
@@ -35,9 +35,8 @@ fn small_probes() -> Probes {
 
 #[test]
 fn tsp_selections_are_what_fastkv_propagates() {
-    let tmp = tempfile::tempdir().unwrap();
-    build_with(Calibrate::Never, &tmp.path().join("e"));
-    let engine = Engine::open(tmp.path().join("e")).unwrap();
+    let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
+    let engine = Engine::open(dir).unwrap();
     let haystack = Haystack::load(&essays(), &engine, 600).unwrap();
     let prompt = engine.encode(&haystack.fill(&engine, 600, &[]).unwrap()).unwrap();
     let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
@@ -106,9 +105,8 @@ fn auto_calibration_falls_back_to_the_rule_without_essays() {
 
 #[test]
 fn probes_share_no_text_with_the_evaluation_needles() {
-    let tmp = tempfile::tempdir().unwrap();
-    build_with(Calibrate::Never, &tmp.path().join("e"));
-    let engine = Engine::open(tmp.path().join("e")).unwrap();
+    let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
+    let engine = Engine::open(dir).unwrap();
     let haystack = Haystack::load(&essays(), &engine, 512).unwrap();
     let probes = calibrate::probes(&engine, &haystack, 8, 512, 0).unwrap();
     let words = |s: &str| -> Vec<String> {
@@ -138,9 +136,7 @@ fn probes_share_no_text_with_the_evaluation_needles() {
 
 #[test]
 fn calibrate_command_writes_engine_json_only_without_dry_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("e");
-    build_with(Calibrate::Never, &dir);
+    let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
     let manifest = dir.join("engine.json");
     let before = std::fs::read(&manifest).unwrap();
     let run = |extra: &[&str]| {
@@ -153,6 +149,15 @@ fn calibrate_command_writes_engine_json_only_without_dry_run() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
+    let none = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+        .args(["calibrate", "--engine", dir.to_str().unwrap(), "--probes", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        !none.status.success() && stderr.trim() == "error: invalid --probes: calibration needs at least one probe",
+        "{stderr}"
+    );
     let dry = run(&["--dry-run"]);
     assert!(dry.contains("chosen: ℓ* = ") && dry.contains("recall"), "{dry}");
     assert_eq!(std::fs::read(&manifest).unwrap(), before, "--dry-run leaves engine.json alone");

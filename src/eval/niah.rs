@@ -73,17 +73,21 @@ pub fn samples(
     lengths: &[usize],
     depths: &[f64],
 ) -> Result<Vec<Sample>> {
+    let instruction = |needle: &Needle, context: &str| {
+        format!(
+            "Here is a document.\n<document>\n{context}\n</document>\n\n{} Answer from the document in one sentence.",
+            needle.question
+        )
+    };
+    // Tokens each needle's prompt takes beside the essays, the same at every length and depth.
+    let overheads = needles
+        .iter()
+        .map(|n| Ok(Sample::prompt(engine, &instruction(n, &n.sentence), &n.answer_prefix)?.len()))
+        .collect::<Result<Vec<usize>>>()?;
     let mut out = Vec::new();
     for &length in lengths {
         for &depth in depths {
-            for (i, needle) in needles.iter().enumerate() {
-                let instruction = |context: &str| {
-                    format!(
-                        "Here is a document.\n<document>\n{context}\n</document>\n\n{} Answer from the document in one sentence.",
-                        needle.question
-                    )
-                };
-                let overhead = Sample::prompt(engine, &instruction(&needle.sentence), &needle.answer_prefix)?.len();
+            for (i, (needle, &overhead)) in needles.iter().zip(&overheads).enumerate() {
                 let tokens = length.checked_sub(overhead).filter(|&t| t > 0).ok_or_else(|| {
                     Error::invalid("lengths", format!("{length} tokens leaves no room for text beside the question"))
                 })?;
@@ -92,7 +96,7 @@ pub fn samples(
                     task: format!("niah-{}", i + 1),
                     length,
                     depth: Some(depth),
-                    prompt: Sample::prompt(engine, &instruction(&context), &needle.answer_prefix)?,
+                    prompt: Sample::prompt(engine, &instruction(needle, &context), &needle.answer_prefix)?,
                     answers: needle.answers.clone(),
                     max_new_tokens: 32,
                 });
