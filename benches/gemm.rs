@@ -2,16 +2,17 @@
 //!
 //! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad]`
 //!
-//! Per `MxNxK` shape (M activation rows, N output features, K input features) it times the two bf16
-//! paths of `Linear::forward` on the same inputs: `amx` (bf16 tiles, when the CPU has AMX-BF16)
-//! and `gemm` (the fallback: widen the bf16 weight to f32, then the `gemm` crate), and prints one
-//! line per path, `path M N K GFLOP/s` (best of `--repeats`), which benches/peers/gemm_vs_torch.py
-//! reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches on all rayon threads, the
+//! Per `MxNxK` shape (M activation rows, N output features, K input features) it times every bf16
+//! path of `Linear::forward` this CPU has on the same inputs (`fastkv::cpu::isa::Path`: `amx`,
+//! `avx512bf16`, and `f32`, the fallback that widens the weight for the `gemm` crate), and prints
+//! one line per path, `path M N K GFLOP/s` (best of `--repeats`), which
+//! benches/peers/gemm_vs_torch.py reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches on all rayon threads, the
 //! ceiling of weight-bound decode.
 
 use std::time::Instant;
 
-use fastkv::cpu::amx;
+use fastkv::cpu::bf16_gemm::{self, PackedB};
+use fastkv::cpu::isa::{self, Path};
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -41,17 +42,19 @@ fn bench_shape(m: usize, n: usize, k: usize, repeats: usize) {
     let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 400.0)).collect();
     let mut out = vec![0f32; m * n];
     let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
-    if amx::available() {
-        let packed = amx::PackedB::new(&w, n, k);
-        let t = best(repeats, || amx::gemm_xwt(&x, m, &packed, &mut out, n));
-        println!("amx {m} {n} {k} {:.1}", gflops(t));
+    for path in Path::ALL.into_iter().filter(|p| p.available()) {
+        if let Some(kernel) = bf16_gemm::kernel(path) {
+            let packed = PackedB::new(&w, n, k);
+            let t = best(repeats, || bf16_gemm::gemm_xwt(kernel, &x, m, &packed, &mut out, n));
+            println!("{} {m} {n} {k} {:.1}", path.name(), gflops(t));
+        }
     }
     let mut wide = vec![0f32; n * k];
     let t = best(repeats, || {
         wide.par_chunks_mut(k).zip(w.par_chunks(k)).for_each(|(o, w)| w.convert_to_f32_slice(o));
         fastkv::hostmath::gemm_f32(m, n, k, &mut out, n, false, (&x, k, 1), (&wide, 1, k), 1.0, true);
     });
-    println!("gemm {m} {n} {k} {:.1}", gflops(t));
+    println!("f32 {m} {n} {k} {:.1}", gflops(t));
 }
 
 /// STREAM's triad on three 64 MiB f32 arrays, counting 3 arrays of traffic per pass (as STREAM does).
@@ -74,7 +77,7 @@ fn main() {
     if std::env::args().any(|a| a == "--triad") {
         return triad(repeats);
     }
-    eprintln!("AMX-BF16 {}", if amx::available() { "available" } else { "not available: fallback path only" });
+    eprintln!("cpu path: {}", isa::describe());
     let shapes: Vec<(usize, usize, usize)> = match arg("--shapes") {
         Some(s) => s
             .split(',')

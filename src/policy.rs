@@ -215,7 +215,7 @@ impl Policy {
         if self.window == 0 {
             return Err(Error::invalid("window", "must be at least 1"));
         }
-        if self.kernel == 0 || self.kernel % 2 == 0 {
+        if self.kernel == 0 || self.kernel.is_multiple_of(2) {
             return Err(Error::invalid("kernel", format!("{} must be odd and positive", self.kernel)));
         }
         let in_range = |x: f64| x > 0.0 && x <= 1.0;

@@ -46,7 +46,7 @@ pub struct Shape {
 impl Shape {
     fn check(&self) -> Result<()> {
         let s = self;
-        if s.n_heads == 0 || s.n_kv_heads == 0 || s.head_dim == 0 || s.n_heads % s.n_kv_heads != 0 {
+        if s.n_heads == 0 || s.n_kv_heads == 0 || s.head_dim == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
             return Err(SelectError::Shape(format!(
                 "{} query heads cannot be grouped over {} KV heads of dim {}",
                 s.n_heads, s.n_kv_heads, s.head_dim
@@ -185,10 +185,10 @@ pub fn pool_group_scores(
     kernel: usize,
     pool: Pool,
 ) -> Result<Vec<f32>> {
-    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(SelectError::Shape(format!("{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads")));
     }
-    if kernel == 0 || kernel % 2 == 0 {
+    if kernel == 0 || kernel.is_multiple_of(2) {
         return Err(SelectError::Shape(format!("pooling kernel {kernel} must be odd and positive")));
     }
     check_len("scores", s, n_heads * n)?;

@@ -279,7 +279,7 @@ pub(crate) fn safetensors_header(plan: &[TensorPlan], metadata: &HashMap<String,
     }
     let mut header = serde_json::to_string(&header).expect("json");
     // Pad so tensor data starts 8-byte aligned: mapped f32/bf16 slices then need no copy.
-    while (8 + header.len()) % 8 != 0 {
+    while !(8 + header.len()).is_multiple_of(8) {
         header.push(' ');
     }
     header

@@ -97,7 +97,7 @@ impl TextCodec {
 /// swallows the whitespace beside it. Then a text of `n` bytes is at least `n / max` tokens.
 fn max_token_bytes(json: &serde_json::Value) -> Option<usize> {
     use serde_json::Value;
-    let unset = |key: &str| json.get(key).map_or(true, Value::is_null);
+    let unset = |key: &str| json.get(key).is_none_or(Value::is_null);
     if !unset("normalizer") || !unset("truncation") {
         return None;
     }

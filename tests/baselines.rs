@@ -205,41 +205,89 @@ fn h2o_and_pyramidinfer_scores_match_an_f64_reference() {
     assert!(err < 1e-5, "{err:e}");
 }
 
+/// Softmax attention of query head `hh` (its `d` values in `q`) over `(k, v)` rows, in f64.
+fn softmax_reference(q: &[f32], rows: &[(&[f32], &[f32])]) -> Vec<f64> {
+    let d = q.len();
+    let logits: Vec<f64> = rows
+        .iter()
+        .map(|(k, _)| k.iter().zip(q).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (d as f64).sqrt())
+        .collect();
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+    (0..d).map(|x| rows.iter().zip(&logits).map(|((_, v), l)| (l - m).exp() / z * v[x] as f64).sum()).collect()
+}
+
+/// What the cache holds of `x`: itself, or its bf16 rounding.
+fn stored(x: &[f32], bf16: bool) -> Vec<f32> {
+    x.iter().map(|&v| if bf16 { half::bf16::from_f32(v).to_f32() } else { v }).collect()
+}
+
 #[test]
 fn ragged_decode_attention_matches_per_head_softmax() {
-    // H = 4 query heads over Hk = 2 KV heads, ragged per-query-head caches (AdaKV/HeadKV layout).
+    // H = 4 query heads over Hk = 2 KV heads, ragged per-query-head caches (AdaKV/HeadKV layout),
+    // stored in f32 and in bf16 (then the reference takes the bf16-rounded K and V).
     let (hk, h, d, s) = (2, 4, 3, 6);
     let k: Vec<f32> = (0..hk * s * d).map(|x| (0.7 * x as f32).sin()).collect();
     let v: Vec<f32> = (0..hk * s * d).map(|x| (0.3 * x as f32).cos()).collect();
     let positions: Vec<u32> = (0..s as u32).collect();
     let keep = vec![vec![5, 0], vec![1, 2, 3, 5], vec![4, 5], vec![0, 1, 2, 3, 4, 5]];
-    let mut cache = LayerCache::from_prefill(&k, &v, &positions, Some(&keep), hk, d, 1);
     let (k_new, v_new) = (vec![0.5, -0.2, 0.1, 0.3, 0.3, 0.9], vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0]);
-    cache.push(&k_new, &v_new, 6);
-    assert_eq!((cache.n_heads(), cache.len()), (4, 7));
-    assert_eq!(cache.bytes(), 2 * (3 + 5 + 3 + 7) * d * 4);
-    assert_eq!(cache.positions(2), [4, 5, 6]);
     let q: Vec<f32> = (0..h * d).map(|x| (1.3 * x as f32).cos()).collect();
-    let mut out = vec![0f32; h * d];
-    let heads = Heads { n_heads: h, n_kv_heads: hk, head_dim: d, sliding_window: None };
-    cache.attend(&q, 6, &heads, &mut out);
-    for (hh, rows) in keep.iter().enumerate() {
-        let g = hh / 2;
-        let kv = |row: usize, src: &[f32], new: &[f32]| -> Vec<f64> {
-            let x = if row < s { &src[(g * s + row) * d..][..d] } else { &new[g * d..][..d] };
-            x.iter().map(|&y| y as f64).collect()
-        };
-        let all: Vec<usize> = rows.iter().map(|&r| r as usize).chain([s]).collect();
-        let logits: Vec<f64> = all
-            .iter()
-            .map(|&r| {
-                kv(r, &k, &k_new).iter().zip(&q[hh * d..]).map(|(a, &b)| a * b as f64).sum::<f64>() / (d as f64).sqrt()
-            })
-            .collect();
-        let z: f64 = logits.iter().map(|l| l.exp()).sum();
-        for x in 0..d {
-            let want: f64 = all.iter().zip(&logits).map(|(&r, l)| l.exp() / z * kv(r, &v, &v_new)[x]).sum();
-            assert!((out[hh * d + x] as f64 - want).abs() < 1e-5, "head {hh}: {} vs {want}", out[hh * d + x]);
+    for bf16 in [false, true] {
+        let mut cache = LayerCache::from_prefill(&k, &v, &positions, Some(&keep), hk, d, 1, bf16);
+        cache.push(&k_new, &v_new, 6);
+        assert_eq!((cache.n_heads(), cache.len()), (4, 7));
+        assert_eq!(cache.bytes(), 2 * (3 + 5 + 3 + 7) * d * if bf16 { 2 } else { 4 });
+        assert_eq!(cache.positions(2), [4, 5, 6]);
+        let mut out = vec![0f32; h * d];
+        let heads = Heads { n_heads: h, n_kv_heads: hk, head_dim: d, sliding_window: None };
+        cache.attend(&q, 6, &heads, &mut out);
+        let (k, v, k_new, v_new) = (stored(&k, bf16), stored(&v, bf16), stored(&k_new, bf16), stored(&v_new, bf16));
+        for (hh, rows) in keep.iter().enumerate() {
+            let g = hh / 2;
+            let row = |r: usize, src: &'static str| -> &[f32] {
+                match (r < s, src) {
+                    (true, "k") => &k[(g * s + r) * d..][..d],
+                    (true, _) => &v[(g * s + r) * d..][..d],
+                    (false, "k") => &k_new[g * d..][..d],
+                    (false, _) => &v_new[g * d..][..d],
+                }
+            };
+            let all: Vec<(&[f32], &[f32])> =
+                rows.iter().map(|&r| r as usize).chain([s]).map(|r| (row(r, "k"), row(r, "v"))).collect();
+            let want = softmax_reference(&q[hh * d..(hh + 1) * d], &all);
+            for x in 0..d {
+                let got = out[hh * d + x] as f64;
+                assert!((got - want[x]).abs() < 1e-5, "bf16 {bf16}, head {hh}: {got} vs {}", want[x]);
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_attention_over_many_chunks_and_a_window_matches_softmax() {
+    // 1 300 cached entries (three threads' chunks) of 2 KV heads for 6 query heads; the window
+    // hides all but the last 700 positions.
+    let (hk, h, d, s, window) = (2, 6, 64, 1300, 700);
+    let k: Vec<f32> = (0..hk * s * d).map(|x| (0.37 * x as f32).sin()).collect();
+    let v: Vec<f32> = (0..hk * s * d).map(|x| (0.11 * x as f32).cos()).collect();
+    let positions: Vec<u32> = (0..s as u32).collect();
+    let q: Vec<f32> = (0..h * d).map(|x| (0.9 * x as f32).cos()).collect();
+    for bf16 in [false, true] {
+        let cache = LayerCache::from_prefill(&k, &v, &positions, None, hk, d, 0, bf16);
+        let heads = Heads { n_heads: h, n_kv_heads: hk, head_dim: d, sliding_window: Some(window) };
+        let mut out = vec![0f32; h * d];
+        cache.attend(&q, s as u32, &heads, &mut out);
+        let (k, v) = (stored(&k, bf16), stored(&v, bf16));
+        for hh in 0..h {
+            let g = hh / (h / hk);
+            let rows: Vec<(&[f32], &[f32])> =
+                (s + 1 - window..s).map(|r| (&k[(g * s + r) * d..][..d], &v[(g * s + r) * d..][..d])).collect();
+            let want = softmax_reference(&q[hh * d..(hh + 1) * d], &rows);
+            for x in 0..d {
+                let got = out[hh * d + x] as f64;
+                assert!((got - want[x]).abs() < 1e-5, "bf16 {bf16}, head {hh}[{x}]: {got} vs {}", want[x]);
+            }
         }
     }
 }

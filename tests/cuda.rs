@@ -330,12 +330,38 @@ struct Host<'a> {
     window: Option<usize>,
 }
 
-/// The host attention: `[m, H·D]` outputs for queries at `q_pos` (causal: the keys are the queries' rows).
-fn host_attention(q: &[f32], q_pos: &[u32], causal: bool, a: &Host) -> Vec<f32> {
+/// The host prefill attention: `[m, H·D]` outputs for queries at `q_pos` (the keys are the queries' rows).
+fn host_attention(q: &[f32], q_pos: &[u32], a: &Host) -> Vec<f32> {
     let kv = KvView { k: a.k, v: a.v, pos: a.pos, len: a.len, stride: a.stride };
     let heads = Heads { n_heads: a.h, n_kv_heads: a.hk, head_dim: a.d, sliding_window: a.window };
     let mut out = vec![0f32; q_pos.len() * a.h * a.d];
-    attention(q, q_pos, 0, causal, &kv, &heads, &mut out);
+    attention(q, q_pos, 0, &kv, &heads, &mut out);
+    out
+}
+
+/// Decode attention of one query row at `q_pos` over every visible cache entry, in f64 (each KV
+/// head has its own positions here, which the CPU cache, built from one prefill, never has).
+fn host_decode(q: &[f32], q_pos: u32, a: &Host) -> Vec<f32> {
+    let mut out = vec![0f32; a.h * a.d];
+    for (head, out) in out.chunks_exact_mut(a.d).enumerate() {
+        let g = head / (a.h / a.hk);
+        let q = &q[head * a.d..][..a.d];
+        let visible: Vec<usize> = (0..a.len)
+            .filter(|&t| a.window.is_none_or(|w| ((q_pos - a.pos[g * a.stride + t]) as usize) < w))
+            .map(|t| g * a.stride + t)
+            .collect();
+        let logits: Vec<f64> = visible
+            .iter()
+            .map(|&r| a.k[r * a.d..][..a.d].iter().zip(q).map(|(&k, &q)| k as f64 * q as f64).sum::<f64>())
+            .map(|l| l / (a.d as f64).sqrt())
+            .collect();
+        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+        for (x, o) in out.iter_mut().enumerate() {
+            *o = visible.iter().zip(&logits).map(|(&r, l)| (l - m).exp() / z * a.v[r * a.d + x] as f64).sum::<f64>()
+                as f32;
+        }
+    }
     out
 }
 
@@ -370,7 +396,7 @@ fn check_flash<T: Half>(dev: &Device, c: Case, seed: u64) {
     let pos = if window.is_some() { gappy_positions(&mut rng, s, 0) } else { (0..s as u32).collect() };
     let key_pos: Vec<u32> = (0..hk).flat_map(|_| pos.iter().copied()).collect();
     let host = Host { k: &kh, v: &vh, pos: &key_pos, len: s, stride: s, h, hk, d, window };
-    let want = host_attention(&qf, &pos, true, &host);
+    let want = host_attention(&qf, &pos, &host);
     let (q_dev, k_dev, v_dev) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let pos_dev = dev.upload(&pos).unwrap();
     let a = Prefill {
@@ -454,7 +480,7 @@ fn flash_attention_reads_fused_rows() {
     let (kh, vh) = (head_major(&kf, s, hk, d), head_major(&vf, s, hk, d));
     let pos: Vec<u32> = (0..hk).flat_map(|_| 0..s as u32).collect();
     let host = Host { k: &kh, v: &vh, pos: &pos, len: s, stride: s, h, hk, d, window: None };
-    let want = host_attention(&qf, &pos[..s], true, &host);
+    let want = host_attention(&qf, &pos[..s], &host);
     let qkv_dev = dev.upload(&qkv).unwrap();
     let mut out = dev.zeros::<bf16>(s * h * d).unwrap();
     dev.flash_attention_into(&Prefill::fused(&qkv_dev, s, h, hk, d), &mut out, h * d, None).unwrap();
@@ -496,7 +522,7 @@ fn check_decode<T: Half>(
     let (q, qf) = random::<T>(&mut rng, h * d, 1.0);
     let q_pos = (0..hk).map(|g| if len == 0 { 0 } else { pos[g * capacity + len - 1] }).max().unwrap() + 1;
     let host = Host { k: &kf, v: &vf, pos: &pos, len, stride: capacity, h, hk, d, window };
-    let want = host_attention(&qf, &[q_pos], false, &host);
+    let want = host_decode(&qf, q_pos, &host);
     let q_pos_dev = dev.upload(&[q_pos]).unwrap();
     let out =
         dev.decode_attention(&dev.upload(&q).unwrap(), &cache, h, window.map(|w| (w, q_pos_dev.slice(..)))).unwrap();
@@ -590,7 +616,7 @@ fn kv_append_and_cache_fill() {
     let q_pos = dev.upload(&[502u32]).unwrap();
     for window in [None, Some(40)] {
         let host = Host { k: &f(&ck), v: &f(&cv), pos: &cp, len: budget + 2, stride: capacity, h, hk, d, window };
-        let want = host_attention(&qf, &[502], false, &host);
+        let want = host_decode(&qf, 502, &host);
         let out =
             dev.decode_attention(&dev.upload(&q).unwrap(), &cache, h, window.map(|w| (w, q_pos.slice(..)))).unwrap();
         assert_close("decode after append", &to_f32(dev.download(&out).unwrap()), &want, bf16::EPS, bf16::EPS);

@@ -1,9 +1,9 @@
-//! Causal GQA attention with an online softmax over key tiles (FlashAttention's loop on the CPU):
-//! no L×L matrix is ever formed, K/V are read per KV head (never expanded to the query heads), and
-//! the two products of each tile (Q·Kᵀ and P·V) are small GEMMs. Masking is by index for causal
-//! prefill and by position for sliding windows, so the same code serves prefill (also compacted
-//! after TSP: kept indices are ascending, so index order is position order) and decode over a
-//! compressed cache (whose entries all precede the query).
+//! Causal GQA prefill attention in f32 with an online softmax over key tiles (FlashAttention's
+//! loop on the CPU): no L×L matrix is ever formed, K/V are read per KV head (never expanded to the
+//! query heads), and the two products of each tile (Q·Kᵀ and P·V) are small GEMMs. Masking is by
+//! index (kept indices after TSP are ascending, so index order is position order) and by position
+//! for sliding windows. bf16 engines on CPUs with bf16 units take [`super::tile_attention`]
+//! instead; decode attends over the cache in [`super::kv_cache`].
 
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -30,11 +30,11 @@ pub struct Heads {
     pub sliding_window: Option<usize>,
 }
 
-/// `out[i, h·D..] = softmax(q_i·Kᵀ/√D) V` for query rows `q` (`[m, H·D]`, positions `q_pos`).
-/// With `causal`, the keys are the same sequence as the queries and query row `i` is sequence row
-/// `q_offset + i`, so it sees keys `0..=q_offset+i`; otherwise every key is in its past.
+/// `out[i, h·D..] = softmax(q_i·Kᵀ/√D) V` for query rows `q` (`[m, H·D]`, positions `q_pos`):
+/// the keys are the same sequence as the queries and query row `i` is sequence row `q_offset + i`,
+/// so it sees keys `0..=q_offset+i`.
 /// Work is split by (query block, KV head): the G query heads of a group share each K/V tile.
-pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &KvView, heads: &Heads, out: &mut [f32]) {
+pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, kv: &KvView, heads: &Heads, out: &mut [f32]) {
     let (h, d, hk) = (heads.n_heads, heads.head_dim, heads.n_kv_heads);
     let group = h / hk;
     let m = q_pos.len();
@@ -44,7 +44,7 @@ pub fn attention(q: &[f32], q_pos: &[u32], q_offset: usize, causal: bool, kv: &K
         .par_iter()
         .map_init(Scratch::default, |scratch, &(b, g)| {
             let rows = b * block..((b + 1) * block).min(m);
-            Task { q, q_pos, q_offset, causal, kv, heads, g, rows }.run(scratch)
+            Task { q, q_pos, q_offset, kv, heads, g, rows }.run(scratch)
         })
         .collect();
     for (&(b, g), r) in tasks.iter().zip(&results) {
@@ -72,7 +72,6 @@ struct Task<'a> {
     q: &'a [f32],
     q_pos: &'a [u32],
     q_offset: usize,
-    causal: bool,
     kv: &'a KvView<'a>,
     heads: &'a Heads,
     g: usize,
@@ -103,7 +102,7 @@ impl Task<'_> {
         scores.resize(n * KEY_TILE, 0.0);
         let mut acc = vec![0f32; n * d];
         let first_row = self.q_offset + self.rows.start;
-        let limit = if self.causal { (first_row + rows).min(self.kv.len) } else { self.kv.len };
+        let limit = (first_row + rows).min(self.kv.len);
         for t0 in (0..limit).step_by(KEY_TILE) {
             let width = (limit - t0).min(KEY_TILE);
             // scores[r, j] = scale · q_r · k_(t0+j)
@@ -111,7 +110,7 @@ impl Task<'_> {
             for r in 0..n {
                 let i = r % rows;
                 let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
-                if self.causal && t0 + width > first_row + i + 1 {
+                if t0 + width > first_row + i + 1 {
                     let visible = (first_row + i + 1).saturating_sub(t0);
                     row[visible..].fill(f32::NEG_INFINITY);
                 }
@@ -146,7 +145,7 @@ impl Task<'_> {
 /// Turns one row of scores into exp(s − m) in place, with m = max(running max, row max); returns
 /// (m, Σ exp). Masked entries (−∞) become exactly 0, so a fully masked row adds nothing.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
+pub(super) fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
     let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let m = running_max.max(tile_max);
     if m == f32::NEG_INFINITY {
@@ -162,13 +161,14 @@ fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
 }
 
 /// e^x for x ≤ 0 to ~1e-7 relative: 2^round(x·log2 e) times a degree-7 Taylor polynomial on the
-/// remainder (|r| ≤ ln2/2). Branch-free, so it vectorises, unlike libm's expf.
+/// remainder (|r| ≤ ln2/2). Branch-free, so it vectorises, unlike libm's expf (and unlike
+/// `f32::round`, a libm call per element; ties-to-even is one instruction).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     if x < -87.0 {
         return 0.0;
     }
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = x - n * std::f32::consts::LN_2;
     let p = 1.0
         + r * (1.0

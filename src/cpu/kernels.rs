@@ -23,6 +23,50 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Σ a·w for bf16 `w`, widened in registers (a bf16 is the top half of an f32), the same
+/// accumulation order as [`dot`].
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn dot_bf16(a: &[f32], w: &[half::bf16]) -> f32 {
+    let widen = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
+    let mut acc = [0f32; 16];
+    let (ca, cw) = (a.chunks_exact(16), w.chunks_exact(16));
+    let (ra, rw) = (ca.remainder(), cw.remainder());
+    for (x, y) in ca.zip(cw) {
+        for i in 0..16 {
+            acc[i] += x[i] * widen(y[i]);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, &y) in ra.iter().zip(rw) {
+        tail += x * widen(y);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// acc += p · v.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    acc.iter_mut().zip(v).for_each(|(a, &v)| *a += p * v);
+}
+
+/// acc += p · v for bf16 `v`, widened in registers.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn axpy_bf16(acc: &mut [f32], p: f32, v: &[half::bf16]) {
+    acc.iter_mut().zip(v).for_each(|(a, &v)| *a += p * f32::from_bits((v.to_bits() as u32) << 16));
+}
+
+/// `dst = bf16(src)`, rounded to nearest even like `half::bf16::from_f32` (NaN stays NaN), but
+/// branch-free so it vectorises (`half` converts bf16 slices one scalar at a time).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        let b = x.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = ((b >> 16) as u16) | 0x40;
+        *d = half::bf16::from_bits(if x.is_nan() { nan } else { rounded });
+    }
+}
+
 /// RMSNorm of every `weight.len()`-wide row of `x` into `out`, as HF computes it in f32
 /// (mean of squares accumulated in f64 to match torch's pairwise sum closely).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
@@ -46,4 +90,23 @@ pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
             *o = g * (1.0 / (1.0 + (-g).exp())) * u;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_bf16_rounds_like_half() {
+        let mut bits: Vec<u32> = (0..1u32 << 16).map(|i| i.wrapping_mul(0x9e37_79b9) ^ (i << 7)).collect();
+        bits.extend([0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0x3f80_8000, 0x3f81_8000]);
+        bits.extend([0x0000_0001, 0x807f_ffff, 0x7f7f_ffff, 0x3f80_7fff]);
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![half::bf16::ZERO; x.len()];
+        to_bf16(&x, &mut got);
+        for (&x, g) in x.iter().zip(&got) {
+            let want = half::bf16::from_f32(x);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{x:e}: {g} vs {want}");
+        }
+    }
 }

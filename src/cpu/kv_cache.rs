@@ -3,14 +3,54 @@
 //! per query head (SnapKV, AdaKV, HeadKV, PyramidKV, H2O as published), and AdaKV/HeadKV heads have
 //! different lengths. Each layer is allocated once, for what prefill keeps plus `max_new_tokens`, so
 //! decoding appends in place and never copies the cache.
+//!
+//! Entries are stored in the engine's precision: bf16 for bf16 engines (half the memory and half
+//! the bytes decode reads), f32 for f32 engines (exact against an f32 reference). Decode attention
+//! streams each cache head's keys and values once, widening in registers, split into chunks across
+//! threads whose partial softmaxes are merged (flash-decoding).
 
+use half::bf16;
 use rayon::prelude::*;
 
-use super::attention::{attention, Heads, KvView};
+use super::attention::{exp, Heads};
+use super::kernels::{axpy, axpy_bf16, dot, dot_bf16, to_bf16};
+
+/// Entries per decode-attention task.
+const CHUNK: usize = 512;
+
+/// K or V of every cache head, `[heads, cap, D]`.
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Store {
+    fn zeros(len: usize, bf16: bool) -> Self {
+        if bf16 {
+            Store::Bf16(vec![bf16::ZERO; len])
+        } else {
+            Store::F32(vec![0.0; len])
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Store::F32(s) => s[at..at + src.len()].copy_from_slice(src),
+            Store::Bf16(s) => to_bf16(src, &mut s[at..at + src.len()]),
+        }
+    }
+
+    fn element_bytes(&self) -> usize {
+        match self {
+            Store::F32(_) => 4,
+            Store::Bf16(_) => 2,
+        }
+    }
+}
 
 pub struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Store,
+    v: Store,
     pos: Vec<u32>,
     /// Entries per cache head.
     lens: Vec<usize>,
@@ -23,6 +63,8 @@ pub struct LayerCache {
 impl LayerCache {
     /// Stores entries `keep[c]` (indices into the `seq_len` rows of `k`/`v`, head-major
     /// `[Hk, seq_len, D]`) of every cache head c; `None` keeps all rows of every KV head in order.
+    /// `bf16` stores them rounded to bf16.
+    #[allow(clippy::too_many_arguments)]
     pub fn from_prefill(
         k: &[f32],
         v: &[f32],
@@ -31,6 +73,7 @@ impl LayerCache {
         n_kv_heads: usize,
         head_dim: usize,
         extra: usize,
+        bf16: bool,
     ) -> Self {
         let seq_len = positions.len();
         let all: Vec<Vec<u32>>;
@@ -45,8 +88,8 @@ impl LayerCache {
         let cap = lens.iter().max().copied().unwrap_or(0) + extra;
         let d = head_dim;
         let mut c = LayerCache {
-            k: vec![0.0; keep.len() * cap * d],
-            v: vec![0.0; keep.len() * cap * d],
+            k: Store::zeros(keep.len() * cap * d, bf16),
+            v: Store::zeros(keep.len() * cap * d, bf16),
             pos: vec![0; keep.len() * cap],
             lens,
             cap,
@@ -57,8 +100,8 @@ impl LayerCache {
         for (h, rows) in keep.iter().enumerate() {
             for (slot, &row) in rows.iter().enumerate() {
                 let (src, dst) = (((h / group) * seq_len + row as usize) * d, (h * cap + slot) * d);
-                c.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
-                c.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                c.k.write(dst, &k[src..src + d]);
+                c.v.write(dst, &v[src..src + d]);
                 c.pos[h * cap + slot] = positions[row as usize];
             }
         }
@@ -73,8 +116,8 @@ impl LayerCache {
         for (h, len) in self.lens.iter_mut().enumerate() {
             assert!(*len < self.cap, "KV cache reserved for fewer tokens than generated");
             let (src, dst) = ((h / group) * d, (h * self.cap + *len) * d);
-            self.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
-            self.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            self.k.write(dst, &k[src..src + d]);
+            self.v.write(dst, &v[src..src + d]);
             self.pos[h * self.cap + *len] = position;
             *len += 1;
         }
@@ -94,39 +137,132 @@ impl LayerCache {
         self.lens.len()
     }
 
-    /// Bytes of K and V held (f32), not counting the reserve for tokens not generated yet.
+    /// Bytes of K and V held, not counting the reserve for tokens not generated yet.
     pub fn bytes(&self) -> usize {
-        2 * self.lens.iter().sum::<usize>() * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.lens.iter().sum::<usize>() * self.head_dim * self.k.element_bytes()
     }
 
     /// Decode attention of one query row (`q`: `[H·D]` at `position`) over this cache into `out`.
-    /// Equal-length heads go through one GQA attention call; ragged heads (one per query head)
-    /// attend one by one over their own entries.
+    /// Cache head c serves query heads `c·G .. (c+1)·G`, G = H / cache heads (the GQA group for
+    /// KV-head caches, 1 for per-query-head ones), each over its own entries.
     pub fn attend(&self, q: &[f32], position: u32, heads: &Heads, out: &mut [f32]) {
-        let (d, n) = (self.head_dim, self.lens.len());
-        let window = heads.sliding_window;
-        if self.lens.iter().all(|&l| l == self.lens[0]) {
-            let kv = KvView { k: &self.k, v: &self.v, pos: &self.pos, len: self.lens[0], stride: self.cap };
-            let heads = Heads { n_heads: heads.n_heads, n_kv_heads: n, head_dim: d, sliding_window: window };
-            attention(q, &[position], 0, false, &kv, &heads, out);
-            return;
+        let (d, group) = (self.head_dim, heads.n_heads / self.lens.len());
+        let tasks: Vec<(usize, usize)> =
+            (0..self.lens.len()).flat_map(|c| (0..self.lens[c].div_ceil(CHUNK)).map(move |t| (c, t * CHUNK))).collect();
+        let partials: Vec<Vec<Partial>> = tasks
+            .par_iter()
+            .map(|&(c, t0)| {
+                let q = &q[c * group * d..(c + 1) * group * d];
+                let rows = c * self.cap + t0..c * self.cap + (t0 + CHUNK).min(self.lens[c]);
+                match (&self.k, &self.v) {
+                    (Store::F32(k), Store::F32(v)) => self.chunk(q, k, v, rows, position, heads.sliding_window),
+                    (Store::Bf16(k), Store::Bf16(v)) => self.chunk(q, k, v, rows, position, heads.sliding_window),
+                    _ => unreachable!("K and V are stored alike"),
+                }
+            })
+            .collect();
+        out.fill(0.0);
+        for (c, out) in out.chunks_exact_mut(group * d).enumerate() {
+            let mine: Vec<&Vec<Partial>> =
+                tasks.iter().zip(&partials).filter(|(t, _)| t.0 == c).map(|(_, p)| p).collect();
+            for (g, out) in out.chunks_exact_mut(d).enumerate() {
+                let m = mine.iter().map(|p| p[g].max).fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    continue; // no visible entry: zeros, as the prefill attention gives
+                }
+                let mut sum = 0.0;
+                for p in &mine {
+                    let w = exp(p[g].max - m);
+                    sum += w * p[g].sum;
+                    axpy(out, w, &p[g].acc);
+                }
+                out.iter_mut().for_each(|o| *o /= sum);
+            }
         }
-        let one = Heads { n_heads: 1, n_kv_heads: 1, head_dim: d, sliding_window: window };
-        out.par_chunks_mut(d).enumerate().for_each(|(h, o)| {
-            let (kv, pos) = (h * self.cap * d..(h + 1) * self.cap * d, h * self.cap..(h + 1) * self.cap);
-            let view = KvView {
-                k: &self.k[kv.clone()],
-                v: &self.v[kv],
-                pos: &self.pos[pos],
-                len: self.lens[h],
-                stride: self.cap,
-            };
-            attention(&q[h * d..(h + 1) * d], &[position], 0, false, &view, &one, o);
-        });
+    }
+
+    /// Unnormalised softmax · V of each of `q`'s heads over cache entries `rows`.
+    fn chunk<T: Entry>(
+        &self,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        rows: std::ops::Range<usize>,
+        position: u32,
+        window: Option<usize>,
+    ) -> Vec<Partial> {
+        let d = self.head_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        let n = rows.len();
+        let visible: Vec<bool> = self.pos[rows.clone()]
+            .iter()
+            .map(|&p| window.is_none_or(|w| (position.saturating_sub(p) as usize) < w))
+            .collect();
+        let heads = q.len() / d;
+        // scores[g][t]: each key is read once for all heads of the group.
+        let mut scores = vec![f32::NEG_INFINITY; heads * n];
+        for (t, key) in k[rows.start * d..rows.end * d].chunks_exact(d).enumerate() {
+            if visible[t] {
+                for (g, q) in q.chunks_exact(d).enumerate() {
+                    scores[g * n + t] = scale * T::dot(q, key);
+                }
+            }
+        }
+        let mut partials: Vec<Partial> = scores
+            .chunks_exact_mut(n)
+            .map(|s| {
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                if max != f32::NEG_INFINITY {
+                    s.iter_mut().for_each(|x| *x = exp(*x - max));
+                    sum = s.iter().sum();
+                }
+                Partial { max, sum, acc: vec![0.0; d] }
+            })
+            .collect();
+        for (t, value) in v[rows.start * d..rows.end * d].chunks_exact(d).enumerate() {
+            if visible[t] {
+                for (g, p) in partials.iter_mut().enumerate() {
+                    T::axpy(&mut p.acc, scores[g * n + t], value);
+                }
+            }
+        }
+        partials
     }
 
     /// Original positions of the entries of cache head `h`.
     pub fn positions(&self, h: usize) -> &[u32] {
         &self.pos[h * self.cap..h * self.cap + self.lens[h]]
+    }
+}
+
+/// One query head's softmax state over a chunk of entries: max score, Σ exp, Σ exp · V.
+struct Partial {
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+}
+
+/// A cache element: the vector products decode needs, in f32.
+trait Entry: Copy + Send + Sync {
+    fn dot(q: &[f32], k: &[Self]) -> f32;
+    fn axpy(acc: &mut [f32], p: f32, v: &[Self]);
+}
+
+impl Entry for f32 {
+    fn dot(q: &[f32], k: &[f32]) -> f32 {
+        dot(q, k)
+    }
+    fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+        axpy(acc, p, v)
+    }
+}
+
+impl Entry for bf16 {
+    fn dot(q: &[f32], k: &[bf16]) -> f32 {
+        dot_bf16(q, k)
+    }
+    fn axpy(acc: &mut [f32], p: f32, v: &[bf16]) {
+        axpy_bf16(acc, p, v)
     }
 }

@@ -1,8 +1,9 @@
 //! Weight matrices and the matrix products of the CPU backend. Weights stay memory-mapped in the
-//! engine's dtype; f32 GEMMs go straight to the `gemm` crate, bf16/f16 weights are widened one
-//! block of rows at a time (the widening is O(n·k), the product O(m·n·k)), and single-row products
-//! (decode) stream the weights once with f32 accumulation. On CPUs with AMX-BF16 and `FASTKV_AMX=1`,
-//! bf16 GEMMs run on the tile unit instead (`super::amx`), from a copy of the weight packed on first use.
+//! engine's dtype. Multi-row products (prefill) of bf16 weights run on the CPU's bf16 units
+//! ([`bf16_gemm`], AMX or AVX512-BF16 as [`isa::path`] picks) from a copy packed on first use;
+//! without them, and for f16, the weights are widened to f32 one block of rows at a time for the
+//! `gemm` crate (the widening is O(n·k), the product O(m·n·k)); f32 weights go straight to it.
+//! Single-row products (decode) stream the weights once, widening in registers, f32 accumulation.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -11,7 +12,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::amx;
+use super::bf16_gemm::{self, PackedB};
+use super::isa;
+use super::kernels::{dot, dot_bf16};
 use crate::error::{Error, Result};
 use crate::tensors::{DType, MappedTensor, TensorFile};
 
@@ -24,8 +27,8 @@ pub struct Linear {
     weights: MappedTensor,
     pub rows: usize,
     pub cols: usize,
-    /// AMX tile layout of a bf16 weight, built by the first multi-row product on an AMX CPU.
-    packed: OnceLock<amx::PackedB>,
+    /// Kernel layout of a bf16 weight, built by the first multi-row product on a bf16 path.
+    packed: OnceLock<PackedB>,
 }
 
 enum Rows<'a> {
@@ -38,10 +41,14 @@ impl Linear {
     /// Maps tensor `name`, checking it is `[rows, cols]` and aligned for its dtype.
     pub fn load(file: &TensorFile, name: &str, rows: usize, cols: usize) -> Result<Self> {
         let weights = file.mapped_shaped(name, &[rows, cols])?;
-        if (weights.mmap.as_ptr() as usize + weights.range.start) % weights.dtype.size() != 0 {
+        if !(weights.mmap.as_ptr() as usize + weights.range.start).is_multiple_of(weights.dtype.size()) {
             return Err(Error::bad_file(file.path(), format!("tensor `{name}` is not aligned; rebuild the engine")));
         }
         Ok(Linear { weights, rows, cols, packed: OnceLock::new() })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype
     }
 
     fn data(&self) -> Rows<'_> {
@@ -72,11 +79,13 @@ impl Linear {
         }
         match self.data() {
             Rows::F32(w) => return gemm_xwt(x, m, w, self.rows, self.cols, out, self.rows),
-            Rows::Bf16(w) if amx::enabled() => {
-                let packed = self.packed.get_or_init(|| amx::PackedB::new(w, self.rows, self.cols));
-                return amx::gemm_xwt(x, m, packed, out, self.rows);
+            Rows::Bf16(w) => {
+                if let Some(kernel) = bf16_gemm::kernel(isa::path()) {
+                    let packed = self.packed.get_or_init(|| PackedB::new(w, self.rows, self.cols));
+                    return bf16_gemm::gemm_xwt(kernel, x, m, packed, out, self.rows);
+                }
             }
-            _ => {}
+            Rows::F16(_) => {}
         }
         let block = (WIDEN_BLOCK_VALUES / self.cols).clamp(16, self.rows.max(16));
         let mut wide = vec![0f32; block.min(self.rows) * self.cols];
@@ -90,20 +99,32 @@ impl Linear {
         }
     }
 
-    /// One input row: every weight is read once, in parallel blocks of output rows.
+    /// One input row: every weight is read once, in parallel blocks of output rows, and widened
+    /// in registers (no temporary row).
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         let cols = self.cols;
-        out.par_chunks_mut(MATVEC_ROWS).enumerate().for_each_init(
-            || vec![0f32; cols],
-            |row, (b, out)| {
-                let start = b * MATVEC_ROWS;
-                for (i, o) in out.iter_mut().enumerate() {
-                    self.rows_f32(start + i..start + i + 1, row);
-                    *o = super::kernels::dot(x, row);
-                }
-            },
-        );
+        out.par_chunks_mut(MATVEC_ROWS).enumerate().for_each(|(b, out)| {
+            let rows = b * MATVEC_ROWS * cols..(b * MATVEC_ROWS + out.len()) * cols;
+            match self.data() {
+                Rows::F32(w) => out.iter_mut().zip(w[rows].chunks_exact(cols)).for_each(|(o, w)| *o = dot(x, w)),
+                Rows::Bf16(w) => out.iter_mut().zip(w[rows].chunks_exact(cols)).for_each(|(o, w)| *o = dot_bf16(x, w)),
+                Rows::F16(w) => out.iter_mut().zip(w[rows].chunks_exact(cols)).for_each(|(o, w)| *o = dot_f16(x, w)),
+            }
+        });
     }
+}
+
+/// Σ x·w for f16 weights, widened a stack chunk at a time (f16 → f32 needs F16C, which `half`
+/// uses for slices).
+fn dot_f16(x: &[f32], w: &[f16]) -> f32 {
+    let mut wide = [0f32; 256];
+    x.chunks(256)
+        .zip(w.chunks(256))
+        .map(|(x, w)| {
+            w.convert_to_f32_slice(&mut wide[..w.len()]);
+            dot(x, &wide[..w.len()])
+        })
+        .sum()
 }
 
 /// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `w` of `n` rows; `out` rows are `out_stride` apart.

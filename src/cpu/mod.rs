@@ -3,11 +3,13 @@
 //! buffers — so FastKV (fastkv-spec §2–§6) and every baseline of §12 run on it — and decodes over
 //! its per-request KV cache ([`kv_cache`]).
 
-pub mod amx;
 pub mod attention;
+pub mod bf16_gemm;
+pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+pub mod tile_attention;
 
 use rayon::prelude::*;
 
@@ -17,8 +19,9 @@ use crate::prefill::Ops;
 use crate::rope::{Rope, RopeTable};
 use crate::select;
 use crate::spec::ModelSpec;
-use crate::tensors::TensorFile;
+use crate::tensors::{DType, TensorFile};
 use attention::{attention, Heads, KvView};
+use bf16_gemm::Kernel;
 use kernels::{rms_norm, rms_norm_row, swiglu};
 use kv_cache::LayerCache;
 use linear::Linear;
@@ -45,6 +48,11 @@ pub struct Model {
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
     lm_head: Option<Linear>,
+    /// bf16 weights: the KV cache is stored in bf16 too.
+    bf16: bool,
+    /// The bf16 kernel prefill attention runs on: bf16 engines on a CPU with bf16 units (f32
+    /// engines compute in f32 throughout, so they stay exact against an f32 reference).
+    tiles: Option<Kernel>,
 }
 
 /// The per-request KV cache: one [`LayerCache`] per layer.
@@ -85,7 +93,10 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let bf16 = layers.first().is_some_and(|l| l.wqkv.dtype() == DType::Bf16);
         Ok(Model {
+            tiles: bf16.then(|| bf16_gemm::kernel(isa::path())).flatten(),
+            bf16,
             spec: spec.clone(),
             rope: Rope::new(spec),
             embed: Linear::load(file, "embed", spec.vocab_size, e)?,
@@ -247,7 +258,12 @@ impl Ops for Model {
         let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
         let kv = KvView { k: &qkv.k, v: &qkv.v, pos: &all_pos, len: seq, stride: seq };
         let mut o = vec![0f32; (seq - first) * hq * d];
-        attention(&qkv.q[first * hq * d..], &positions[first..], first, true, &kv, &self.heads(), &mut o);
+        match self.tiles {
+            Some(kernel) if !last_row_only => {
+                tile_attention::attention(kernel, &qkv.q, &qkv.k, &qkv.v, positions, &self.heads(), &mut o)
+            }
+            _ => attention(&qkv.q[first * hq * d..], &positions[first..], first, &kv, &self.heads(), &mut o),
+        }
         Ok(o)
     }
 
@@ -302,7 +318,7 @@ impl Ops for Model {
 
     fn store(&self, qkv: &Qkv, pos: &Positions, keep: Option<&Vec<Vec<u32>>>, reserve: usize) -> Result<LayerCache> {
         let (hk, d) = (self.spec.num_kv_heads, self.spec.head_dim);
-        Ok(LayerCache::from_prefill(&qkv.k, &qkv.v, &pos.pos, keep.map(Vec::as_slice), hk, d, reserve))
+        Ok(LayerCache::from_prefill(&qkv.k, &qkv.v, &pos.pos, keep.map(Vec::as_slice), hk, d, reserve, self.bf16))
     }
 
     fn propagate(&self, x: &Vec<f32>, pos: &Positions, rows: &Vec<u32>) -> Result<(Vec<f32>, Positions)> {

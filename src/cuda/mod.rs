@@ -665,7 +665,7 @@ impl Device {
         eps: f32,
     ) -> Result<CudaSlice<T>> {
         let width = w.len() * heads;
-        if width == 0 || x.len() % width != 0 {
+        if width == 0 || !x.len().is_multiple_of(width) {
             return Err(Error::invalid("x", format!("{} values are not rows of {heads}×{}", x.len(), w.len())));
         }
         let mut out = self.zeros::<T>(x.len())?;
@@ -691,7 +691,7 @@ impl Device {
 
     /// [`Self::swiglu_into`] of all of `gate_up`, allocating.
     pub fn swiglu<T: Element>(&self, gate_up: &CudaSlice<T>, inter: usize) -> Result<CudaSlice<T>> {
-        if inter == 0 || gate_up.len() % (2 * inter) != 0 {
+        if inter == 0 || !gate_up.len().is_multiple_of(2 * inter) {
             return Err(Error::invalid("inter", format!("{} values are not rows of 2×{inter}", gate_up.len())));
         }
         let rows = gate_up.len() / (2 * inter);

@@ -169,7 +169,7 @@ fn common_words(engine: &Engine, length: usize, words: &[&str], rng: &mut StdRng
     let build = |n: usize| {
         // n rare words appear twice each; the ten common ones ≥ 4 times and more often than any rare one.
         let repeat = (2 * n / 40).clamp(4, 30);
-        let mut list: Vec<&str> = common.iter().flat_map(|w| std::iter::repeat(*w).take(repeat)).collect();
+        let mut list: Vec<&str> = common.iter().flat_map(|w| std::iter::repeat_n(*w, repeat)).collect();
         list.extend(rare.iter().take(n).flat_map(|w| [*w, *w]));
         list.shuffle(&mut StdRng::seed_from_u64(n as u64));
         let numbered: Vec<String> = list.iter().enumerate().map(|(i, w)| format!("{}. {w}", i + 1)).collect();

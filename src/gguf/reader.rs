@@ -235,7 +235,7 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     _ => 8,
                 };
-                if n.checked_mul(min_bytes).map_or(true, |b| b > (self.buf.len() - self.pos) as u64) {
+                if n.checked_mul(min_bytes).is_none_or(|b| b > (self.buf.len() - self.pos) as u64) {
                     return Err(format!("truncated: `{key}` claims {n} elements at byte {}", self.pos));
                 }
                 Value::Array((0..n).map(|_| self.value(elem, key, depth + 1)).collect::<Result<_, _>>()?)

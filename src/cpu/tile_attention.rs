@@ -1,0 +1,191 @@
+//! Causal prefill attention on the CPU's bf16 units: FlashAttention's loop (online softmax over
+//! key tiles, no L×L matrix) with Q·Kᵀ and P·V as 32×32 blocks of [`bf16_gemm`]'s kernels (AMX or
+//! AVX512-BF16). Q, K, V and the probabilities are rounded to bf16 and accumulated in f32, as
+//! PyTorch's bf16 SDPA does; the f32 path ([`super::attention`]) stays for f32 engines.
+//!
+//! Each KV head's keys are packed once per layer as a kernel B operand (keys are its columns) and
+//! its values transposed into one (head dimensions are its columns, key pairs its k), so every
+//! query block reads them in the kernels' layout. Work is split by (32 query rows, query head).
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::attention::{softmax_tile, Heads};
+use super::bf16_gemm::{Aligned, Kernel, PackedB, BLOCK, TILE_K};
+use super::kernels::to_bf16;
+
+/// Keys per softmax tile: four 32-key kernel blocks.
+const KEY_TILE: usize = 4 * BLOCK;
+
+/// `out[i, h·D..] = softmax(q_i·Kᵀ/√D) V` over keys `0..=i` (and within the sliding window by
+/// `pos`), for `q` `[S, H·D]` token-major and `k`, `v` `[Hk, S, D]` head-major.
+pub fn attention(kernel: Kernel, q: &[f32], k: &[f32], v: &[f32], pos: &[u32], heads: &Heads, out: &mut [f32]) {
+    let (h, hk, d, seq) = (heads.n_heads, heads.n_kv_heads, heads.head_dim, pos.len());
+    let packed: Vec<(PackedB, PackedB)> = (0..hk)
+        .into_par_iter()
+        .map(|g| {
+            let (k, v) = (&k[g * seq * d..(g + 1) * seq * d], &v[g * seq * d..(g + 1) * seq * d]);
+            let keys = PackedB::from_rows(seq, d, |j, row| to_bf16(&k[j * d..(j + 1) * d], row));
+            let values = PackedB::from_rows(d, seq, |j, row| {
+                row.iter_mut().zip(v[j..].iter().step_by(d)).for_each(|(o, &x)| *o = bf16::from_f32(x))
+            });
+            (keys, values)
+        })
+        .collect();
+    // Later query blocks see more keys: start them first so the pool ends evenly.
+    let blocks = seq.div_ceil(BLOCK);
+    let tasks: Vec<(usize, usize)> = (0..blocks).rev().flat_map(|b| (0..h).map(move |head| (b, head))).collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(b, head)| {
+            let (keys, values) = &packed[head / (h / hk)];
+            Block { kernel, q, pos, heads, keys, values, head, i0: b * BLOCK }.run()
+        })
+        .collect();
+    for (&(b, head), acc) in tasks.iter().zip(&results) {
+        for (r, row) in acc.chunks_exact(d).take(seq - b * BLOCK).enumerate() {
+            out[((b * BLOCK + r) * h + head) * d..][..d].copy_from_slice(row);
+        }
+    }
+}
+
+/// 32 query rows from `i0` of one query head.
+struct Block<'a> {
+    kernel: Kernel,
+    q: &'a [f32],
+    pos: &'a [u32],
+    heads: &'a Heads,
+    keys: &'a PackedB,
+    values: &'a PackedB,
+    head: usize,
+    i0: usize,
+}
+
+impl Block<'_> {
+    fn run(&self) -> Vec<f32> {
+        let (h, d, seq) = (self.heads.n_heads, self.heads.head_dim, self.pos.len());
+        let rows = BLOCK.min(seq - self.i0);
+        let dp = d.div_ceil(TILE_K) * TILE_K;
+        let mut a = Aligned::zeros(BLOCK * dp);
+        for (r, dst) in a.as_mut_slice().chunks_exact_mut(dp).take(rows).enumerate() {
+            to_bf16(&self.q[((self.i0 + r) * h + self.head) * d..][..d], &mut dst[..d]);
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut max, mut sum) = ([f32::NEG_INFINITY; BLOCK], [0f32; BLOCK]);
+        let mut acc = vec![0f32; BLOCK * d];
+        let mut scores = vec![0f32; (KEY_TILE / BLOCK) * BLOCK * BLOCK];
+        let mut p = Aligned::zeros(BLOCK * KEY_TILE);
+        let mut row = [0f32; KEY_TILE];
+        let mut c = [0f32; BLOCK * BLOCK];
+        let limit = self.i0 + rows; // causal: no row sees a key after it
+        for t0 in (0..limit).step_by(KEY_TILE) {
+            let n_blocks = (limit - t0).min(KEY_TILE).div_ceil(BLOCK);
+            let width = n_blocks * BLOCK;
+            for kb in 0..n_blocks {
+                let dst = &mut scores[kb * BLOCK * BLOCK..][..BLOCK * BLOCK];
+                let b = self.keys.block(t0 / BLOCK + kb);
+                // SAFETY: the kernel's path is available (the caller's contract); `a` is 32 rows
+                // of `dp`, `b` two column tiles of `k_tiles` tiles, `dst` 32×32.
+                unsafe {
+                    (self.kernel)(
+                        a.as_slice().as_ptr(),
+                        dp,
+                        b.as_ptr(),
+                        self.keys.stride(),
+                        self.keys.k_tiles,
+                        dst.as_mut_ptr(),
+                    )
+                };
+            }
+            for r in 0..BLOCK {
+                let i = self.i0 + r;
+                let row = &mut row[..width];
+                for (kb, dst) in row.chunks_exact_mut(BLOCK).enumerate() {
+                    let src = &scores[kb * BLOCK * BLOCK + r * BLOCK..][..BLOCK];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s);
+                }
+                // Causal: keys after row i; padding rows see nothing; the window hides keys too far back.
+                let visible = if r < rows { (i + 1).saturating_sub(t0).min(width) } else { 0 };
+                row[visible..].fill(f32::NEG_INFINITY);
+                if let Some(w) = self.heads.sliding_window {
+                    let first =
+                        self.pos[..=i.min(seq - 1)].partition_point(|&p| self.pos[i.min(seq - 1)] - p >= w as u32);
+                    row[..first.saturating_sub(t0).min(width)].fill(f32::NEG_INFINITY);
+                }
+                let (new_max, tile_sum) = softmax_tile(row, max[r]);
+                if max[r] != f32::NEG_INFINITY && max[r] < new_max {
+                    let corr = (max[r] - new_max).exp();
+                    sum[r] *= corr;
+                    acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
+                }
+                max[r] = new_max;
+                sum[r] += tile_sum;
+                to_bf16(row, &mut p.as_mut_slice()[r * KEY_TILE..][..width]);
+            }
+            // acc += P · V over this tile's keys, 32 head dimensions at a time.
+            for db in 0..dp / BLOCK {
+                let b = &self.values.block(db)[t0 / 2 * TILE_K..];
+                // SAFETY: as above; `p` is 32 rows of KEY_TILE, `b` starts at key pair t0/2 of two
+                // column tiles that hold every key pair.
+                unsafe {
+                    (self.kernel)(
+                        p.as_slice().as_ptr(),
+                        KEY_TILE,
+                        b.as_ptr(),
+                        self.values.stride(),
+                        n_blocks,
+                        c.as_mut_ptr(),
+                    )
+                };
+                let cols = BLOCK.min(d - db * BLOCK);
+                for (acc, c) in acc.chunks_exact_mut(d).zip(c.chunks_exact(BLOCK)) {
+                    acc[db * BLOCK..][..cols].iter_mut().zip(c).for_each(|(a, x)| *a += x);
+                }
+            }
+        }
+        for (r, a) in acc.chunks_exact_mut(d).enumerate() {
+            let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
+            a.iter_mut().for_each(|x| *x *= inv);
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::attention::{attention as f32_attention, KvView};
+    use crate::cpu::bf16_gemm::{kernel, tests::emulated_block};
+    use crate::cpu::isa::Path;
+
+    /// Every available kernel (and the emulated one everywhere) against the f32 attention on the
+    /// same bf16-rounded inputs, for GQA with 1 and 3 query heads per KV head, lengths that are
+    /// not multiples of 32 or 128, and a sliding window.
+    #[test]
+    fn tile_attention_matches_f32_attention() {
+        let mut kernels: Vec<(&str, Kernel)> = vec![("emulated", emulated_block)];
+        kernels.extend(Path::ALL.into_iter().filter(|p| p.available()).filter_map(|p| Some((p.name(), kernel(p)?))));
+        for (h, hk, d, seq, window) in
+            [(2, 2, 32, 1, None), (6, 2, 64, 45, None), (3, 1, 64, 300, Some(100)), (4, 2, 96, 161, None)]
+        {
+            let round = |x: f32| bf16::from_f32(x).to_f32();
+            let val = |i: usize, m: usize| round(((i * m % 113) as f32 - 56.0) / 40.0);
+            let q: Vec<f32> = (0..seq * h * d).map(|i| val(i, 37)).collect();
+            let k: Vec<f32> = (0..hk * seq * d).map(|i| val(i, 53)).collect();
+            let v: Vec<f32> = (0..hk * seq * d).map(|i| val(i, 71)).collect();
+            let pos: Vec<u32> = (0..seq as u32).map(|p| 3 * p).collect();
+            let heads = Heads { n_heads: h, n_kv_heads: hk, head_dim: d, sliding_window: window.map(|w| 3 * w) };
+            let all_pos: Vec<u32> = (0..hk).flat_map(|_| pos.iter().copied()).collect();
+            let kv = KvView { k: &k, v: &v, pos: &all_pos, len: seq, stride: seq };
+            let mut want = vec![0f32; seq * h * d];
+            f32_attention(&q, &pos, 0, &kv, &heads, &mut want);
+            for (name, kernel) in &kernels {
+                let mut got = vec![f32::NAN; seq * h * d];
+                attention(*kernel, &q, &k, &v, &pos, &heads, &mut got);
+                // Only the probabilities are rounded beyond the inputs: ≤ 2^-8 relative each.
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 2e-2, "{name} (h {h}, hk {hk}, d {d}, seq {seq}, window {window:?}): max error {err}");
+            }
+        }
+    }
+}
