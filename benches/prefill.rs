@@ -127,6 +127,7 @@ fn main() {
     let warmup: usize = arg("--warmup").map_or(1, |r| r.parse().unwrap());
     let model = engine.backend();
     println!("engine: SmolLM2-135M shapes, random weights, {dtype:?}, {} threads", rayon::current_num_threads());
+    println!("cpu path: {}", fastkv::cpu::isa::describe());
     println!(
         "{:>6} {:>6} {:>9} {:>9} {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6} | {:>10} {:>10}",
         "L",

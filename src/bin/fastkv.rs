@@ -423,6 +423,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
         progress: true,
     };
     let rows = fastkv::bench::run(&engine, &text, &cfg)?;
+    if args.device.device == fastkv::Device::Cpu {
+        println!("cpu path: {}", fastkv::cpu::isa::describe());
+    }
     print!("{}", fastkv::bench::format_table(&rows));
     if let Some(path) = &args.json {
         write_json(path, &rows)?;
