@@ -104,8 +104,9 @@ pub fn pack_a(x: &[f32], m: usize, k: usize) -> (Aligned, usize) {
 }
 
 /// A 32×32 block of C over `k_tiles` tiles of k: `c[i, j] = Σ a[i, ·]·b[·, j]`, with A's rows `lda`
-/// apart and B's second column tile `b_stride` after the first, `c` 32×32 row-major.
-pub type Kernel = unsafe fn(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32);
+/// apart, B's second column tile `b_stride` after the first, and C's rows `ldc` apart.
+pub type Kernel =
+    unsafe fn(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize);
 
 /// The kernel of a bf16 path (`None` for the f32 path).
 pub fn kernel(path: Path) -> Option<Kernel> {
@@ -140,13 +141,19 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
             let mut c = [0f32; BLOCK * BLOCK];
             let (j0, cols) = (nb * BLOCK, BLOCK.min(w.n - nb * BLOCK));
             for i0 in (p0..p1).step_by(BLOCK) {
-                // SAFETY: the kernel's contract (its path available); `a` has 32 rows of `kp` from
-                // row `i0`, `b` two column tiles of `k_tiles` tiles each, `c` is 32×32.
-                unsafe {
-                    kernel(a.as_slice()[i0 * kp..].as_ptr(), kp, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr())
-                };
-                for i in 0..BLOCK.min(m.saturating_sub(i0)) {
-                    // SAFETY: in bounds (asserted above); column block `nb` belongs to this task only.
+                let rows = BLOCK.min(m.saturating_sub(i0));
+                let a = a.as_slice()[i0 * kp..].as_ptr();
+                // SAFETY (both calls): the kernel's contract (its path available); `a` has 32 rows
+                // of `kp` from row `i0`, `b` two column tiles of `k_tiles` tiles each. Column block
+                // `nb` of `out` belongs to this task only, and a full block is in bounds (asserted
+                // above); a partial one goes through the 32×32 scratch `c`.
+                if rows == BLOCK && cols == BLOCK {
+                    let dst = (out_addr as *mut f32).wrapping_add(i0 * out_stride + j0);
+                    unsafe { kernel(a, kp, b.as_ptr(), w.stride(), w.k_tiles, dst, out_stride) };
+                    continue;
+                }
+                unsafe { kernel(a, kp, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr(), BLOCK) };
+                for i in 0..rows {
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut((out_addr as *mut f32).add((i0 + i) * out_stride + j0), cols)
                     };
@@ -160,7 +167,15 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
 /// AMX: tiles 0–3 accumulate C, 4–5 hold A, 6–7 hold B. Loads are interleaved with the products
 /// that need them, which measured 25 % faster than four loads then four products.
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32) {
+unsafe fn amx_block(
+    a: *const bf16,
+    lda: usize,
+    b: *const bf16,
+    b_stride: usize,
+    k_tiles: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
     // Palette 1, eight tiles of 16 rows × 64 bytes. Passed through memory the asm reads.
     let mut cfg = [0u8; 64];
     cfg[0] = 1;
@@ -205,9 +220,9 @@ unsafe fn amx_block(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize,
         kt = inout(reg) k_tiles => _,
         c0 = in(reg) c,
         c1 = in(reg) c.add(TILE),
-        c2 = in(reg) c.add(TILE * BLOCK),
-        c3 = in(reg) c.add(TILE * BLOCK + TILE),
-        ldc = in(reg) BLOCK * 4,
+        c2 = in(reg) c.add(TILE * ldc),
+        c3 = in(reg) c.add(TILE * ldc + TILE),
+        ldc = in(reg) ldc * 4,
         options(nostack),
     );
 }
@@ -216,7 +231,15 @@ unsafe fn amx_block(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize,
 /// loads feed 16 `vdpbf16ps` with one broadcast A pair per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn avx512bf16_block(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32) {
+unsafe fn avx512bf16_block(
+    a: *const bf16,
+    lda: usize,
+    b: *const bf16,
+    b_stride: usize,
+    k_tiles: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
     use std::arch::x86_64::*;
     const ROWS: usize = 8;
     for r0 in (0..BLOCK).step_by(ROWS) {
@@ -232,19 +255,19 @@ unsafe fn avx512bf16_block(a: *const bf16, lda: usize, b: *const bf16, b_stride:
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add((r0 + r) * BLOCK), acc[0]);
-            _mm512_storeu_ps(c.add((r0 + r) * BLOCK + TILE), acc[1]);
+            _mm512_storeu_ps(c.add((r0 + r) * ldc), acc[0]);
+            _mm512_storeu_ps(c.add((r0 + r) * ldc + TILE), acc[1]);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32) {
+unsafe fn amx_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AMX exists only on x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn avx512bf16_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32) {
+unsafe fn avx512bf16_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AVX512-BF16 exists only on x86_64")
 }
 
@@ -261,6 +284,7 @@ pub(crate) mod tests {
         b_stride: usize,
         k_tiles: usize,
         c: *mut f32,
+        ldc: usize,
     ) {
         for i in 0..BLOCK {
             for j in 0..BLOCK {
@@ -271,7 +295,7 @@ pub(crate) mod tests {
                     let b = bt.add(p * TILE_K + 2 * (j % TILE));
                     acc += (*a).to_f32() * (*b).to_f32() + (*a.add(1)).to_f32() * (*b.add(1)).to_f32();
                 }
-                *c.add(i * BLOCK + j) = acc;
+                *c.add(i * ldc + j) = acc;
             }
         }
     }

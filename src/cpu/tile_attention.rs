@@ -73,19 +73,19 @@ impl Block<'_> {
         let scale = 1.0 / (d as f32).sqrt();
         let (mut max, mut sum) = ([f32::NEG_INFINITY; BLOCK], [0f32; BLOCK]);
         let mut acc = vec![0f32; BLOCK * d];
-        let mut scores = vec![0f32; (KEY_TILE / BLOCK) * BLOCK * BLOCK];
+        // Scores and the acc update are 32 rows of KEY_TILE and of 32 columns.
+        let mut scores = vec![0f32; BLOCK * KEY_TILE];
         let mut p = Aligned::zeros(BLOCK * KEY_TILE);
-        let mut row = [0f32; KEY_TILE];
         let mut c = [0f32; BLOCK * BLOCK];
         let limit = self.i0 + rows; // causal: no row sees a key after it
         for t0 in (0..limit).step_by(KEY_TILE) {
             let n_blocks = (limit - t0).min(KEY_TILE).div_ceil(BLOCK);
             let width = n_blocks * BLOCK;
             for kb in 0..n_blocks {
-                let dst = &mut scores[kb * BLOCK * BLOCK..][..BLOCK * BLOCK];
+                let dst = &mut scores[kb * BLOCK..];
                 let b = self.keys.block(t0 / BLOCK + kb);
                 // SAFETY: the kernel's path is available (the caller's contract); `a` is 32 rows
-                // of `dp`, `b` two column tiles of `k_tiles` tiles, `dst` 32×32.
+                // of `dp`, `b` two column tiles of `k_tiles` tiles, `dst` 32 rows of KEY_TILE.
                 unsafe {
                     (self.kernel)(
                         a.as_slice().as_ptr(),
@@ -94,16 +94,14 @@ impl Block<'_> {
                         self.keys.stride(),
                         self.keys.k_tiles,
                         dst.as_mut_ptr(),
+                        KEY_TILE,
                     )
                 };
             }
             for r in 0..BLOCK {
                 let i = self.i0 + r;
-                let row = &mut row[..width];
-                for (kb, dst) in row.chunks_exact_mut(BLOCK).enumerate() {
-                    let src = &scores[kb * BLOCK * BLOCK + r * BLOCK..][..BLOCK];
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s);
-                }
+                let row = &mut scores[r * KEY_TILE..][..width];
+                row.iter_mut().for_each(|s| *s *= scale);
                 // Causal: keys after row i; padding rows see nothing; the window hides keys too far back.
                 let visible = if r < rows { (i + 1).saturating_sub(t0).min(width) } else { 0 };
                 row[visible..].fill(f32::NEG_INFINITY);
@@ -135,6 +133,7 @@ impl Block<'_> {
                         self.values.stride(),
                         n_blocks,
                         c.as_mut_ptr(),
+                        BLOCK,
                     )
                 };
                 let cols = BLOCK.min(d - db * BLOCK);
