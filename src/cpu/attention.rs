@@ -167,22 +167,20 @@ pub(super) fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
     (m, chunks.remainder().iter().chain(&sums).sum())
 }
 
-/// e^x for x ≤ 0 to 1e-6 relative: 2^n · p(r) with n = round(x·log2 e), p a degree-7 Taylor
-/// polynomial on the remainder (|r| ≤ ln2/2), and 0 below −87. Written so it vectorises: adding
-/// 1.5·2^23 rounds to the integer n in the low mantissa bits, from which 2^n is built with integer
-/// ops (a libm `expf`, `f32::round` or a saturating `as i32` each keep the loop scalar).
+/// e^x for x ≤ 0 to 1e-6 relative: 2^n · p(r) with n = round(x·log2 e), p a degree-6 Taylor
+/// polynomial on the remainder (|r| ≤ ln2/2, Horner in fused multiply-adds), and 0 below −87.
+/// Written so it vectorises: adding 1.5·2^23 rounds to the integer n in the low mantissa bits, from
+/// which 2^n is built with integer ops (a libm `expf`, `f32::round` or a saturating `as i32` each
+/// keep the loop scalar).
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0;
     let xc = x.max(-87.0);
-    let t = xc * std::f32::consts::LOG2_E + SHIFT;
+    let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
     let n = t - SHIFT;
     // Cody–Waite: ln 2 in two parts, the first exact in a few bits, so n·LN2_HI has no rounding.
-    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, xc));
+    let p = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0].iter().fold(1.0f32 / 720.0, |p, &c| p.mul_add(r, c));
     let scale = f32::from_bits(t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0

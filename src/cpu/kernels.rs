@@ -84,12 +84,18 @@ pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
 
 /// `gate_up` rows are `[gate | up]` of width 2·`inter`; writes silu(gate)·up into rows of width `inter`.
 pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
-        let (gate, up) = gu.split_at(inter);
-        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-            *o = g * (1.0 / (1.0 + (-g).exp())) * u;
-        }
-    });
+    out.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| swiglu_row(gu, o));
+}
+
+/// silu(g)·u with the sigmoid from e^−|g| (the vectorised exp takes x ≤ 0).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn swiglu_row(gate_up: &[f32], out: &mut [f32]) {
+    let (gate, up) = gate_up.split_at(out.len());
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let e = super::attention::exp(-g.abs());
+        let sigmoid = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        *o = g * sigmoid * u;
+    }
 }
 
 #[cfg(test)]
