@@ -12,7 +12,11 @@ use fastkv::{Device, Engine, Method, Overrides, Prompt, Request, Sampling};
 
 /// Run LLM engines with FastKV (Token-Selective Propagation + GQA-aware KV compression).
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Environment: RAYON_NUM_THREADS sets the CPU threads; FASTKV_CPU=f32|avx512bf16|amx caps the CPU \
+                  path bf16 engines compute on (default: the fastest this CPU has; `fastkv bench` prints it)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
