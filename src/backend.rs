@@ -105,7 +105,7 @@ impl Backend {
     /// Bytes of one cached K or V element.
     pub fn kv_element_bytes(&self) -> usize {
         match self {
-            Backend::Cpu(_) => std::mem::size_of::<f32>(),
+            Backend::Cpu(m) => m.kv_element_bytes(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(_) => 2,
         }

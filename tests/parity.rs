@@ -33,6 +33,7 @@ fn f32_engines_match_transformers_logits_and_greedy_tokens() {
         for p in expected(name).prompts {
             assert_eq!(engine.encode(&p.text).unwrap(), p.ids, "{name}: tokenizer ids of {:?}", p.text);
             let out = greedy_full(&engine, &p.ids, p.greedy.len());
+            assert_eq!(out.metrics.kv_cache_bytes, out.metrics.kv_cache_bytes_full, "{name}: a full f32 cache");
             let err = rel_err(&out.prompt_logits, &p.last_logits);
             assert!(err < 1e-4, "{name}, {} tokens: logits relative error {err:e}", p.ids.len());
             assert_eq!(
@@ -54,6 +55,7 @@ fn bf16_engines_stay_within_documented_tolerance() {
         let engine = Engine::open(&dir).unwrap();
         for p in expected(name).prompts {
             let out = greedy_full(&engine, &p.ids, 1);
+            assert_eq!(out.metrics.kv_cache_bytes, out.metrics.kv_cache_bytes_full, "{name}: a full bf16 cache");
             let err = rel_err(&out.prompt_logits, &p.last_logits);
             eprintln!("{name}, {} tokens: bf16 logits relative error {err:.2e}", p.ids.len());
             assert!(err < 5e-2, "{name}, {} tokens: bf16 logits relative error {err:e}", p.ids.len());

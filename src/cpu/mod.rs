@@ -108,6 +108,15 @@ impl Model {
         })
     }
 
+    /// Bytes of one cached K or V element: bf16 engines cache in bf16, f32 engines in f32.
+    pub fn kv_element_bytes(&self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
     fn heads(&self) -> Heads {
         let s = &self.spec;
         Heads {
