@@ -12,7 +12,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::attention::{exp, Heads};
+use super::attention::{exp, softmax_tile, Heads};
 use super::kernels::{axpy, axpy_bf16, dot, dot_bf16, to_bf16};
 
 /// Entries per decode-attention task.
@@ -211,12 +211,7 @@ impl LayerCache {
         let mut partials: Vec<Partial> = scores
             .chunks_exact_mut(n)
             .map(|s| {
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                if max != f32::NEG_INFINITY {
-                    s.iter_mut().for_each(|x| *x = exp(*x - max));
-                    sum = s.iter().sum();
-                }
+                let (max, sum) = softmax_tile(s, f32::NEG_INFINITY);
                 Partial { max, sum, acc: vec![0.0; d] }
             })
             .collect();
