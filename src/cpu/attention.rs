@@ -122,23 +122,35 @@ impl Task<'_> {
                         }
                     }
                 }
-                let (new_max, tile_sum) = softmax_tile(row, max[r]);
-                if max[r] != f32::NEG_INFINITY && max[r] < new_max {
-                    let c = (max[r] - new_max).exp();
-                    sum[r] *= c;
-                    acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
-                }
-                max[r] = new_max;
-                sum[r] += tile_sum;
+                online_softmax_step(row, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
             }
             // acc += P · V_tile
             gemm_f32(n, d, width, &mut acc, d, true, (scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);
         }
-        for (r, a) in acc.chunks_exact_mut(d).enumerate() {
-            let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
-            a.iter_mut().for_each(|x| *x *= inv);
-        }
+        normalize(&mut acc, sum, d);
         acc
+    }
+}
+
+/// One step of a query row's online softmax over key tiles: turns `row` (the tile's scores) into
+/// exp(s − m) with the new running max m, rescales the row's running sum and output `acc` when m
+/// grew, and adds the tile's sum; the caller then adds P·V to `acc`.
+pub(super) fn online_softmax_step(row: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [f32]) {
+    let (new_max, tile_sum) = softmax_tile(row, *max);
+    if *max != f32::NEG_INFINITY && *max < new_max {
+        let c = (*max - new_max).exp();
+        *sum *= c;
+        acc.iter_mut().for_each(|a| *a *= c);
+    }
+    *max = new_max;
+    *sum += tile_sum;
+}
+
+/// Divides each `d`-wide row of `acc` by its softmax sum; a row that saw no key stays 0.
+pub(super) fn normalize(acc: &mut [f32], sum: &[f32], d: usize) {
+    for (a, &s) in acc.chunks_exact_mut(d).zip(sum) {
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        a.iter_mut().for_each(|x| *x *= inv);
     }
 }
 

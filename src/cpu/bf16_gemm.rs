@@ -96,7 +96,7 @@ impl PackedB {
 }
 
 /// `m` rows of `x` (`k` wide) rounded to bf16, padded to 32 rows of `kp` = k rounded up to 32.
-pub fn pack_a(x: &[f32], m: usize, k: usize) -> (Aligned, usize) {
+fn pack_a(x: &[f32], m: usize, k: usize) -> (Aligned, usize) {
     let kp = k.div_ceil(TILE_K) * TILE_K;
     let mut a = Aligned::zeros(m.div_ceil(BLOCK) * BLOCK * kp);
     a.as_mut_slice().par_chunks_mut(kp).zip(x[..m * k].par_chunks(k)).for_each(|(a, x)| to_bf16(x, &mut a[..k]));

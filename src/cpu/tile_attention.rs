@@ -10,7 +10,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::attention::{softmax_tile, Heads};
+use super::attention::{normalize, online_softmax_step, Heads};
 use super::bf16_gemm::{Aligned, Kernel, PackedB, BLOCK, TILE_K};
 use super::kernels::to_bf16;
 
@@ -110,14 +110,7 @@ impl Block<'_> {
                         self.pos[..=i.min(seq - 1)].partition_point(|&p| self.pos[i.min(seq - 1)] - p >= w as u32);
                     row[..first.saturating_sub(t0).min(width)].fill(f32::NEG_INFINITY);
                 }
-                let (new_max, tile_sum) = softmax_tile(row, max[r]);
-                if max[r] != f32::NEG_INFINITY && max[r] < new_max {
-                    let corr = (max[r] - new_max).exp();
-                    sum[r] *= corr;
-                    acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
-                }
-                max[r] = new_max;
-                sum[r] += tile_sum;
+                online_softmax_step(row, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
                 to_bf16(row, &mut p.as_mut_slice()[r * KEY_TILE..][..width]);
             }
             // acc += P · V over this tile's keys, 32 head dimensions at a time.
@@ -142,10 +135,7 @@ impl Block<'_> {
                 }
             }
         }
-        for (r, a) in acc.chunks_exact_mut(d).enumerate() {
-            let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
-            a.iter_mut().for_each(|x| *x *= inv);
-        }
+        normalize(&mut acc, &sum, d);
         acc
     }
 }
