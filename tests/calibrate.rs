@@ -81,15 +81,27 @@ fn calibration_is_deterministic_and_becomes_the_engine_default() {
         assert!(cand.recall.iter().all(|r| (0.0..=1.0).contains(r)));
     }
     assert!((c.ideal_speedup - calibrate::ideal_speedup(engine.spec(), &policy, 512)).abs() < 1e-4);
-    // The criterion: no qualifying candidate is faster than the choice.
-    for cand in &c.candidates {
-        for (layer, &recall) in cand.recall.iter().enumerate() {
-            let p = Policy { tsp_layer: layer, budget: cand.budget, ..policy };
-            if recall >= c.min_recall {
-                assert!(calibrate::ideal_speedup(engine.spec(), &p, 512) <= c.ideal_speedup + 1e-4, "ℓ = {layer}");
-            }
-        }
+    // The criterion: the verified candidates are the fastest that qualify, fastest first, and the
+    // choice is the first that answers about as well as SnapKV-GQA (else the first of the best answering).
+    let speedup =
+        |tsp_layer, budget| calibrate::ideal_speedup(engine.spec(), &Policy { tsp_layer, budget, ..policy }, 512);
+    let recall = |layer: usize, budget| c.candidates.iter().find(|k| k.budget == budget).unwrap().recall[layer];
+    assert!(!c.verified.is_empty() && c.verified.len() <= calibrate::VERIFIED);
+    let qualified: Vec<f64> = c
+        .candidates
+        .iter()
+        .flat_map(|k| (0..n - 1).filter(|&l| k.recall[l] >= c.min_recall).map(|l| speedup(l, k.budget)))
+        .collect();
+    for (i, v) in c.verified.iter().enumerate() {
+        assert!(recall(v.tsp_layer, v.budget) >= c.min_recall || qualified.is_empty());
+        let faster_unverified = qualified.iter().filter(|&&s| s > speedup(v.tsp_layer, v.budget) + 1e-9).count();
+        assert!(faster_unverified <= i, "verified candidate {i} has {faster_unverified} faster qualified candidates");
     }
+    let pick = c.verified.iter().position(|v| (v.tsp_layer, v.budget) == (c.tsp_layer, c.budget)).expect("verified");
+    let best = c.verified.iter().map(|v| v.score).fold(0.0, f64::max);
+    let first_good = c.verified.iter().position(|v| v.score >= c.snapkv_gqa_score - calibrate::TOLERANCE);
+    assert_eq!(Some(pick), first_good.or(c.verified.iter().position(|v| v.score == best)));
+    assert!([c.full_score, c.snapkv_gqa_score].iter().all(|s| (0.0..=1.0).contains(s)));
 }
 
 #[test]

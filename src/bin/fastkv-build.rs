@@ -64,7 +64,7 @@ struct Args {
     #[arg(long)]
     tsp_layer: Option<usize>,
     /// Choose ℓ* and the TSP rate by calibration (as `fastkv calibrate` does: probes of --haystack
-    /// essays with synthetic facts; about a minute per 100M parameters on 2 cores) even when a preset
+    /// essays with synthetic facts; about a minute per 100M parameters on 2 cores with AMX) even when a preset
     /// matches. Without this flag, engines with no preset are calibrated when the essays exist.
     #[arg(long, conflicts_with_all = ["tsp_layer", "no_calibrate"])]
     calibrate: bool,
@@ -160,8 +160,11 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
             match (&m.calibration, &m.preset, args.tsp_layer) {
                 (_, _, Some(_)) => "--tsp-layer".to_string(),
                 (Some(c), _, None) => format!(
-                    "calibrated: recall ≥ {:.0} % of the probe facts, ideal prefill speed-up {:.2}×",
+                    "calibrated: recall ≥ {:.0} % of the probe facts, answers {:.0} % (SnapKV-GQA {:.0} %), \
+                     ideal prefill speed-up {:.2}×",
                     100.0 * c.min_recall,
+                    100.0 * c.chosen_score(),
+                    100.0 * c.snapkv_gqa_score,
                     c.ideal_speedup
                 ),
                 (None, Some(name), None) => format!("{name} preset"),

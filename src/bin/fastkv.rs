@@ -266,10 +266,23 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
         println!();
     }
     println!(
-        "chosen: ℓ* = {}, {} (criterion: the largest ideal speed-up with recall ≥ {:.0} %); was ℓ* = {}, {}",
+        "answers to the probes' questions (share of the code right, greedy): full KV {:.1} %, snapkv-gqa {:.1} %",
+        100.0 * c.full_score,
+        100.0 * c.snapkv_gqa_score
+    );
+    for v in &c.verified {
+        let policy = fastkv::Policy { tsp_layer: v.tsp_layer, budget: v.budget, ..before };
+        let speedup = calibrate::ideal_speedup(spec, &policy, c.probe_tokens);
+        println!("  ℓ = {:>2}, {:<8} ({speedup:.2}×): {:.1} %", v.tsp_layer, budget_name(&v.budget), 100.0 * v.score);
+    }
+    println!(
+        "chosen: ℓ* = {}, {} (criterion: of the {} fastest with recall ≥ {:.0} %, the fastest that answers at \
+         most {:.0} points below snapkv-gqa, else the best answering); was ℓ* = {}, {}",
         c.tsp_layer,
         budget_name(&c.budget),
+        calibrate::VERIFIED,
         100.0 * c.min_recall,
+        100.0 * calibrate::TOLERANCE,
         before.tsp_layer,
         budget_name(&before.budget)
     );

@@ -3,11 +3,13 @@
 //!
 //! Both instructions multiply *pairs* of bf16 along k, so both want B with the two values of a
 //! k-pair side by side for 16 output columns — 64 bytes, one AMX tile row or one zmm register —
-//! and A row-major with each row's k-pairs contiguous (one AMX tile row is 32 k of one row; one
-//! `vpbroadcastd` is one k-pair). So the weights are packed once, A is rounded to bf16 per call
-//! (as in PyTorch's bf16 matmul), and one driver serves both kernels. Why our own kernels rather
-//! than oneDNN: no system library or C++ toolchain at build time, one binary, and
-//! `benches/peers/gemm_vs_torch.py` measures them against PyTorch's oneDNN on the same shapes.
+//! and A with each row's k-pairs contiguous (one AMX tile row is 32 k of one row; one
+//! `vpbroadcastd` is one k-pair). A is stored in [`A_CHUNK`]s — 32 rows × 32 k, one k tile of a
+//! block after the other — so a kernel reads both operands as sequential streams. The weights
+//! are packed once, A is rounded to bf16 per call (as in PyTorch's bf16 matmul), and one driver
+//! serves both kernels. Why our own kernels rather than oneDNN: no system library or C++
+//! toolchain at build time, one binary, and `benches/peers/gemm_vs_torch.py` measures them against
+//! PyTorch's oneDNN on the same shapes.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -20,6 +22,8 @@ const TILE: usize = 16;
 pub const TILE_K: usize = 32;
 /// Each kernel call computes a 32×32 block of C (four tiles).
 pub const BLOCK: usize = 2 * TILE;
+/// bf16 values of A per k tile of a block: 32 rows of 32, row-major (two AMX tiles, 2 KB).
+pub const A_CHUNK: usize = BLOCK * TILE_K;
 
 /// 64 bf16, one cache line: the unit of [`Aligned`], so every tile row starts on a cache line
 /// (a tile row that straddles two lines makes AMX loads about 35 % slower, measured).
@@ -95,18 +99,28 @@ impl PackedB {
     }
 }
 
-/// `m` rows of `x` (`k` wide) rounded to bf16, padded to 32 rows of `kp` = k rounded up to 32.
-fn pack_a(x: &[f32], m: usize, k: usize) -> (Aligned, usize) {
-    let kp = k.div_ceil(TILE_K) * TILE_K;
-    let mut a = Aligned::zeros(m.div_ceil(BLOCK) * BLOCK * kp);
-    a.as_mut_slice().par_chunks_mut(kp).zip(x[..m * k].par_chunks(k)).for_each(|(a, x)| to_bf16(x, &mut a[..k]));
-    (a, kp)
+/// Writes `x` (one row of A, at most `k_tiles · 32` wide) as row `r` of a 32-row block in chunks.
+pub fn store_a_row(block: &mut [bf16], r: usize, x: &[f32]) {
+    for (kt, x) in x.chunks(TILE_K).enumerate() {
+        to_bf16(x, &mut block[kt * A_CHUNK + r * TILE_K..][..x.len()]);
+    }
 }
 
-/// A 32×32 block of C over `k_tiles` tiles of k: `c[i, j] = Σ a[i, ·]·b[·, j]`, with A's rows `lda`
-/// apart, B's second column tile `b_stride` after the first, and C's rows `ldc` apart.
-pub type Kernel =
-    unsafe fn(a: *const bf16, lda: usize, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize);
+/// `m` rows of `x` (`k` wide) rounded to bf16 in chunks, padded to 32 rows; blocks are
+/// `k_tiles · A_CHUNK` apart.
+fn pack_a(x: &[f32], m: usize, k: usize, k_tiles: usize) -> Aligned {
+    let mut a = Aligned::zeros(m.div_ceil(BLOCK) * k_tiles * A_CHUNK);
+    a.as_mut_slice().par_chunks_mut(k_tiles * A_CHUNK).zip(x[..m * k].par_chunks(BLOCK * k)).for_each(|(a, x)| {
+        for (r, x) in x.chunks_exact(k).enumerate() {
+            store_a_row(a, r, x);
+        }
+    });
+    a
+}
+
+/// A 32×32 block of C over `k_tiles` tiles of k: `c[i, j] = Σ a[i, ·]·b[·, j]`, with A a block in
+/// chunks, B's second column tile `b_stride` after the first, and C's rows `ldc` apart.
+pub type Kernel = unsafe fn(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize);
 
 /// The kernel of a bf16 path (`None` for the f32 path).
 pub fn kernel(path: Path) -> Option<Kernel> {
@@ -129,9 +143,10 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
         return;
     }
     assert!(x.len() >= m * w.k && out.len() >= (m - 1) * out_stride + w.n, "gemm_xwt: buffers too short");
-    let (a, kp) = pack_a(x, m, w.k);
+    let a = pack_a(x, m, w.k, w.k_tiles);
+    let a_block = w.k_tiles * A_CHUNK;
     let mp = m.div_ceil(BLOCK) * BLOCK;
-    let panel = (PANEL_BYTES / (2 * kp) / BLOCK).max(1) * BLOCK;
+    let panel = (PANEL_BYTES / (2 * a_block)).max(1) * BLOCK;
     // Tasks write disjoint column blocks of `out`, so they share its address.
     let out_addr = out.as_mut_ptr() as usize;
     for p0 in (0..mp).step_by(panel) {
@@ -142,17 +157,17 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
             let (j0, cols) = (nb * BLOCK, BLOCK.min(w.n - nb * BLOCK));
             for i0 in (p0..p1).step_by(BLOCK) {
                 let rows = BLOCK.min(m.saturating_sub(i0));
-                let a = a.as_slice()[i0 * kp..].as_ptr();
-                // SAFETY (both calls): the kernel's contract (its path available); `a` has 32 rows
-                // of `kp` from row `i0`, `b` two column tiles of `k_tiles` tiles each. Column block
+                let a = a.as_slice()[i0 / BLOCK * a_block..].as_ptr();
+                // SAFETY (both calls): the kernel's contract (its path available); `a` is the block
+                // of rows from `i0` in chunks, `b` two column tiles of `k_tiles` tiles each. Column block
                 // `nb` of `out` belongs to this task only, and a full block is in bounds (asserted
                 // above); a partial one goes through the 32×32 scratch `c`.
                 if rows == BLOCK && cols == BLOCK {
                     let dst = (out_addr as *mut f32).wrapping_add(i0 * out_stride + j0);
-                    unsafe { kernel(a, kp, b.as_ptr(), w.stride(), w.k_tiles, dst, out_stride) };
+                    unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, dst, out_stride) };
                     continue;
                 }
-                unsafe { kernel(a, kp, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr(), BLOCK) };
+                unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr(), BLOCK) };
                 for i in 0..rows {
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut((out_addr as *mut f32).add((i0 + i) * out_stride + j0), cols)
@@ -164,42 +179,50 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
     }
 }
 
-/// AMX: tiles 0–3 accumulate C, 4–5 hold A, 6–7 hold B. Loads are interleaved with the products
-/// that need them, which measured 25 % faster than four loads then four products.
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(
-    a: *const bf16,
-    lda: usize,
-    b: *const bf16,
-    b_stride: usize,
-    k_tiles: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    // Palette 1, eight tiles of 16 rows × 64 bytes. Passed through memory the asm reads.
+thread_local! {
+    /// Whether this thread's tiles hold [`configure_tiles`]'s palette.
+    static TILES_CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Loads the one tile palette every AMX kernel uses (eight tiles of 16 rows × 64 bytes) once per
+/// thread: `ldtilecfg` and `tilerelease` around every 32×32 block cost 20–30 % of the projection
+/// GEMMs (measured), more on attention's short blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure_tiles() {
+    if TILES_CONFIGURED.get() {
+        return;
+    }
     let mut cfg = [0u8; 64];
     cfg[0] = 1;
     for t in 0..8 {
         cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
         cfg[48 + t] = TILE as u8;
     }
+    std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) cfg.as_ptr(), options(nostack, readonly));
+    TILES_CONFIGURED.set(true);
+}
+
+/// AMX: tiles 0–3 accumulate C, 4–5 hold A, 6–7 hold B. Loads are interleaved with the products
+/// that need them, which measured 25 % faster than four loads then four products.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize) {
+    configure_tiles();
     std::arch::asm!(
-        "ldtilecfg [{cfg}]",
         "tilezero tmm0",
         "tilezero tmm1",
         "tilezero tmm2",
         "tilezero tmm3",
         "2:",
-        "tileloadd tmm4, [{a0} + {lda}*1]",
-        "tileloadd tmm6, [{b0} + {ldb}*1]",
+        "tileloadd tmm4, [{a} + {ld}*1]",
+        "tileloadd tmm6, [{b0} + {ld}*1]",
         "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {ldb}*1]",
+        "tileloadd tmm7, [{b1} + {ld}*1]",
         "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {lda}*1]",
+        "tileloadd tmm5, [{a} + {ld}*1 + 1024]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 64",
-        "add {a1}, 64",
+        "add {a}, 2048",
         "add {b0}, {tb}",
         "add {b1}, {tb}",
         "dec {kt}",
@@ -208,14 +231,10 @@ unsafe fn amx_block(
         "tilestored [{c1} + {ldc}*1], tmm1",
         "tilestored [{c2} + {ldc}*1], tmm2",
         "tilestored [{c3} + {ldc}*1], tmm3",
-        "tilerelease",
-        cfg = in(reg) cfg.as_ptr(),
-        a0 = inout(reg) a => _,
-        a1 = inout(reg) a.add(TILE * lda) => _,
-        lda = in(reg) lda * 2,
+        a = inout(reg) a => _,
         b0 = inout(reg) b => _,
         b1 = inout(reg) b.add(b_stride) => _,
-        ldb = in(reg) 64usize,
+        ld = in(reg) 64usize,
         tb = in(reg) TILE * TILE_K * 2,
         kt = inout(reg) k_tiles => _,
         c0 = in(reg) c,
@@ -231,15 +250,7 @@ unsafe fn amx_block(
 /// loads feed 16 `vdpbf16ps` with one broadcast A pair per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn avx512bf16_block(
-    a: *const bf16,
-    lda: usize,
-    b: *const bf16,
-    b_stride: usize,
-    k_tiles: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
+unsafe fn avx512bf16_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize) {
     use std::arch::x86_64::*;
     const ROWS: usize = 8;
     for r0 in (0..BLOCK).step_by(ROWS) {
@@ -248,7 +259,7 @@ unsafe fn avx512bf16_block(
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * TILE_K).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(b_stride + p * TILE_K).cast()));
             for (r, acc) in acc.iter_mut().enumerate() {
-                let pair = a.add((r0 + r) * lda + 2 * p).cast::<i32>().read_unaligned();
+                let pair = a.add(p / TILE * A_CHUNK + (r0 + r) * TILE_K + 2 * (p % TILE)).cast::<i32>().read();
                 let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                 acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
@@ -262,12 +273,12 @@ unsafe fn avx512bf16_block(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn amx_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AMX exists only on x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn avx512bf16_block(_: *const bf16, _: usize, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn avx512bf16_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AVX512-BF16 exists only on x86_64")
 }
 
@@ -279,7 +290,6 @@ pub(crate) mod tests {
     /// f32), on the same packing as the kernels: checks packing and blocking on any CPU.
     pub(crate) unsafe fn emulated_block(
         a: *const bf16,
-        lda: usize,
         b: *const bf16,
         b_stride: usize,
         k_tiles: usize,
@@ -291,7 +301,7 @@ pub(crate) mod tests {
                 let bt = b.add((j / TILE) * b_stride);
                 let mut acc = 0f32;
                 for p in 0..k_tiles * TILE {
-                    let a = a.add(i * lda + 2 * p);
+                    let a = a.add(p / TILE * A_CHUNK + i * TILE_K + 2 * (p % TILE));
                     let b = bt.add(p * TILE_K + 2 * (j % TILE));
                     acc += (*a).to_f32() * (*b).to_f32() + (*a.add(1)).to_f32() * (*b.add(1)).to_f32();
                 }

@@ -11,7 +11,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{normalize, online_softmax_step, Heads};
-use super::bf16_gemm::{Aligned, Kernel, PackedB, BLOCK, TILE_K};
+use super::bf16_gemm::{store_a_row, Aligned, Kernel, PackedB, BLOCK, TILE_K};
 use super::kernels::to_bf16;
 
 /// Keys per softmax tile: four 32-key kernel blocks.
@@ -67,8 +67,8 @@ impl Block<'_> {
         let rows = BLOCK.min(seq - self.i0);
         let dp = d.div_ceil(TILE_K) * TILE_K;
         let mut a = Aligned::zeros(BLOCK * dp);
-        for (r, dst) in a.as_mut_slice().chunks_exact_mut(dp).take(rows).enumerate() {
-            to_bf16(&self.q[((self.i0 + r) * h + self.head) * d..][..d], &mut dst[..d]);
+        for r in 0..rows {
+            store_a_row(a.as_mut_slice(), r, &self.q[((self.i0 + r) * h + self.head) * d..][..d]);
         }
         let scale = 1.0 / (d as f32).sqrt();
         let (mut max, mut sum) = ([f32::NEG_INFINITY; BLOCK], [0f32; BLOCK]);
@@ -84,12 +84,11 @@ impl Block<'_> {
             for kb in 0..n_blocks {
                 let dst = &mut scores[kb * BLOCK..];
                 let b = self.keys.block(t0 / BLOCK + kb);
-                // SAFETY: the kernel's path is available (the caller's contract); `a` is 32 rows
-                // of `dp`, `b` two column tiles of `k_tiles` tiles, `dst` 32 rows of KEY_TILE.
+                // SAFETY: the kernel's path is available (the caller's contract); `a` is a block
+                // of `dp / 32` chunks, `b` two column tiles of `k_tiles` tiles, `dst` 32 rows of KEY_TILE.
                 unsafe {
                     (self.kernel)(
                         a.as_slice().as_ptr(),
-                        dp,
                         b.as_ptr(),
                         self.keys.stride(),
                         self.keys.k_tiles,
@@ -111,17 +110,16 @@ impl Block<'_> {
                     row[..first.saturating_sub(t0).min(width)].fill(f32::NEG_INFINITY);
                 }
                 online_softmax_step(row, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
-                to_bf16(row, &mut p.as_mut_slice()[r * KEY_TILE..][..width]);
+                store_a_row(p.as_mut_slice(), r, row);
             }
             // acc += P · V over this tile's keys, 32 head dimensions at a time.
             for db in 0..dp / BLOCK {
                 let b = &self.values.block(db)[t0 / 2 * TILE_K..];
-                // SAFETY: as above; `p` is 32 rows of KEY_TILE, `b` starts at key pair t0/2 of two
-                // column tiles that hold every key pair.
+                // SAFETY: as above; `p` is a block of `n_blocks` chunks, `b` starts at key pair
+                // t0/2 of two column tiles that hold every key pair.
                 unsafe {
                     (self.kernel)(
                         p.as_slice().as_ptr(),
-                        KEY_TILE,
                         b.as_ptr(),
                         self.values.stride(),
                         n_blocks,

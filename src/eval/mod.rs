@@ -266,14 +266,17 @@ pub fn format_table(corner: &str, rows: &[String], methods: &[String], cells: &[
 
 /// One line per contender: accuracy with its interval and count, as a share of full KV's and in
 /// points against SnapKV-GQA at the same budget (the like-for-like GQA baseline), and the prefill
-/// speed-up over full KV measured in the same run.
+/// speed-up over full KV measured in the same run (and per prompt length, when there are several).
 pub fn summary(scores: &[Score], contenders: &[Contender]) -> String {
     let of = |name: &str| scores.iter().filter(|s| s.method == name).collect::<Vec<_>>();
     let accuracy = |name: &str| {
         let mine = of(name);
         Cell { mean: mine.iter().map(|s| s.score).sum::<f64>() / mine.len().max(1) as f64, n: mine.len() }
     };
-    let prefill_s = |name: &str| of(name).iter().map(|s| s.prefill_s).sum::<f64>();
+    let prefill_s = |name: &str, length: Option<usize>| {
+        of(name).iter().filter(|s| length.is_none_or(|l| s.length == l)).map(|s| s.prefill_s).sum::<f64>()
+    };
+    let lengths = first_seen(scores, |s| s.length.to_string());
     let full = contenders.iter().find(|c| c.policy.method == Method::Full);
     let mut out = String::new();
     for c in contenders {
@@ -283,7 +286,13 @@ pub fn summary(scores: &[Score], contenders: &[Contender]) -> String {
         if let Some(full) = full.filter(|f| f.name != c.name) {
             let f = accuracy(&full.name);
             out += &format!("; {:.0} % of full ({:.1} %)", 100.0 * a.mean / f.mean, 100.0 * f.mean);
-            out += &format!("; prefill {:.2}× full", prefill_s(&full.name) / prefill_s(&c.name));
+            let speedup = |length| prefill_s(&full.name, length) / prefill_s(&c.name, length);
+            out += &format!("; prefill {:.2}× full", speedup(None));
+            if lengths.len() > 1 {
+                let each: Vec<String> =
+                    lengths.iter().map(|l| format!("{:.2}× at {l}", speedup(l.parse().ok()))).collect();
+                out += &format!(" ({})", each.join(", "));
+            }
         }
         let snap = contenders
             .iter()
@@ -360,17 +369,18 @@ mod tests {
         ];
         let scores = [
             score("full", 1, 1.0, 4.0),
-            score("full", 1, 1.0, 4.0),
+            score("full", 2, 1.0, 4.0),
             score("fastkv", 1, 1.0, 1.0),
-            score("fastkv", 1, 0.0, 1.0),
+            score("fastkv", 2, 0.0, 2.0),
             score("snapkv-gqa", 1, 1.0, 3.0),
-            score("snapkv-gqa", 1, 1.0, 3.0),
+            score("snapkv-gqa", 2, 1.0, 3.0),
         ];
         let lines: Vec<String> = summary(&scores, &contenders).lines().map(str::to_owned).collect();
         assert_eq!(lines[0], "full: 100.0 % [34.2, 100.0] of 2");
         assert_eq!(
             lines[1],
-            "fastkv: 50.0 % [9.5, 90.5] of 2; 50 % of full (100.0 %); prefill 4.00× full; -50.0 points vs snapkv-gqa"
+            "fastkv: 50.0 % [9.5, 90.5] of 2; 50 % of full (100.0 %); prefill 2.67× full (4.00× at 1, 2.00× at 2); \
+             -50.0 points vs snapkv-gqa"
         );
         assert!(lines[2].starts_with("snapkv-gqa: 100.0 %") && lines[2].contains("prefill 1.33× full"), "{}", lines[2]);
     }
