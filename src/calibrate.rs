@@ -253,10 +253,10 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
             eprintln!("{}/{} probes: {what}", i + 1, probes.len());
         }
     };
-    let mut sums = vec![0.0; policies.len()];
+    let mut recall_sums = vec![0.0; policies.len()];
     for (i, probe) in probes.iter().enumerate() {
         let kept = engine.backend.tsp_selections(&probe.sample.prompt, &policies)?;
-        for (sum, kept) in sums.iter_mut().zip(kept) {
+        for (sum, kept) in recall_sums.iter_mut().zip(kept) {
             let hits = match kept {
                 Some(rows) => probe.fact_positions.iter().filter(|p| rows.binary_search(p).is_ok()).count(),
                 None => probe.fact_positions.len(), // TSP did not fire: everything goes on
@@ -268,7 +268,7 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
 
     // Four decimals: evidence to read, and values that survive engine.json's round trip exactly.
     let round = |x: f64| (x * 1e4).round() / 1e4;
-    let recall: Vec<f64> = sums.iter().map(|s| round(s / probes.len() as f64)).collect();
+    let recall: Vec<f64> = recall_sums.iter().map(|s| round(s / probes.len() as f64)).collect();
     let speedup = |i: usize| ideal_speedup(spec, &policies[i], tokens);
     let qualifies = |i: usize| recall[i] >= MIN_RECALL;
     let mut order: Vec<usize> = (0..policies.len()).collect();
@@ -282,17 +282,17 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
 
     let references = [Policy { method: Method::Full, ..base }, Policy { method: Method::SnapkvGqa, ..base }];
     let runs: Vec<Policy> = references.into_iter().chain(order.iter().map(|&i| policies[i])).collect();
-    let mut sums = vec![0.0; runs.len()];
+    let mut answer_sums = vec![0.0; runs.len()];
     for (i, probe) in probes.iter().enumerate() {
         let mut req = Request::new(Prompt::Tokens(probe.sample.prompt.clone()));
         req.max_new_tokens = probe.sample.max_new_tokens;
-        for (sum, out) in sums.iter_mut().zip(engine.generate_each(&req, &runs)?) {
+        for (sum, out) in answer_sums.iter_mut().zip(engine.generate_each(&req, &runs)?) {
             *sum += answer_score(&out.text, &probe.sample.answers[0]);
         }
         step("answers", i);
     }
     bar.finish_and_clear();
-    let scores: Vec<f64> = sums.iter().map(|s| round(s / probes.len() as f64)).collect();
+    let scores: Vec<f64> = answer_sums.iter().map(|s| round(s / probes.len() as f64)).collect();
     let verified: Vec<Verified> = order
         .iter()
         .zip(&scores[2..])

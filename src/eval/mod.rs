@@ -202,7 +202,7 @@ pub fn mean_table(scores: &[Score], row: impl Fn(&Score) -> String) -> (Vec<Stri
 }
 
 /// Keys in first-seen order.
-fn first_seen(scores: &[Score], key: impl Fn(&Score) -> String) -> Vec<String> {
+fn first_seen<K: PartialEq>(scores: &[Score], key: impl Fn(&Score) -> K) -> Vec<K> {
     scores.iter().map(key).fold(Vec::new(), |mut seen, k| {
         if !seen.contains(&k) {
             seen.push(k);
@@ -276,7 +276,7 @@ pub fn summary(scores: &[Score], contenders: &[Contender]) -> String {
     let prefill_s = |name: &str, length: Option<usize>| {
         of(name).iter().filter(|s| length.is_none_or(|l| s.length == l)).map(|s| s.prefill_s).sum::<f64>()
     };
-    let lengths = first_seen(scores, |s| s.length.to_string());
+    let lengths = first_seen(scores, |s| s.length);
     let full = contenders.iter().find(|c| c.policy.method == Method::Full);
     let mut out = String::new();
     for c in contenders {
@@ -289,8 +289,7 @@ pub fn summary(scores: &[Score], contenders: &[Contender]) -> String {
             let speedup = |length| prefill_s(&full.name, length) / prefill_s(&c.name, length);
             out += &format!("; prefill {:.2}× full", speedup(None));
             if lengths.len() > 1 {
-                let each: Vec<String> =
-                    lengths.iter().map(|l| format!("{:.2}× at {l}", speedup(l.parse().ok()))).collect();
+                let each: Vec<String> = lengths.iter().map(|&l| format!("{:.2}× at {l}", speedup(Some(l)))).collect();
                 out += &format!(" ({})", each.join(", "));
             }
         }
