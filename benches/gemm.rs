@@ -1,13 +1,14 @@
 //! bf16 GEMM benchmark on the projection shapes of the engines, and a STREAM-like triad.
 //!
-//! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad]`
+//! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad] [-- --peak]`
 //!
 //! Per `MxNxK` shape (M activation rows, N output features, K input features) it times every bf16
 //! path of `Linear::forward` this CPU has on the same inputs (`fastkv::cpu::isa::Path`: `amx`,
 //! `avx512bf16`, and `f32`, the fallback that widens the weight for the `gemm` crate), and prints
 //! one line per path, `path M N K GFLOP/s` (best of `--repeats`), which
-//! benches/peers/gemm_vs_torch.py reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches on all rayon threads, the
-//! ceiling of weight-bound decode.
+//! benches/peers/gemm_vs_torch.py reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches
+//! on all rayon threads, the ceiling of weight-bound decode; `--peak` the rate of each bf16 kernel on
+//! operands in L1, the ceiling of the GEMMs.
 
 use std::time::Instant;
 
@@ -72,10 +73,47 @@ fn triad(repeats: usize) {
     println!("triad {:.1} GB/s on {} threads", 3.0 * 4.0 * len as f64 / t / 1e9, rayon::current_num_threads());
 }
 
+/// Each bf16 kernel on one 32×32 block over 8 k tiles, its 32 KB of operands in L1, on one thread
+/// and on every thread at once: the ceiling a GEMM of that path reaches when memory costs nothing.
+fn peak(repeats: usize) {
+    const K_TILES: usize = 8;
+    const CALLS: usize = 20_000;
+    for path in Path::ALL.into_iter().filter(|p| p.available()) {
+        let Some(kernel) = bf16_gemm::kernel(path) else { continue };
+        let run = || {
+            let a = bf16_gemm::Aligned::zeros(K_TILES * bf16_gemm::A_CHUNK);
+            let b = PackedB::new(&vec![bf16::ONE; 32 * K_TILES * 32], 32, K_TILES * 32);
+            let mut c = vec![0f32; 32 * 32];
+            best(repeats, || {
+                for _ in 0..CALLS {
+                    // SAFETY: the path is available; `a` is one block of K_TILES chunks, `b` two column
+                    // tiles of K_TILES tiles, `c` 32 rows of 32.
+                    unsafe {
+                        kernel(a.as_slice().as_ptr(), b.block(0).as_ptr(), b.stride(), K_TILES, c.as_mut_ptr(), 32)
+                    };
+                }
+            })
+        };
+        let flops = (2 * 32 * 32 * 32 * K_TILES * CALLS) as f64;
+        let threads = rayon::current_num_threads();
+        let one = run();
+        let slowest = (0..threads).into_par_iter().map(|_| run()).reduce(|| 0.0, f64::max);
+        println!(
+            "peak {}: {:.0} GFLOP/s on 1 thread, {:.0} on {threads} threads",
+            path.name(),
+            flops / one / 1e9,
+            threads as f64 * flops / slowest / 1e9
+        );
+    }
+}
+
 fn main() {
     let repeats = arg("--repeats").map_or(5, |r| r.parse().expect("--repeats takes a count"));
     if std::env::args().any(|a| a == "--triad") {
         return triad(repeats);
+    }
+    if std::env::args().any(|a| a == "--peak") {
+        return peak(repeats);
     }
     eprintln!("cpu path: {}", isa::describe());
     let shapes: Vec<(usize, usize, usize)> = match arg("--shapes") {

@@ -2,8 +2,9 @@
 //! takes the fastest path on every x86-64 (and aarch64) it meets.
 //!
 //! The path decides the bf16 products — projections and prefill attention: AMX tiles, else
-//! AVX512-BF16 `vdpbf16ps`, else widening to f32 for the `gemm` crate. Element-wise kernels and
-//! the decode matvec are compiled for AVX-512, AVX2 and NEON and pick their own ISA (`multiversion`).
+//! AVX512-BF16 `vdpbf16ps` where it outruns f32 (AMD), else widening to f32 for the `gemm` crate. Element-wise kernels are
+//! compiled for AVX-512, AVX2 and NEON and pick their own ISA (`multiversion`); so does the bf16
+//! dot of decode (`kernels::dot_bf16`, with intrinsics for AVX-512 and AVX2).
 //! `FASTKV_CPU=<path>` caps the path at a lower one, to compare paths on one machine or to take
 //! the f32 path (`f32`), which is exact against an f32 reference.
 
@@ -41,23 +42,40 @@ impl Path {
     }
 }
 
-/// The path in use: the fastest available, capped by `FASTKV_CPU` (an unknown name is ignored
-/// with a warning, so a typo never changes results silently).
+/// The path in use: the fastest available — AVX512-BF16 only where [`bf16_dot_outruns_fma`] —
+/// capped by `FASTKV_CPU` at any available path (an unknown name is ignored with a warning, so a
+/// typo never changes results silently).
 pub fn path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
     *PATH.get_or_init(|| {
-        let best = Path::ALL.into_iter().rev().find(|p| p.available()).unwrap_or(Path::F32);
+        let highest = Path::ALL.into_iter().rev().find(|p| p.available()).unwrap_or(Path::F32);
+        let fastest = if highest == Path::Avx512Bf16 && !bf16_dot_outruns_fma() { Path::F32 } else { highest };
         match std::env::var("FASTKV_CPU") {
             Ok(name) => match Path::ALL.into_iter().find(|p| p.name() == name) {
-                Some(cap) => cap.min(best),
+                Some(cap) => cap.min(highest),
                 None => {
-                    eprintln!("warning: FASTKV_CPU={name} is not one of f32, avx512bf16, amx; using {}", best.name());
-                    best
+                    eprintln!(
+                        "warning: FASTKV_CPU={name} is not one of f32, avx512bf16, amx; using {}",
+                        fastest.name()
+                    );
+                    fastest
                 }
             },
-            Err(_) => best,
+            Err(_) => fastest,
         }
     })
+}
+
+/// Whether `vdpbf16ps` (two bf16 products per f32 lane) outruns f32 FMA: on AMD Zen 4 it does
+/// twice an FMA's work per cycle; on Intel cores it issues at half the FMA rate (Sapphire Rapids:
+/// 61 vs 123 GFLOP/s per core in bare loops, and with AMX capped away the f32 path prefilled 2K
+/// tokens 3–21 % faster, measured), so there f32 is faster as well as exact.
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_outruns_fma() -> bool {
+    // CPUID leaf 0 spells the vendor in EBX, EDX, ECX: "Genu" "ineI" "ntel".
+    let id = std::arch::x86_64::__cpuid(0);
+    (id.ebx, id.edx, id.ecx)
+        != (u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel"))
 }
 
 /// One line for benchmarks and logs: the path and the CPU's vector units.
@@ -76,12 +94,12 @@ pub fn describe() -> String {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx512f() -> bool {
+pub(crate) fn has_avx512f() -> bool {
     std::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
@@ -139,6 +157,9 @@ mod other {
         false
     }
     pub fn amx() -> bool {
+        false
+    }
+    pub fn bf16_dot_outruns_fma() -> bool {
         false
     }
 }

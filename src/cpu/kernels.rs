@@ -23,10 +23,88 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Σ a·w for bf16 `w`, widened in registers (a bf16 is the top half of an f32), the same
-/// accumulation order as [`dot`].
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+/// Σ a·w for bf16 `w`, widened in registers (a bf16 is the top half of an f32): the decode
+/// matvec of bf16 weights and decode attention over a bf16 cache. On x86-64 with AVX-512 or
+/// AVX2+FMA, four independent accumulators and a tree reduction; elsewhere [`dot`]'s order.
 pub fn dot_bf16(a: &[f32], w: &[half::bf16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::isa::has_avx512f() {
+            // SAFETY: AVX-512F is present.
+            return unsafe { dot_bf16_avx512(a, w) };
+        }
+        if super::isa::has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { dot_bf16_avx2(a, w) };
+        }
+    }
+    dot_bf16_portable(a, w)
+}
+
+/// The portable loop keeps one accumulator and sums its lanes one after another, a chain of
+/// dependent adds: 64-wide dots (decode attention over d = 64 heads) ran 2–3× faster this way, in
+/// L1 (measured).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(w.len());
+    let (a, w) = (a.as_ptr(), w.as_ptr());
+    let widen = |i: usize| {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(w.add(i).cast())), 16))
+    };
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16 * j)), widen(i + 16 * j), *acc);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), widen(i), acc[0]);
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    for i in i..n {
+        sum += *a.add(i) * f32::from_bits(((*w.add(i)).to_bits() as u32) << 16);
+    }
+    sum
+}
+
+/// [`dot_bf16_avx512`] in 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(w.len());
+    let (a, w) = (a.as_ptr(), w.as_ptr());
+    let widen =
+        |i: usize| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(i).cast())), 16));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8 * j)), widen(i + 8 * j), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), widen(i), acc[0]);
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
+    for i in i..n {
+        sum += *a.add(i) * f32::from_bits(((*w.add(i)).to_bits() as u32) << 16);
+    }
+    sum
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn dot_bf16_portable(a: &[f32], w: &[half::bf16]) -> f32 {
     let widen = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
     let mut acc = [0f32; 16];
     let (ca, cw) = (a.chunks_exact(16), w.chunks_exact(16));
@@ -101,6 +179,33 @@ fn swiglu_row(gate_up: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every bf16 dot this CPU can run against an f64 reference, on lengths around the 8-, 16-, 32-
+    /// and 64-wide steps.
+    #[test]
+    fn dot_bf16_matches_f64_reference() {
+        for n in [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 576, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
+            let w: Vec<half::bf16> =
+                (0..n).map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 41.0)).collect();
+            let want: f64 = a.iter().zip(&w).map(|(&a, w)| a as f64 * w.to_f64()).sum();
+            let mut dots: Vec<(&str, f32)> = vec![("portable", dot_bf16_portable(&a, &w))];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use super::super::isa::{has_avx2_fma, has_avx512f};
+                // SAFETY (both): the instructions are present.
+                if has_avx512f() {
+                    dots.push(("avx512", unsafe { dot_bf16_avx512(&a, &w) }));
+                }
+                if has_avx2_fma() {
+                    dots.push(("avx2", unsafe { dot_bf16_avx2(&a, &w) }));
+                }
+            }
+            for (name, got) in dots {
+                assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{name}, n = {n}: {got} vs {want}");
+            }
+        }
+    }
 
     #[test]
     fn to_bf16_rounds_like_half() {
