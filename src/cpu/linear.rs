@@ -107,7 +107,7 @@ impl Linear {
     /// 16.0 GB/s on 2 threads, measured).
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         let tasks = MATVEC_TASKS_PER_THREAD * rayon::current_num_threads();
-        let task_rows = self.rows.div_ceil(tasks).next_multiple_of(MATVEC_STREAMS);
+        let task_rows = self.rows.div_ceil(tasks).max(1).next_multiple_of(MATVEC_STREAMS);
         out.par_chunks_mut(task_rows).enumerate().for_each(|(b, out)| match self.data() {
             Rows::F32(w) => streamed_rows(out, b * task_rows, self.cols, |r| dot(x, &w[r])),
             Rows::Bf16(w) => streamed_rows(out, b * task_rows, self.cols, |r| dot_bf16(x, &w[r])),
