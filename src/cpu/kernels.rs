@@ -103,7 +103,8 @@ unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
     sum
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+/// [`dot_bf16`] where neither intrinsic version runs: x86-64 without AVX2+FMA, and NEON.
+#[multiversion(targets("aarch64+neon"))]
 fn dot_bf16_portable(a: &[f32], w: &[half::bf16]) -> f32 {
     let widen = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
     let mut acc = [0f32; 16];
