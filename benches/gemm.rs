@@ -89,7 +89,15 @@ fn peak(repeats: usize) {
                     // SAFETY: the path is available; `a` is one block of K_TILES chunks, `b` two column
                     // tiles of K_TILES tiles, `c` 32 rows of 32.
                     unsafe {
-                        kernel(a.as_slice().as_ptr(), b.block(0).as_ptr(), b.stride(), K_TILES, c.as_mut_ptr(), 32)
+                        kernel(
+                            a.as_slice().as_ptr(),
+                            b.block(0).as_ptr(),
+                            b.stride(),
+                            K_TILES,
+                            c.as_mut_ptr(),
+                            32,
+                            false,
+                        )
                     };
                 }
             })

@@ -110,10 +110,7 @@ impl Task<'_> {
             for r in 0..n {
                 let i = r % rows;
                 let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
-                if t0 + width > first_row + i + 1 {
-                    let visible = (first_row + i + 1).saturating_sub(t0);
-                    row[visible..].fill(f32::NEG_INFINITY);
-                }
+                let visible = (first_row + i + 1).saturating_sub(t0).min(width);
                 if let Some(w) = self.heads.sliding_window {
                     let p = self.q_pos[self.rows.start + i];
                     for (s, &kp) in row.iter_mut().zip(&key_pos[t0..t0 + width]) {
@@ -122,7 +119,7 @@ impl Task<'_> {
                         }
                     }
                 }
-                online_softmax_step(row, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
+                online_softmax_step(row, visible, 1.0, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
             }
             // acc += P · V_tile
             gemm_f32(n, d, width, &mut acc, d, true, (scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);
@@ -132,11 +129,19 @@ impl Task<'_> {
     }
 }
 
-/// One step of a query row's online softmax over key tiles: turns `row` (the tile's scores) into
-/// exp(s − m) with the new running max m, rescales the row's running sum and output `acc` when m
-/// grew, and adds the tile's sum; the caller then adds P·V to `acc`.
-pub(super) fn online_softmax_step(row: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [f32]) {
-    let (new_max, tile_sum) = softmax_tile(row, *max);
+/// One step of a query row's online softmax over key tiles: turns `row` (the tile's raw scores,
+/// of which the first `visible` are unmasked) into exp(scale·s − m) with the new running max m,
+/// rescales the row's running sum and output `acc` when m grew, and adds the tile's sum; the
+/// caller then adds P·V to `acc`.
+pub(super) fn online_softmax_step(
+    row: &mut [f32],
+    visible: usize,
+    scale: f32,
+    max: &mut f32,
+    sum: &mut f32,
+    acc: &mut [f32],
+) {
+    let (new_max, tile_sum) = softmax_tile(row, visible, scale, *max);
     if *max != f32::NEG_INFINITY && *max < new_max {
         let c = (*max - new_max).exp();
         *sum *= c;
@@ -154,29 +159,66 @@ pub(super) fn normalize(acc: &mut [f32], sum: &[f32], d: usize) {
     }
 }
 
-/// Turns one row of scores into exp(s − m) in place, with m = max(running max, row max); returns
-/// (m, Σ exp). Masked entries (−∞) become exactly 0, so a fully masked row adds nothing. Max and
-/// sum run over 16 lanes (a serial float sum would keep the compiler from vectorising the loop).
+/// Turns one row of raw scores into exp(scale·s − m) in place, with m = max(running max, the
+/// scaled row's max), in two passes (scale and max, then exp and sum); returns (m, Σ exp). Entries
+/// from `visible` on, and masked entries (−∞) before it, become exactly 0, so a fully masked row
+/// adds nothing. Max and sum run over 16 lanes folded as a tree (a serial float fold keeps the
+/// compiler from vectorising; on 128-key rows the serial 16-lane folds cost as much as the loops).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-pub(super) fn softmax_tile(row: &mut [f32], running_max: f32) -> (f32, f32) {
+pub(super) fn softmax_tile(row: &mut [f32], visible: usize, scale: f32, running_max: f32) -> (f32, f32) {
+    let (live, masked) = row.split_at_mut(visible);
+    masked.fill(0.0);
     let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
+    let mut chunks = live.chunks_exact_mut(16);
     for c in &mut chunks {
-        lanes.iter_mut().zip(c).for_each(|(l, &s)| *l = l.max(s));
+        lanes.iter_mut().zip(c).for_each(|(l, s)| {
+            *s *= scale;
+            *l = max(*l, *s);
+        });
     }
-    let tile_max = chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
-    let m = running_max.max(tile_max);
+    let mut tile_max = fold_lanes(lanes, max);
+    for s in chunks.into_remainder() {
+        *s *= scale;
+        tile_max = max(tile_max, *s);
+    }
+    let m = max(running_max, tile_max);
     if m == f32::NEG_INFINITY {
-        row.fill(0.0);
+        live.fill(0.0);
         return (m, 0.0);
     }
-    row.iter_mut().for_each(|s| *s = exp(*s - m));
     let mut sums = [0f32; 16];
-    let mut chunks = row.chunks_exact(16);
+    let mut chunks = live.chunks_exact_mut(16);
     for c in &mut chunks {
-        sums.iter_mut().zip(c).for_each(|(l, &s)| *l += s);
+        sums.iter_mut().zip(c).for_each(|(l, s)| {
+            *s = exp(*s - m);
+            *l += *s;
+        });
     }
-    (m, chunks.remainder().iter().chain(&sums).sum())
+    let mut tile_sum = fold_lanes(sums, |a, b| a + b);
+    for s in chunks.into_remainder() {
+        *s = exp(*s - m);
+        tile_sum += *s;
+    }
+    (m, tile_sum)
+}
+
+/// The larger of two scores, as one `maxps` (`f32::max`'s NaN rule costs a compare and a blend
+/// per vector; scores are never NaN).
+#[inline(always)]
+fn max(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// `op` over 16 lanes as a tree of halves (four vector steps).
+#[inline(always)]
+fn fold_lanes(lanes: [f32; 16], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let eight: [f32; 8] = std::array::from_fn(|i| op(lanes[i], lanes[i + 8]));
+    let four: [f32; 4] = std::array::from_fn(|i| op(eight[i], eight[i + 4]));
+    op(op(four[0], four[2]), op(four[1], four[3]))
 }
 
 /// e^x for x ≤ 0 to 1e-6 relative: 2^n · p(r) with n = round(x·log2 e), p a degree-6 Taylor

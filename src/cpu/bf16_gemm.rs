@@ -12,10 +12,11 @@
 //! PyTorch's oneDNN on the same shapes.
 
 use half::bf16;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::isa::Path;
-use super::kernels::to_bf16;
+use super::kernels::round_bf16;
 
 /// Tile geometry: 16 rows of 64 bytes (32 bf16 of A, 16 k-pairs × 16 columns of B, 16 f32 of C).
 const TILE: usize = 16;
@@ -100,9 +101,12 @@ impl PackedB {
 }
 
 /// Writes `x` (one row of A, at most `k_tiles · 32` wide) as row `r` of a 32-row block in chunks.
+/// One dispatch per row, not per 32-value chunk (attention stores a probability row per key tile).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn store_a_row(block: &mut [bf16], r: usize, x: &[f32]) {
     for (kt, x) in x.chunks(TILE_K).enumerate() {
-        to_bf16(x, &mut block[kt * A_CHUNK + r * TILE_K..][..x.len()]);
+        let dst = &mut block[kt * A_CHUNK + r * TILE_K..][..x.len()];
+        dst.iter_mut().zip(x).for_each(|(d, &v)| *d = round_bf16(v));
     }
 }
 
@@ -118,9 +122,18 @@ fn pack_a(x: &[f32], m: usize, k: usize, k_tiles: usize) -> Aligned {
     a
 }
 
-/// A 32×32 block of C over `k_tiles` tiles of k: `c[i, j] = Σ a[i, ·]·b[·, j]`, with A a block in
-/// chunks, B's second column tile `b_stride` after the first, and C's rows `ldc` apart.
-pub type Kernel = unsafe fn(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize);
+/// A 32×32 block of C over `k_tiles` tiles of k: `c[i, j] = Σ a[i, ·]·b[·, j]`, or `+=` with
+/// `accumulate`, with A a block in chunks, B's second column tile `b_stride` after the first, and
+/// C's rows `ldc` apart.
+pub type Kernel = unsafe fn(
+    a: *const bf16,
+    b: *const bf16,
+    b_stride: usize,
+    k_tiles: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+);
 
 /// The kernel of a bf16 path (`None` for the f32 path).
 pub fn kernel(path: Path) -> Option<Kernel> {
@@ -164,10 +177,10 @@ pub fn gemm_xwt(kernel: Kernel, x: &[f32], m: usize, w: &PackedB, out: &mut [f32
                 // above); a partial one goes through the 32×32 scratch `c`.
                 if rows == BLOCK && cols == BLOCK {
                     let dst = (out_addr as *mut f32).wrapping_add(i0 * out_stride + j0);
-                    unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, dst, out_stride) };
+                    unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, dst, out_stride, false) };
                     continue;
                 }
-                unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr(), BLOCK) };
+                unsafe { kernel(a, b.as_ptr(), w.stride(), w.k_tiles, c.as_mut_ptr(), BLOCK, false) };
                 for i in 0..rows {
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut((out_addr as *mut f32).add((i0 + i) * out_stride + j0), cols)
@@ -206,13 +219,36 @@ unsafe fn configure_tiles() {
 /// AMX: tiles 0–3 accumulate C, 4–5 hold A, 6–7 hold B. Loads are interleaved with the products
 /// that need them, which measured 25 % faster than four loads then four products.
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize) {
+unsafe fn amx_block(
+    a: *const bf16,
+    b: *const bf16,
+    b_stride: usize,
+    k_tiles: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     configure_tiles();
+    // C's 64 lines are rarely cached (the output of a projection is megabytes): asking for them
+    // now lets the stores at the end find them in L1 (1.1–1.4× on the projection GEMMs, measured).
+    for r in 0..BLOCK {
+        let row = c.add(r * ldc).cast::<i8>();
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row);
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row.add(64));
+    }
     std::arch::asm!(
+        "test {acc}, {acc}",
+        "jnz 3f",
         "tilezero tmm0",
         "tilezero tmm1",
         "tilezero tmm2",
         "tilezero tmm3",
+        "jmp 2f",
+        "3:",
+        "tileloadd tmm0, [{c0} + {ldc}*1]",
+        "tileloadd tmm1, [{c1} + {ldc}*1]",
+        "tileloadd tmm2, [{c2} + {ldc}*1]",
+        "tileloadd tmm3, [{c3} + {ldc}*1]",
         "2:",
         "tileloadd tmm4, [{a} + {ld}*1]",
         "tileloadd tmm6, [{b0} + {ld}*1]",
@@ -242,6 +278,7 @@ unsafe fn amx_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: us
         c2 = in(reg) c.add(TILE * ldc),
         c3 = in(reg) c.add(TILE * ldc + TILE),
         ldc = in(reg) ldc * 4,
+        acc = in(reg) accumulate as usize,
         options(nostack),
     );
 }
@@ -250,11 +287,24 @@ unsafe fn amx_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: us
 /// loads feed 16 `vdpbf16ps` with one broadcast A pair per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn avx512bf16_block(a: *const bf16, b: *const bf16, b_stride: usize, k_tiles: usize, c: *mut f32, ldc: usize) {
+unsafe fn avx512bf16_block(
+    a: *const bf16,
+    b: *const bf16,
+    b_stride: usize,
+    k_tiles: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
     const ROWS: usize = 8;
     for r0 in (0..BLOCK).step_by(ROWS) {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = [_mm512_loadu_ps(c.add((r0 + r) * ldc)), _mm512_loadu_ps(c.add((r0 + r) * ldc + TILE))];
+            }
+        }
         for p in 0..k_tiles * TILE {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * TILE_K).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(b_stride + p * TILE_K).cast()));
@@ -273,12 +323,12 @@ unsafe fn avx512bf16_block(a: *const bf16, b: *const bf16, b_stride: usize, k_ti
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn amx_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AMX exists only on x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn avx512bf16_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn avx512bf16_block(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AVX512-BF16 exists only on x86_64")
 }
 
@@ -295,11 +345,12 @@ pub(crate) mod tests {
         k_tiles: usize,
         c: *mut f32,
         ldc: usize,
+        accumulate: bool,
     ) {
         for i in 0..BLOCK {
             for j in 0..BLOCK {
                 let bt = b.add((j / TILE) * b_stride);
-                let mut acc = 0f32;
+                let mut acc = if accumulate { *c.add(i * ldc + j) } else { 0.0 };
                 for p in 0..k_tiles * TILE {
                     let a = a.add(p / TILE * A_CHUNK + i * TILE_K + 2 * (p % TILE));
                     let b = bt.add(p * TILE_K + 2 * (j % TILE));
@@ -322,6 +373,35 @@ pub(crate) mod tests {
                 Some(k) if path.available() => check(k),
                 Some(_) => eprintln!("{} not available on this CPU: its kernel is not exercised", path.name()),
                 None => {}
+            }
+        }
+    }
+
+    /// `accumulate` adds the product to C instead of overwriting it.
+    #[test]
+    fn every_available_kernel_accumulates() {
+        let mut kernels: Vec<Kernel> = vec![emulated_block];
+        kernels.extend(Path::ALL.into_iter().filter(|p| p.available()).filter_map(kernel));
+        let k = 3 * TILE_K;
+        let x: Vec<f32> = (0..BLOCK * k).map(|i| ((i * 29 % 89) as f32 - 44.0) / 31.0).collect();
+        let w: Vec<bf16> = (0..BLOCK * k).map(|i| bf16::from_f32(((i * 61 % 83) as f32 - 41.0) / 37.0)).collect();
+        let (a, b) = (pack_a(&x, BLOCK, k, 3), PackedB::new(&w, BLOCK, k));
+        for kernel in kernels {
+            let ldc = BLOCK + 5;
+            let (mut product, mut sum) = (vec![0f32; BLOCK * ldc], vec![0f32; BLOCK * ldc]);
+            let start: Vec<f32> = (0..BLOCK * ldc).map(|i| (i % 7) as f32 - 3.0).collect();
+            sum.copy_from_slice(&start);
+            // SAFETY: the kernel's path is available; one block of 3 chunks, two column tiles of 3
+            // tiles, 32 rows of `ldc` ≥ 32.
+            unsafe {
+                kernel(a.as_slice().as_ptr(), b.block(0).as_ptr(), b.stride(), 3, product.as_mut_ptr(), ldc, false);
+                kernel(a.as_slice().as_ptr(), b.block(0).as_ptr(), b.stride(), 3, sum.as_mut_ptr(), ldc, true);
+            }
+            for i in 0..BLOCK {
+                for j in 0..BLOCK {
+                    let (got, want) = (sum[i * ldc + j], start[i * ldc + j] + product[i * ldc + j]);
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "[{i},{j}]: {got} vs {want}");
+                }
             }
         }
     }

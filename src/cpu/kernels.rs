@@ -134,16 +134,20 @@ pub fn axpy_bf16(acc: &mut [f32], p: f32, v: &[half::bf16]) {
     acc.iter_mut().zip(v).for_each(|(a, &v)| *a += p * f32::from_bits((v.to_bits() as u32) << 16));
 }
 
-/// `dst = bf16(src)`, rounded to nearest even like `half::bf16::from_f32` (NaN stays NaN), but
-/// branch-free so it vectorises (`half` converts bf16 slices one scalar at a time).
+/// `dst = bf16(src)` by [`round_bf16`].
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        let b = x.to_bits();
-        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-        let nan = ((b >> 16) as u16) | 0x40;
-        *d = half::bf16::from_bits(if x.is_nan() { nan } else { rounded });
-    }
+    dst.iter_mut().zip(src).for_each(|(d, &x)| *d = round_bf16(x));
+}
+
+/// `x` rounded to bf16, to nearest even like `half::bf16::from_f32` (NaN stays NaN), but
+/// branch-free so loops of it vectorise (`half` converts bf16 slices one scalar at a time).
+#[inline(always)]
+pub fn round_bf16(x: f32) -> half::bf16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    half::bf16::from_bits(if x.is_nan() { nan } else { rounded })
 }
 
 /// RMSNorm of every `weight.len()`-wide row of `x` into `out`, as HF computes it in f32

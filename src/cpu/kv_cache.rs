@@ -204,14 +204,14 @@ impl LayerCache {
         for (t, key) in k[rows.start * d..rows.end * d].chunks_exact(d).enumerate() {
             if visible[t] {
                 for (g, q) in q.chunks_exact(d).enumerate() {
-                    scores[g * n + t] = scale * T::dot(q, key);
+                    scores[g * n + t] = T::dot(q, key);
                 }
             }
         }
         let mut partials: Vec<Partial> = scores
             .chunks_exact_mut(n)
             .map(|s| {
-                let (max, sum) = softmax_tile(s, f32::NEG_INFINITY);
+                let (max, sum) = softmax_tile(s, s.len(), scale, f32::NEG_INFINITY);
                 Partial { max, sum, acc: vec![0.0; d] }
             })
             .collect();
