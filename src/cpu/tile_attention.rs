@@ -5,7 +5,8 @@
 //!
 //! Each KV head's keys are packed once per layer as a kernel B operand (keys are its columns) and
 //! its values transposed into one (head dimensions are its columns, key pairs its k), so every
-//! query block reads them in the kernels' layout. Work is split by (32 query rows, query head).
+//! query block reads them in the kernels' layout. Work is split by (32 query rows, KV head): the query
+//! heads of a GQA group share every key tile while it is in cache.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -33,24 +34,27 @@ pub fn attention(kernel: Kernel, q: &[f32], k: &[f32], v: &[f32], pos: &[u32], h
         })
         .collect();
     // Later query blocks see more keys: start them first so the pool ends evenly.
-    let blocks = seq.div_ceil(BLOCK);
-    let tasks: Vec<(usize, usize)> = (0..blocks).rev().flat_map(|b| (0..h).map(move |head| (b, head))).collect();
+    let (blocks, group, dp) = (seq.div_ceil(BLOCK), h / hk, d.div_ceil(TILE_K) * TILE_K);
+    let tasks: Vec<(usize, usize)> = (0..blocks).rev().flat_map(|b| (0..hk).map(move |g| (b, g))).collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(b, head)| {
-            let (keys, values) = &packed[head / (h / hk)];
-            Block { kernel, q, pos, heads, keys, values, head, i0: b * BLOCK }.run()
+        .map(|&(b, g)| {
+            let (keys, values) = &packed[g];
+            Block { kernel, q, pos, heads, keys, values, first_head: g * group, i0: b * BLOCK }.run()
         })
         .collect();
-    let dp = d.div_ceil(TILE_K) * TILE_K;
-    for (&(b, head), acc) in tasks.iter().zip(&results) {
-        for (r, row) in acc.chunks_exact(dp).take(seq - b * BLOCK).enumerate() {
-            out[((b * BLOCK + r) * h + head) * d..][..d].copy_from_slice(&row[..d]);
+    for (&(b, g), acc) in tasks.iter().zip(&results) {
+        for (k, acc) in acc.chunks_exact(BLOCK * dp).enumerate() {
+            let head = g * group + k;
+            for (r, row) in acc.chunks_exact(dp).take(seq - b * BLOCK).enumerate() {
+                out[((b * BLOCK + r) * h + head) * d..][..d].copy_from_slice(&row[..d]);
+            }
         }
     }
 }
 
-/// 32 query rows from `i0` of one query head.
+/// 32 query rows from `i0` of every query head of one KV head (a GQA group, heads from
+/// `first_head`): each tile of keys and values is read once for the whole group.
 struct Block<'a> {
     kernel: Kernel,
     q: &'a [f32],
@@ -58,76 +62,83 @@ struct Block<'a> {
     heads: &'a Heads,
     keys: &'a PackedB,
     values: &'a PackedB,
-    head: usize,
+    first_head: usize,
     i0: usize,
 }
 
 impl Block<'_> {
-    /// The block's 32 output rows, each padded to a multiple of 32 values.
+    /// The group's output, head after head: 32 rows each, padded to a multiple of 32 values.
     fn run(&self) -> Vec<f32> {
         let (h, d, seq) = (self.heads.n_heads, self.heads.head_dim, self.pos.len());
+        let group = h / self.heads.n_kv_heads;
         let rows = BLOCK.min(seq - self.i0);
         let dp = d.div_ceil(TILE_K) * TILE_K;
-        let mut a = Aligned::zeros(BLOCK * dp);
-        for r in 0..rows {
-            store_a_row(a.as_mut_slice(), r, &self.q[((self.i0 + r) * h + self.head) * d..][..d]);
+        let mut a = Aligned::zeros(group * BLOCK * dp);
+        for (k, a) in a.as_mut_slice().chunks_exact_mut(BLOCK * dp).enumerate() {
+            for r in 0..rows {
+                store_a_row(a, r, &self.q[((self.i0 + r) * h + self.first_head + k) * d..][..d]);
+            }
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let (mut max, mut sum) = ([f32::NEG_INFINITY; BLOCK], [0f32; BLOCK]);
+        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; group * BLOCK], vec![0f32; group * BLOCK]);
         // Rows of `dp`, so P · V accumulates into it 32 columns at a time (V's padding columns are 0).
-        let mut acc = vec![0f32; BLOCK * dp];
+        let mut acc = vec![0f32; group * BLOCK * dp];
         let mut scores = vec![0f32; BLOCK * KEY_TILE];
         let mut p = Aligned::zeros(BLOCK * KEY_TILE);
         let limit = self.i0 + rows; // causal: no row sees a key after it
         for t0 in (0..limit).step_by(KEY_TILE) {
             let n_blocks = (limit - t0).min(KEY_TILE).div_ceil(BLOCK);
             let width = n_blocks * BLOCK;
-            for kb in 0..n_blocks {
-                let dst = &mut scores[kb * BLOCK..];
-                let b = self.keys.block(t0 / BLOCK + kb);
-                // SAFETY: the kernel's path is available (the caller's contract); `a` is a block
-                // of `dp / 32` chunks, `b` two column tiles of `k_tiles` tiles, `dst` 32 rows of KEY_TILE.
-                unsafe {
-                    (self.kernel)(
-                        a.as_slice().as_ptr(),
-                        b.as_ptr(),
-                        self.keys.stride(),
-                        self.keys.k_tiles,
-                        dst.as_mut_ptr(),
-                        KEY_TILE,
-                        false,
-                    )
-                };
-            }
-            for r in 0..BLOCK {
-                let i = self.i0 + r;
-                let row = &mut scores[r * KEY_TILE..][..width];
-                // Causal: keys after row i; padding rows see nothing; the window hides keys too far back.
-                let visible = if r < rows { (i + 1).saturating_sub(t0).min(width) } else { 0 };
-                if let Some(w) = self.heads.sliding_window {
-                    let first =
-                        self.pos[..=i.min(seq - 1)].partition_point(|&p| self.pos[i.min(seq - 1)] - p >= w as u32);
-                    row[..first.saturating_sub(t0).min(width)].fill(f32::NEG_INFINITY);
+            for k in 0..group {
+                let a = &a.as_slice()[k * BLOCK * dp..];
+                for kb in 0..n_blocks {
+                    let dst = &mut scores[kb * BLOCK..];
+                    let b = self.keys.block(t0 / BLOCK + kb);
+                    // SAFETY: the kernel's path is available (the caller's contract); `a` is a block
+                    // of `dp / 32` chunks, `b` two column tiles of `k_tiles` tiles, `dst` 32 rows of KEY_TILE.
+                    unsafe {
+                        (self.kernel)(
+                            a.as_ptr(),
+                            b.as_ptr(),
+                            self.keys.stride(),
+                            self.keys.k_tiles,
+                            dst.as_mut_ptr(),
+                            KEY_TILE,
+                            false,
+                        )
+                    };
                 }
-                online_softmax_step(row, visible, scale, &mut max[r], &mut sum[r], &mut acc[r * dp..(r + 1) * dp]);
-                store_a_row(p.as_mut_slice(), r, row);
-            }
-            // acc += P · V over this tile's keys, 32 head dimensions at a time.
-            for db in 0..dp / BLOCK {
-                let b = &self.values.block(db)[t0 / 2 * TILE_K..];
-                // SAFETY: as above; `p` is a block of `n_blocks` chunks, `b` starts at key pair
-                // t0/2 of two column tiles that hold every key pair, and `acc` has 32 rows of `dp`.
-                unsafe {
-                    (self.kernel)(
-                        p.as_slice().as_ptr(),
-                        b.as_ptr(),
-                        self.values.stride(),
-                        n_blocks,
-                        acc[db * BLOCK..].as_mut_ptr(),
-                        dp,
-                        true,
-                    )
-                };
+                for r in 0..BLOCK {
+                    let i = self.i0 + r;
+                    let row = &mut scores[r * KEY_TILE..][..width];
+                    // Causal: keys after row i; padding rows see nothing; the window hides keys too far back.
+                    let visible = if r < rows { (i + 1).saturating_sub(t0).min(width) } else { 0 };
+                    if let Some(w) = self.heads.sliding_window {
+                        let last = i.min(seq - 1);
+                        let first = self.pos[..=last].partition_point(|&p| self.pos[last] - p >= w as u32);
+                        row[..first.saturating_sub(t0).min(width)].fill(f32::NEG_INFINITY);
+                    }
+                    let (state, acc) = (k * BLOCK + r, &mut acc[(k * BLOCK + r) * dp..][..dp]);
+                    online_softmax_step(row, visible, scale, &mut max[state], &mut sum[state], acc);
+                    store_a_row(p.as_mut_slice(), r, row);
+                }
+                // acc += P · V over this tile's keys, 32 head dimensions at a time.
+                for db in 0..dp / BLOCK {
+                    let b = &self.values.block(db)[t0 / 2 * TILE_K..];
+                    // SAFETY: as above; `p` is a block of `n_blocks` chunks, `b` starts at key pair
+                    // t0/2 of two column tiles that hold every key pair, and `acc` has 32 rows of `dp`.
+                    unsafe {
+                        (self.kernel)(
+                            p.as_slice().as_ptr(),
+                            b.as_ptr(),
+                            self.values.stride(),
+                            n_blocks,
+                            acc[(k * BLOCK * dp) + db * BLOCK..].as_mut_ptr(),
+                            dp,
+                            true,
+                        )
+                    };
+                }
             }
         }
         normalize(&mut acc, &sum, dp);
