@@ -105,8 +105,8 @@ impl Task<'_> {
         let limit = (first_row + rows).min(self.kv.len);
         for t0 in (0..limit).step_by(KEY_TILE) {
             let width = (limit - t0).min(KEY_TILE);
-            // scores[r, j] = scale · q_r · k_(t0+j)
-            gemm_f32(n, width, d, scores, KEY_TILE, false, (q, d, 1), (&keys[t0 * d..], 1, d), scale, false);
+            // scores[r, j] = q_r · k_(t0+j), scaled by the softmax
+            gemm_f32(n, width, d, scores, KEY_TILE, false, (q, d, 1), (&keys[t0 * d..], 1, d), 1.0, false);
             for r in 0..n {
                 let i = r % rows;
                 let row = &mut scores[r * KEY_TILE..r * KEY_TILE + width];
@@ -119,7 +119,7 @@ impl Task<'_> {
                         }
                     }
                 }
-                online_softmax_step(row, visible, 1.0, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
+                online_softmax_step(row, visible, scale, &mut max[r], &mut sum[r], &mut acc[r * d..(r + 1) * d]);
             }
             // acc += P · V_tile
             gemm_f32(n, d, width, &mut acc, d, true, (scores, KEY_TILE, 1), (&values[t0 * d..], d, 1), 1.0, false);

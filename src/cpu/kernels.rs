@@ -67,7 +67,7 @@ unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
     }
     let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     for i in i..n {
-        sum += *a.add(i) * f32::from_bits(((*w.add(i)).to_bits() as u32) << 16);
+        sum += *a.add(i) * widen_bf16(*w.add(i));
     }
     sum
 }
@@ -98,7 +98,7 @@ unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
     let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     let mut sum = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
     for i in i..n {
-        sum += *a.add(i) * f32::from_bits(((*w.add(i)).to_bits() as u32) << 16);
+        sum += *a.add(i) * widen_bf16(*w.add(i));
     }
     sum
 }
@@ -106,18 +106,17 @@ unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
 /// [`dot_bf16`] where neither intrinsic version runs: x86-64 without AVX2+FMA, and NEON.
 #[multiversion(targets("aarch64+neon"))]
 fn dot_bf16_portable(a: &[f32], w: &[half::bf16]) -> f32 {
-    let widen = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
     let mut acc = [0f32; 16];
     let (ca, cw) = (a.chunks_exact(16), w.chunks_exact(16));
     let (ra, rw) = (ca.remainder(), cw.remainder());
     for (x, y) in ca.zip(cw) {
         for i in 0..16 {
-            acc[i] += x[i] * widen(y[i]);
+            acc[i] += x[i] * widen_bf16(y[i]);
         }
     }
     let mut tail = 0f32;
     for (x, &y) in ra.iter().zip(rw) {
-        tail += x * widen(y);
+        tail += x * widen_bf16(y);
     }
     acc.iter().sum::<f32>() + tail
 }
@@ -131,13 +130,19 @@ pub fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
 /// acc += p · v for bf16 `v`, widened in registers.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn axpy_bf16(acc: &mut [f32], p: f32, v: &[half::bf16]) {
-    acc.iter_mut().zip(v).for_each(|(a, &v)| *a += p * f32::from_bits((v.to_bits() as u32) << 16));
+    acc.iter_mut().zip(v).for_each(|(a, &v)| *a += p * widen_bf16(v));
 }
 
 /// `dst = bf16(src)` by [`round_bf16`].
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
     dst.iter_mut().zip(src).for_each(|(d, &x)| *d = round_bf16(x));
+}
+
+/// `w` as f32, exactly: a bf16 is the top half of an f32 (a shift, so loops of it vectorise).
+#[inline(always)]
+pub fn widen_bf16(w: half::bf16) -> f32 {
+    f32::from_bits((w.to_bits() as u32) << 16)
 }
 
 /// `x` rounded to bf16, to nearest even like `half::bf16::from_f32` (NaN stays NaN), but
