@@ -41,6 +41,25 @@ pub fn dot_bf16(a: &[f32], w: &[half::bf16]) -> f32 {
     dot_bf16_portable(a, w)
 }
 
+/// bf16 values ahead of the one being read that [`prefetch_ahead`] asks for: decode reads weight
+/// rows from DRAM, and the hardware prefetchers alone kept too few lines in flight (SmolLM2 decode
+/// after 512 tokens 53 → 66–75 tok/s on 2 Xeon cores; 256 and 4 096 values ahead were slower).
+const PREFETCH_VALUES: usize = 512;
+
+/// Asks for the two cache lines [`PREFETCH_VALUES`] after `w` (64 bf16); a hint, which never
+/// faults, so it may point past the end of the slice.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(w: *const half::bf16) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let line = w.wrapping_add(PREFETCH_VALUES).cast::<i8>();
+    // SAFETY: prefetching is a hint without architectural effect; any address is allowed.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(line);
+        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
+    }
+}
+
 /// The portable loop keeps one accumulator and sums its lanes one after another, a chain of
 /// dependent adds: 64-wide dots (decode attention over d = 64 heads) ran 2–3× faster this way, in
 /// L1 (measured).
@@ -56,6 +75,7 @@ unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
     let mut acc = [_mm512_setzero_ps(); 4];
     let mut i = 0;
     while i + 64 <= n {
+        prefetch_ahead(w.wrapping_add(i));
         for (j, acc) in acc.iter_mut().enumerate() {
             *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16 * j)), widen(i + 16 * j), *acc);
         }
@@ -84,6 +104,9 @@ unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
+        if i % 64 == 0 {
+            prefetch_ahead(w.wrapping_add(i));
+        }
         for (j, acc) in acc.iter_mut().enumerate() {
             *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8 * j)), widen(i + 8 * j), *acc);
         }

@@ -192,8 +192,14 @@ impl Model {
         logits
     }
 
-    /// One new token at `position` through every layer, appending to the cache.
+    /// One new token at `position` through every layer, appending to the cache. It runs on a
+    /// thread of rayon's pool: a step's hundreds of small parallel loops then start from a worker,
+    /// which takes its share at once, instead of waking the pool and sleeping on a latch each time.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Vec<f32> {
+        rayon::scope(|_| self.decode_step(token, position, cache))
+    }
+
+    fn decode_step(&self, token: u32, position: u32, cache: &mut KvCache) -> Vec<f32> {
         let s = &self.spec;
         let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
         let heads = self.heads();
