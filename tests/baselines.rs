@@ -267,13 +267,14 @@ fn ragged_decode_attention_matches_per_head_softmax() {
 #[test]
 fn decode_attention_over_many_chunks_and_a_window_matches_softmax() {
     // 1 300 cached entries (three threads' chunks) of 2 KV heads for 6 query heads; the window
-    // hides all but the last 700 positions.
-    let (hk, h, d, s, window) = (2, 6, 64, 1300, 700);
-    let k: Vec<f32> = (0..hk * s * d).map(|x| (0.37 * x as f32).sin()).collect();
-    let v: Vec<f32> = (0..hk * s * d).map(|x| (0.11 * x as f32).cos()).collect();
+    // hides all but the last 700 positions. Head dimensions 64 and 128 take the AVX-512 kernel
+    // where the CPU has it, 40 the portable loop.
+    let (hk, h, s, window) = (2, 6, 1300, 700);
     let positions: Vec<u32> = (0..s as u32).collect();
-    let q: Vec<f32> = (0..h * d).map(|x| (0.9 * x as f32).cos()).collect();
-    for bf16 in [false, true] {
+    for (d, bf16) in [64, 128, 40].into_iter().flat_map(|d| [(d, false), (d, true)]) {
+        let k: Vec<f32> = (0..hk * s * d).map(|x| (0.37 * x as f32).sin()).collect();
+        let v: Vec<f32> = (0..hk * s * d).map(|x| (0.11 * x as f32).cos()).collect();
+        let q: Vec<f32> = (0..h * d).map(|x| (0.9 * x as f32).cos() / (d as f32 / 64.0).sqrt()).collect();
         let cache = LayerCache::from_prefill(&k, &v, &positions, None, hk, d, 0, bf16);
         let heads = Heads { n_heads: h, n_kv_heads: hk, head_dim: d, sliding_window: Some(window) };
         let mut out = vec![0f32; h * d];
@@ -286,7 +287,7 @@ fn decode_attention_over_many_chunks_and_a_window_matches_softmax() {
             let want = softmax_reference(&q[hh * d..(hh + 1) * d], &rows);
             for x in 0..d {
                 let got = out[hh * d + x] as f64;
-                assert!((got - want[x]).abs() < 1e-5, "bf16 {bf16}, head {hh}[{x}]: {got} vs {}", want[x]);
+                assert!((got - want[x]).abs() < 1e-5, "d {d}, bf16 {bf16}, head {hh}[{x}]: {got} vs {}", want[x]);
             }
         }
     }
