@@ -249,9 +249,9 @@ fn chunk_portable<T: Entry>(q: &[f32], k: &[T], v: &[T], visible: &[bool], d: us
 
 /// [`LayerCache::chunk`] for head dimension 16·V on AVX-512: a key is widened into V registers
 /// once and dotted with every head's query; each head's P·V accumulates in V registers over the
-/// chunk, with keys and values prefetched a few entries ahead. Per entry this is a few dozen
-/// instructions where a dot and an axpy call per head, each with its own reduction or loads and
-/// stores of the accumulator, were a few hundred (SmolLM2 full-KV decode after 4K tokens 43 → 56.5
+/// chunk; keys are prefetched a few entries ahead, values for the second pass. That is a few dozen
+/// instructions per entry where a dot and an axpy call per head, each with its own reduction or
+/// accumulator round trip, took a few hundred (SmolLM2 full-KV decode after 4K tokens 43 → 56.5
 /// tok/s on 2 Xeon cores, measured).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
