@@ -69,9 +69,7 @@ unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(w.len());
     let (a, w) = (a.as_ptr(), w.as_ptr());
-    let widen = |i: usize| {
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(w.add(i).cast())), 16))
-    };
+    let widen = |i: usize| widen16_bf16(w.add(i));
     let mut acc = [_mm512_setzero_ps(); 4];
     let mut i = 0;
     while i + 64 <= n {
@@ -166,6 +164,15 @@ pub fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
 #[inline(always)]
 pub fn widen_bf16(w: half::bf16) -> f32 {
     f32::from_bits((w.to_bits() as u32) << 16)
+}
+
+/// 16 bf16 from `p` as f32 lanes, exactly ([`widen_bf16`] in a zmm register); for AVX-512 callers,
+/// into which it inlines.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn widen16_bf16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16))
 }
 
 /// `x` rounded to bf16, to nearest even like `half::bf16::from_f32` (NaN stays NaN), but

@@ -347,11 +347,9 @@ impl Entry for bf16 {
     fn axpy(acc: &mut [f32], p: f32, v: &[bf16]) {
         axpy_bf16(acc, p, v)
     }
-    /// Widened exactly: a bf16 is the top half of an f32.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16))
+        super::kernels::widen16_bf16(p)
     }
 }
