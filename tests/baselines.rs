@@ -267,8 +267,8 @@ fn ragged_decode_attention_matches_per_head_softmax() {
 #[test]
 fn decode_attention_over_many_chunks_and_a_window_matches_softmax() {
     // 1 300 cached entries (three threads' chunks) of 2 KV heads for 6 query heads; the window
-    // hides all but the last 700 positions. Head dimensions 64 and 128 take the AVX-512 kernel
-    // where the CPU has it, 40 the portable loop.
+    // hides all but the last 700 positions. Head dimensions 64 and 128 take this CPU's SIMD
+    // kernel, 40 the portable loop (each kernel alone: `kv_cache::tests`).
     let (hk, h, s, window) = (2, 6, 1300, 700);
     let positions: Vec<u32> = (0..s as u32).collect();
     for (d, bf16) in [64, 128, 40].into_iter().flat_map(|d| [(d, false), (d, true)]) {

@@ -4,6 +4,9 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::simd;
+
 /// Σ a·b with sixteen independent accumulators (vectorised for the best instruction set of this
 /// CPU, picked at run time).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -60,64 +63,44 @@ fn prefetch_ahead(w: *const half::bf16) {
     }
 }
 
-/// The portable loop keeps one accumulator and sums its lanes one after another, a chain of
-/// dependent adds: 64-wide dots (decode attention over d = 64 heads) ran 2–3× faster this way, in
-/// L1 (measured).
+/// [`dot_bf16`] on AVX-512 (the portable loop's one accumulator, its lanes summed one after
+/// another, made 64-wide dots 2–3× slower, in L1; measured).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(w.len());
-    let (a, w) = (a.as_ptr(), w.as_ptr());
-    let widen = |i: usize| widen16_bf16(w.add(i));
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 64 <= n {
-        prefetch_ahead(w.wrapping_add(i));
-        for (j, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16 * j)), widen(i + 16 * j), *acc);
-        }
-        i += 64;
-    }
-    while i + 16 <= n {
-        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), widen(i), acc[0]);
-        i += 16;
-    }
-    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    for i in i..n {
-        sum += *a.add(i) * widen_bf16(*w.add(i));
-    }
-    sum
+    dot_bf16_simd::<simd::Avx512>(a, w)
 }
 
 /// [`dot_bf16_avx512`] in 8 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
-    use std::arch::x86_64::*;
+    dot_bf16_simd::<simd::Avx2>(a, w)
+}
+
+/// The body of both: four accumulators over steps of 4 registers, then one register at a time,
+/// then scalars; the accumulators summed as a tree.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_bf16_simd<L: simd::Lanes>(a: &[f32], w: &[half::bf16]) -> f32 {
     let n = a.len().min(w.len());
     let (a, w) = (a.as_ptr(), w.as_ptr());
-    let widen =
-        |i: usize| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(i).cast())), 16));
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [L::zero(); 4];
     let mut i = 0;
-    while i + 32 <= n {
+    while i + 4 * L::N <= n {
         if i % 64 == 0 {
             prefetch_ahead(w.wrapping_add(i));
         }
         for (j, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8 * j)), widen(i + 8 * j), *acc);
+            *acc = L::mul_add(L::load(a.add(i + L::N * j)), L::load_bf16(w.add(i + L::N * j)), *acc);
         }
-        i += 32;
+        i += 4 * L::N;
     }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), widen(i), acc[0]);
-        i += 8;
+    while i + L::N <= n {
+        acc[0] = L::mul_add(L::load(a.add(i)), L::load_bf16(w.add(i)), acc[0]);
+        i += L::N;
     }
-    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
+    let mut sum = L::sum(L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3])));
     for i in i..n {
         sum += *a.add(i) * widen_bf16(*w.add(i));
     }
@@ -164,15 +147,6 @@ pub fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
 #[inline(always)]
 pub fn widen_bf16(w: half::bf16) -> f32 {
     f32::from_bits((w.to_bits() as u32) << 16)
-}
-
-/// 16 bf16 from `p` as f32 lanes, exactly ([`widen_bf16`] in a zmm register); for AVX-512 callers,
-/// into which it inlines.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(super) unsafe fn widen16_bf16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16))
 }
 
 /// `x` rounded to bf16, to nearest even like `half::bf16::from_f32` (NaN stays NaN), but

@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 use super::attention::{exp, softmax_tile, Heads};
 use super::kernels::{axpy, axpy_bf16, dot, dot_bf16, to_bf16};
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 
 /// Entries per decode-attention task.
 const CHUNK: usize = 512;
@@ -198,16 +200,7 @@ impl LayerCache {
             .map(|&p| window.is_none_or(|w| (position.saturating_sub(p) as usize) < w))
             .collect();
         let (k, v) = (&k[rows.start * d..rows.end * d], &v[rows.start * d..rows.end * d]);
-        #[cfg(target_arch = "x86_64")]
-        if super::isa::has_avx512f() {
-            // SAFETY: AVX-512F is present; `k` and `v` hold `visible.len()` entries of `d` values.
-            match d {
-                64 => return unsafe { chunk_avx512::<T, 4>(q, k, v, &visible, scale) },
-                128 => return unsafe { chunk_avx512::<T, 8>(q, k, v, &visible, scale) },
-                _ => {}
-            }
-        }
-        chunk_portable(q, k, v, &visible, d, scale)
+        Kernel::fastest().run(q, k, v, &visible, d, scale)
     }
 
     /// Original positions of the entries of cache head `h`.
@@ -247,67 +240,139 @@ fn chunk_portable<T: Entry>(q: &[f32], k: &[T], v: &[T], visible: &[bool], d: us
     partials
 }
 
-/// [`LayerCache::chunk`] for head dimension 16·V on AVX-512: a key is widened into V registers
-/// once and dotted with every head's query; each head's P·V accumulates in V registers over the
-/// chunk; keys are prefetched a few entries ahead, values for the second pass. That is a few dozen
-/// instructions per entry where a dot and an axpy call per head, each with its own reduction or
-/// accumulator round trip, took a few hundred (SmolLM2 full-KV decode after 4K tokens 43 → 56.5
-/// tok/s on 2 Xeon cores, measured).
+/// A decode-attention kernel: [`chunk_portable`], or the SIMD one for head dims 64 and 128.
+#[derive(Clone, Copy, Debug)]
+enum Kernel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    /// The kernels this CPU runs, fastest first.
+    fn available() -> impl Iterator<Item = Kernel> {
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Portable].into_iter().filter(|k| match k {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => super::isa::has_avx512f(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => super::isa::has_avx2_fma(),
+            Kernel::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        })
+    }
+
+    fn fastest() -> Kernel {
+        Kernel::available().next().unwrap_or(Kernel::Portable)
+    }
+
+    /// Unnormalised softmax · V of each head of `q` over the `visible.len()` entries of `k` and `v`.
+    fn run<T: Entry>(self, q: &[f32], k: &[T], v: &[T], visible: &[bool], d: usize, scale: f32) -> Vec<Partial> {
+        assert!(k.len() >= visible.len() * d && v.len() >= visible.len() * d, "chunk: K/V shorter than the chunk");
+        // SAFETY (every arm): `available` found the instructions; `k` and `v` hold the entries.
+        #[cfg(target_arch = "x86_64")]
+        match (self, d) {
+            (Kernel::Avx512, 64) => return unsafe { chunk_avx512::<T, 4>(q, k, v, visible, scale) },
+            (Kernel::Avx512, 128) => return unsafe { chunk_avx512::<T, 8>(q, k, v, visible, scale) },
+            (Kernel::Avx2, 64) => return unsafe { chunk_avx2::<T, 8>(q, k, v, visible, scale) },
+            (Kernel::Avx2, 128) => return unsafe { chunk_avx2::<T, 16>(q, k, v, visible, scale) },
+            _ => {}
+        }
+        chunk_portable(q, k, v, visible, d, scale)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn chunk_avx512<T: Entry, const V: usize>(
+unsafe fn chunk_avx512<T: Entry, const R: usize>(
     q: &[f32],
     k: &[T],
     v: &[T],
     visible: &[bool],
     scale: f32,
 ) -> Vec<Partial> {
-    use std::arch::x86_64::*;
+    chunk_simd::<simd::Avx512, T, R>(q, k, v, visible, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_avx2<T: Entry, const R: usize>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    visible: &[bool],
+    scale: f32,
+) -> Vec<Partial> {
+    chunk_simd::<simd::Avx2, T, R>(q, k, v, visible, scale)
+}
+
+/// [`LayerCache::chunk`] for head dimension R·N, N lanes per register: a key is widened into R
+/// registers once and dotted with every head's query; each head's P·V accumulates in R registers
+/// over the chunk; keys are prefetched a few entries ahead, values for the second pass. That is a
+/// few dozen instructions per entry where a dot and an axpy call per head, each with its own
+/// reduction or accumulator round trip, took a few hundred (SmolLM2 full-KV decode after 4K tokens
+/// on 2 Xeon cores: 43 → 56.5 tok/s with AVX-512; with AVX2 alone 30 → 40, alternated 5×).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn chunk_simd<L: simd::Lanes, T: Entry, const R: usize>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    visible: &[bool],
+    scale: f32,
+) -> Vec<Partial> {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     const AHEAD: usize = 8;
-    let (n, d) = (visible.len(), 16 * V);
+    let (n, d) = (visible.len(), R * L::N);
     let heads = q.len() / d;
-    assert!(k.len() >= n * d && v.len() >= n * d, "chunk: K/V shorter than the chunk");
     let (q, k, v) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-    let lines = |p: *const T| (0..d * size_of::<T>()).step_by(64).map(move |b| p.cast::<i8>().wrapping_add(b));
+    // No closures below (`array::from_fn`, `map`): a closure is its own function, without this
+    // one's `#[target_feature]`, and where it did not inline, each intrinsic in it became a call
+    // (AVX2 decode 2–7× slower, measured).
+    let line_bytes = (0..d * size_of::<T>()).step_by(64);
     let mut scores = vec![f32::NEG_INFINITY; heads * n];
     for t in 0..n {
         // The key a few entries ahead into L1; this entry's value into L2 for the P·V pass (a
         // chunk's values outgrow L1 at d = 128; at d = 64, L1 and L2 measured the same).
-        lines(k.wrapping_add((t + AHEAD) * d)).for_each(|line| _mm_prefetch::<_MM_HINT_T0>(line));
-        lines(v.wrapping_add(t * d)).for_each(|line| _mm_prefetch::<_MM_HINT_T1>(line));
+        for b in line_bytes.clone() {
+            _mm_prefetch::<_MM_HINT_T0>(k.wrapping_add((t + AHEAD) * d).cast::<i8>().wrapping_add(b));
+            _mm_prefetch::<_MM_HINT_T1>(v.wrapping_add(t * d).cast::<i8>().wrapping_add(b));
+        }
         if !visible[t] {
             continue;
         }
-        let key: [__m512; V] = std::array::from_fn(|j| T::load16(k.add(t * d + 16 * j)));
+        let mut key = [L::zero(); R];
+        for (j, key) in key.iter_mut().enumerate() {
+            *key = T::load::<L>(k.add(t * d + L::N * j));
+        }
         for g in 0..heads {
             let q = q.add(g * d);
-            let mut acc = _mm512_mul_ps(_mm512_loadu_ps(q), key[0]);
-            for (j, key) in key.iter().enumerate().skip(1) {
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(16 * j)), *key, acc);
+            let mut acc = L::zero();
+            for (j, key) in key.iter().enumerate() {
+                acc = L::mul_add(L::load(q.add(L::N * j)), *key, acc);
             }
-            scores[g * n + t] = _mm512_reduce_add_ps(acc);
+            scores[g * n + t] = L::sum(acc);
         }
     }
-    scores
-        .chunks_exact_mut(n)
-        .map(|s| {
-            let (max, sum) = softmax_tile(s, n, scale, f32::NEG_INFINITY);
-            let mut acc = [_mm512_setzero_ps(); V];
-            for (t, &p) in s.iter().enumerate() {
-                if p != 0.0 {
-                    let p = _mm512_set1_ps(p);
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm512_fmadd_ps(p, T::load16(v.add(t * d + 16 * j)), *acc);
-                    }
+    let mut partials = Vec::with_capacity(heads);
+    for s in scores.chunks_exact_mut(n) {
+        let (max, sum) = softmax_tile(s, n, scale, f32::NEG_INFINITY);
+        let mut acc = [L::zero(); R];
+        for (t, &p) in s.iter().enumerate() {
+            if p != 0.0 {
+                let p = L::splat(p);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = L::mul_add(p, T::load::<L>(v.add(t * d + L::N * j)), *acc);
                 }
             }
-            let mut out = vec![0f32; d];
-            for (j, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), *acc);
-            }
-            Partial { max, sum, acc: out }
-        })
-        .collect()
+        }
+        let mut out = vec![0f32; d];
+        for (j, acc) in acc.iter().enumerate() {
+            L::store(out.as_mut_ptr().add(L::N * j), *acc);
+        }
+        partials.push(Partial { max, sum, acc: out });
+    }
+    partials
 }
 
 /// One query head's softmax state over a chunk of entries: max score, Σ exp, Σ exp · V.
@@ -321,9 +386,9 @@ struct Partial {
 trait Entry: Copy + Send + Sync {
     fn dot(q: &[f32], k: &[Self]) -> f32;
     fn axpy(acc: &mut [f32], p: f32, v: &[Self]);
-    /// 16 entries from `p` as f32 lanes; inlined into AVX-512 callers only.
+    /// `L::N` entries from `p` as f32 lanes; inlined into SIMD kernels only.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    unsafe fn load<L: simd::Lanes>(p: *const Self) -> L::V;
 }
 
 impl Entry for f32 {
@@ -335,8 +400,8 @@ impl Entry for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
+    unsafe fn load<L: simd::Lanes>(p: *const f32) -> L::V {
+        L::load(p)
     }
 }
 
@@ -349,7 +414,67 @@ impl Entry for bf16 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
-        super::kernels::widen16_bf16(p)
+    unsafe fn load<L: simd::Lanes>(p: *const bf16) -> L::V {
+        L::load_bf16(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every decode-attention kernel this CPU runs — head dims 64 and 128 take the SIMD ones, 40 the
+    /// portable loop — over f32 and bf16 entries (the same bf16-exact values), some hidden, against
+    /// an f64 softmax.
+    #[test]
+    fn every_kernel_matches_an_f64_softmax() {
+        let (heads, n) = (3, 300);
+        let visible: Vec<bool> = (0..n).map(|t| t % 7 != 3).collect();
+        for d in [64, 128, 40] {
+            let scale = 1.0 / (d as f32).sqrt();
+            let values =
+                |f: fn(f32) -> f32| -> Vec<f32> { (0..n * d).map(|x| bf16::from_f32(f(x as f32)).to_f32()).collect() };
+            let (k, v) = (values(|x| (0.37 * x).sin()), values(|x| (0.11 * x).cos()));
+            let q: Vec<f32> = (0..heads * d).map(|x| (0.9 * x as f32).cos()).collect();
+            let want: Vec<Vec<f64>> =
+                q.chunks_exact(d).map(|q| softmax_reference(q, &k, &v, &visible, scale)).collect();
+            let (k16, v16): (Vec<bf16>, Vec<bf16>) =
+                (k.iter().map(|&x| bf16::from_f32(x)).collect(), v.iter().map(|&x| bf16::from_f32(x)).collect());
+            for kernel in Kernel::available() {
+                let runs = [
+                    ("f32", kernel.run(&q, &k, &v, &visible, d, scale)),
+                    ("bf16", kernel.run(&q, &k16, &v16, &visible, d, scale)),
+                ];
+                for (entry, partials) in runs {
+                    assert_eq!(partials.len(), heads, "{kernel:?} d {d} {entry}");
+                    for (g, (p, want)) in partials.iter().zip(&want).enumerate() {
+                        for (x, (&got, &want)) in p.acc.iter().zip(want).enumerate() {
+                            let got = got as f64 / p.sum as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "{kernel:?} d {d} {entry} head {g}[{x}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// softmax(scale · q·k) · v over the visible entries, in f64.
+    fn softmax_reference(q: &[f32], k: &[f32], v: &[f32], visible: &[bool], scale: f32) -> Vec<f64> {
+        let d = q.len();
+        let dot = |t: usize| q.iter().zip(&k[t * d..][..d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+        let scores: Vec<(usize, f64)> =
+            (0..visible.len()).filter(|&t| visible[t]).map(|t| (t, scale as f64 * dot(t))).collect();
+        let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
+        let mut out = vec![0f64; d];
+        let mut sum = 0.0;
+        for &(t, s) in &scores {
+            let p = (s - m).exp();
+            sum += p;
+            out.iter_mut().zip(&v[t * d..][..d]).for_each(|(o, &v)| *o += p * v as f64);
+        }
+        out.iter().map(|o| o / sum).collect()
     }
 }

@@ -9,6 +9,8 @@ pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod tile_attention;
 
 use rayon::prelude::*;
