@@ -158,8 +158,28 @@ impl std::io::Write for BoundedWriter {
     }
 }
 
+/// Longest added token a tokenizer may declare, in bytes: `tokenizers` matches added tokens with an
+/// aho-corasick automaton whose construction is quadratic in a token's length (a fuzzed 16 KiB
+/// token took over 10 s to load, a 4 KiB one a second); real added tokens are a few dozen bytes.
+const MAX_ADDED_TOKEN_BYTES: usize = 256;
+
 /// The tokenizer of `tokenizer.json` text; `path` names it in errors.
 pub(crate) fn parse_tokenizer(json: &str, path: &Path) -> Result<Tokenizer> {
+    // JSON that does not parse here fails in `tokenizers` too, with its own message.
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
+        let added = value["added_tokens"].as_array().into_iter().flatten();
+        if let Some(long) = added.filter_map(|t| t["content"].as_str()).find(|c| c.len() > MAX_ADDED_TOKEN_BYTES) {
+            let start: String = long.chars().take(16).collect();
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "an added token is {} bytes long (it starts {start:?}); fastkv loads added tokens of up to \
+                     {MAX_ADDED_TOKEN_BYTES} bytes",
+                    long.len()
+                ),
+            ));
+        }
+    }
     tokenizer_call(path, "loading", || json.parse::<Tokenizer>())
 }
 

@@ -595,3 +595,19 @@ fn tokenizer_json_with_a_broken_decoder_is_an_error() {
     std::fs::write(dir.join("tokenizer.json"), r#"{"decoder":{]}"#).unwrap();
     build_fails(&dir, &["tokenizer.json"]);
 }
+
+#[test]
+fn an_added_token_kilobytes_long_is_refused() {
+    // tokenizers builds its added-token matcher in time quadratic in a token's length: a 16 KiB
+    // token took over 10 s to load.
+    let (_t, dir) = copy_fixture("llama");
+    edit_json(&dir.join("tokenizer.json"), |v| {
+        let added = v["added_tokens"].as_array_mut().unwrap();
+        let id = added.iter().map(|t| t["id"].as_u64().unwrap()).max().unwrap() + 1;
+        added.push(serde_json::json!({
+            "id": id, "content": "A".repeat(4096), "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true,
+        }));
+    });
+    build_fails(&dir, &["tokenizer.json", "added token is 4096 bytes", "up to 256 bytes"]);
+}
