@@ -3,8 +3,8 @@
 //!
 //! The path decides the bf16 products — projections and prefill attention: AMX tiles, else
 //! AVX512-BF16 `vdpbf16ps` where it outruns f32 (AMD), else widening to f32 for the `gemm` crate. Element-wise kernels are
-//! compiled for AVX-512, AVX2 and NEON and pick their own ISA (`multiversion`); so does the bf16
-//! dot of decode (`kernels::dot_bf16`, with intrinsics for AVX-512 and AVX2).
+//! compiled for AVX-512, AVX2 and NEON and pick their own ISA (`multiversion`); the hand-written
+//! decode kernels (the bf16 dot, decode attention) pick theirs by [`Simd`].
 //! `FASTKV_CPU=<path>` caps the path at a lower one, to compare paths on one machine or to take
 //! the f32 path (`f32`), which is exact against an f32 reference.
 
@@ -79,6 +79,31 @@ fn bf16_dot_outruns_fma() -> bool {
         != (u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel"))
 }
 
+/// The vector instructions of the hand-written decode kernels (`kernels::dot_bf16`, decode
+/// attention in `kv_cache`): their AVX-512 or AVX2+FMA intrinsics, or plain Rust.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Simd {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    /// The kinds this CPU runs, widest first (tests check each against a reference).
+    pub(crate) fn available() -> impl Iterator<Item = Simd> {
+        [Simd::Avx512, Simd::Avx2, Simd::Portable].into_iter().filter(|s| match s {
+            Simd::Avx512 => has_avx512f(),
+            Simd::Avx2 => has_avx2_fma(),
+            Simd::Portable => true,
+        })
+    }
+
+    /// The widest this CPU runs.
+    pub(crate) fn best() -> Simd {
+        Simd::available().next().unwrap_or(Simd::Portable)
+    }
+}
+
 /// One line for benchmarks and logs: the path and the CPU's vector units.
 pub fn describe() -> String {
     let units: Vec<&str> = [
@@ -95,12 +120,12 @@ pub fn describe() -> String {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512f() -> bool {
+fn has_avx512f() -> bool {
     std::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2_fma() -> bool {
+fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 

@@ -4,6 +4,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::isa::Simd;
 #[cfg(target_arch = "x86_64")]
 use super::simd;
 
@@ -30,18 +31,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// matvec of bf16 weights and decode attention over a bf16 cache. On x86-64 with AVX-512 or
 /// AVX2+FMA, four independent accumulators and a tree reduction; elsewhere [`dot`]'s order.
 pub fn dot_bf16(a: &[f32], w: &[half::bf16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if super::isa::has_avx512f() {
-            // SAFETY: AVX-512F is present.
-            return unsafe { dot_bf16_avx512(a, w) };
-        }
-        if super::isa::has_avx2_fma() {
-            // SAFETY: AVX2 and FMA are present.
-            return unsafe { dot_bf16_avx2(a, w) };
-        }
+    dot_bf16_on(Simd::best(), a, w)
+}
+
+/// [`dot_bf16`] with the instructions `simd`, which this CPU must run ([`Simd::available`]).
+fn dot_bf16_on(simd: Simd, a: &[f32], w: &[half::bf16]) -> f32 {
+    match simd {
+        // SAFETY (both): `simd` is available, so the instructions are present.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { dot_bf16_avx512(a, w) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { dot_bf16_avx2(a, w) },
+        _ => dot_bf16_portable(a, w),
     }
-    dot_bf16_portable(a, w)
 }
 
 /// bf16 values ahead of the one being read that [`prefetch_ahead`] asks for: decode reads weight
@@ -203,20 +205,9 @@ mod tests {
             let w: Vec<half::bf16> =
                 (0..n).map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 41.0)).collect();
             let want: f64 = a.iter().zip(&w).map(|(&a, w)| a as f64 * w.to_f64()).sum();
-            let mut dots: Vec<(&str, f32)> = vec![("portable", dot_bf16_portable(&a, &w))];
-            #[cfg(target_arch = "x86_64")]
-            {
-                use super::super::isa::{has_avx2_fma, has_avx512f};
-                // SAFETY (both): the instructions are present.
-                if has_avx512f() {
-                    dots.push(("avx512", unsafe { dot_bf16_avx512(&a, &w) }));
-                }
-                if has_avx2_fma() {
-                    dots.push(("avx2", unsafe { dot_bf16_avx2(&a, &w) }));
-                }
-            }
-            for (name, got) in dots {
-                assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{name}, n = {n}: {got} vs {want}");
+            for simd in Simd::available() {
+                let got = dot_bf16_on(simd, &a, &w);
+                assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{simd:?}, n = {n}: {got} vs {want}");
             }
         }
     }

@@ -13,6 +13,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{exp, softmax_tile, Heads};
+use super::isa::Simd;
 use super::kernels::{axpy, axpy_bf16, dot, dot_bf16, to_bf16};
 #[cfg(target_arch = "x86_64")]
 use super::simd;
@@ -200,7 +201,7 @@ impl LayerCache {
             .map(|&p| window.is_none_or(|w| (position.saturating_sub(p) as usize) < w))
             .collect();
         let (k, v) = (&k[rows.start * d..rows.end * d], &v[rows.start * d..rows.end * d]);
-        Kernel::fastest().run(q, k, v, &visible, d, scale)
+        chunk_on(Simd::best(), q, k, v, &visible, d, scale)
     }
 
     /// Original positions of the entries of cache head `h`.
@@ -240,46 +241,20 @@ fn chunk_portable<T: Entry>(q: &[f32], k: &[T], v: &[T], visible: &[bool], d: us
     partials
 }
 
-/// A decode-attention kernel: [`chunk_portable`], or the SIMD one for head dims 64 and 128.
-#[derive(Clone, Copy, Debug)]
-enum Kernel {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Kernel {
-    /// The kernels this CPU runs, fastest first.
-    fn available() -> impl Iterator<Item = Kernel> {
-        [Kernel::Avx512, Kernel::Avx2, Kernel::Portable].into_iter().filter(|k| match k {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => super::isa::has_avx512f(),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => super::isa::has_avx2_fma(),
-            Kernel::Portable => true,
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        })
+/// [`LayerCache::chunk`] with the instructions `simd`, which this CPU must run
+/// ([`Simd::available`]): the SIMD kernel for head dims 64 and 128, else [`chunk_portable`].
+fn chunk_on<T: Entry>(simd: Simd, q: &[f32], k: &[T], v: &[T], visible: &[bool], d: usize, scale: f32) -> Vec<Partial> {
+    assert!(k.len() >= visible.len() * d && v.len() >= visible.len() * d, "chunk: K/V shorter than the chunk");
+    // SAFETY (every arm): `simd` is available; `k` and `v` hold the entries.
+    #[cfg(target_arch = "x86_64")]
+    match (simd, d) {
+        (Simd::Avx512, 64) => return unsafe { chunk_avx512::<T, 4>(q, k, v, visible, scale) },
+        (Simd::Avx512, 128) => return unsafe { chunk_avx512::<T, 8>(q, k, v, visible, scale) },
+        (Simd::Avx2, 64) => return unsafe { chunk_avx2::<T, 8>(q, k, v, visible, scale) },
+        (Simd::Avx2, 128) => return unsafe { chunk_avx2::<T, 16>(q, k, v, visible, scale) },
+        _ => {}
     }
-
-    fn fastest() -> Kernel {
-        Kernel::available().next().unwrap_or(Kernel::Portable)
-    }
-
-    /// Unnormalised softmax · V of each head of `q` over the `visible.len()` entries of `k` and `v`.
-    fn run<T: Entry>(self, q: &[f32], k: &[T], v: &[T], visible: &[bool], d: usize, scale: f32) -> Vec<Partial> {
-        assert!(k.len() >= visible.len() * d && v.len() >= visible.len() * d, "chunk: K/V shorter than the chunk");
-        // SAFETY (every arm): `available` found the instructions; `k` and `v` hold the entries.
-        #[cfg(target_arch = "x86_64")]
-        match (self, d) {
-            (Kernel::Avx512, 64) => return unsafe { chunk_avx512::<T, 4>(q, k, v, visible, scale) },
-            (Kernel::Avx512, 128) => return unsafe { chunk_avx512::<T, 8>(q, k, v, visible, scale) },
-            (Kernel::Avx2, 64) => return unsafe { chunk_avx2::<T, 8>(q, k, v, visible, scale) },
-            (Kernel::Avx2, 128) => return unsafe { chunk_avx2::<T, 16>(q, k, v, visible, scale) },
-            _ => {}
-        }
-        chunk_portable(q, k, v, visible, d, scale)
-    }
+    chunk_portable(q, k, v, visible, d, scale)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -440,20 +415,17 @@ mod tests {
                 q.chunks_exact(d).map(|q| softmax_reference(q, &k, &v, &visible, scale)).collect();
             let (k16, v16): (Vec<bf16>, Vec<bf16>) =
                 (k.iter().map(|&x| bf16::from_f32(x)).collect(), v.iter().map(|&x| bf16::from_f32(x)).collect());
-            for kernel in Kernel::available() {
+            for simd in Simd::available() {
                 let runs = [
-                    ("f32", kernel.run(&q, &k, &v, &visible, d, scale)),
-                    ("bf16", kernel.run(&q, &k16, &v16, &visible, d, scale)),
+                    ("f32", chunk_on(simd, &q, &k, &v, &visible, d, scale)),
+                    ("bf16", chunk_on(simd, &q, &k16, &v16, &visible, d, scale)),
                 ];
                 for (entry, partials) in runs {
-                    assert_eq!(partials.len(), heads, "{kernel:?} d {d} {entry}");
+                    assert_eq!(partials.len(), heads, "{simd:?} d {d} {entry}");
                     for (g, (p, want)) in partials.iter().zip(&want).enumerate() {
                         for (x, (&got, &want)) in p.acc.iter().zip(want).enumerate() {
                             let got = got as f64 / p.sum as f64;
-                            assert!(
-                                (got - want).abs() < 1e-5,
-                                "{kernel:?} d {d} {entry} head {g}[{x}]: {got} vs {want}"
-                            );
+                            assert!((got - want).abs() < 1e-5, "{simd:?} d {d} {entry} head {g}[{x}]: {got} vs {want}");
                         }
                     }
                 }
