@@ -91,7 +91,8 @@ impl Checkpoint {
             return Err(Error::bad_file(&tokenizer_path, "missing: a checkpoint needs tokenizer.json"));
         }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        let tok = crate::text::parse_tokenizer(&tokenizer_json, &tokenizer_path)?;
+        let value = serde_json::from_str(&tokenizer_json).ok();
+        let tok = crate::text::parse_tokenizer(&tokenizer_json, value.as_ref(), &tokenizer_path)?;
         let weights = Weights::Hf(TensorSet::open_checkpoint(dir)?);
         let tokenizer = TokenizerInfo::read_hf(dir, &spec, &tok)?;
         Self::checked(dir, spec, weights, tokenizer_json, tokenizer)

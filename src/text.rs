@@ -23,8 +23,9 @@ pub struct TextCodec {
 impl TextCodec {
     pub fn load(path: &Path, info: &TokenizerInfo) -> Result<Self> {
         let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let tokenizer = parse_tokenizer(&json, path)?;
-        let max_token_bytes = serde_json::from_str(&json).ok().and_then(|v| max_token_bytes(&v));
+        let value: Option<serde_json::Value> = serde_json::from_str(&json).ok();
+        let tokenizer = parse_tokenizer(&json, value.as_ref(), path)?;
+        let max_token_bytes = value.as_ref().and_then(max_token_bytes);
         Ok(TextCodec { tokenizer, path: path.into(), info: info.clone(), max_token_bytes })
     }
 
@@ -163,22 +164,22 @@ impl std::io::Write for BoundedWriter {
 /// token took over 10 s to load, a 4 KiB one a second); real added tokens are a few dozen bytes.
 const MAX_ADDED_TOKEN_BYTES: usize = 256;
 
-/// The tokenizer of `tokenizer.json` text; `path` names it in errors.
-pub(crate) fn parse_tokenizer(json: &str, path: &Path) -> Result<Tokenizer> {
-    // JSON that does not parse here fails in `tokenizers` too, with its own message.
-    if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
-        let added = value["added_tokens"].as_array().into_iter().flatten();
-        if let Some(long) = added.filter_map(|t| t["content"].as_str()).find(|c| c.len() > MAX_ADDED_TOKEN_BYTES) {
-            let start: String = long.chars().take(16).collect();
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "an added token is {} bytes long (it starts {start:?}); fastkv loads added tokens of up to \
-                     {MAX_ADDED_TOKEN_BYTES} bytes",
-                    long.len()
-                ),
-            ));
-        }
+/// The tokenizer of `tokenizer.json` text; `value` is that text parsed as JSON, by the caller so
+/// that callers which read it too parse it once (5 MB take ~45 ms, a quarter of `tokenizers`' own
+/// load), or `None` where it is not JSON (`tokenizers` then says what is wrong); `path` names it
+/// in errors.
+pub(crate) fn parse_tokenizer(json: &str, value: Option<&serde_json::Value>, path: &Path) -> Result<Tokenizer> {
+    let added = value.and_then(|v| v["added_tokens"].as_array()).into_iter().flatten();
+    if let Some(long) = added.filter_map(|t| t["content"].as_str()).find(|c| c.len() > MAX_ADDED_TOKEN_BYTES) {
+        let start: String = long.chars().take(16).collect();
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "an added token is {} bytes long (it starts {start:?}); fastkv loads added tokens of up to \
+                 {MAX_ADDED_TOKEN_BYTES} bytes",
+                long.len()
+            ),
+        ));
     }
     tokenizer_call(path, "loading", || json.parse::<Tokenizer>())
 }

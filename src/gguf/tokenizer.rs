@@ -114,7 +114,7 @@ pub fn build(file: &GgufFile) -> Result<(String, TokenizerInfo)> {
                   "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
     });
     let text = tokenizer.to_string();
-    crate::text::parse_tokenizer(&text, &file.path)?;
+    crate::text::parse_tokenizer(&text, Some(&tokenizer), &file.path)?;
     // Generation ends at EOS and at the end-of-turn / end-of-message tokens where the file names them.
     let mut eos_token_ids = Vec::new();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
