@@ -11,8 +11,9 @@ Benchmarks fastkv against HF transformers (PyTorch CPU, sdpa, bf16 and f32) and 
 (llama-cpp-python 0.3.36 built from source for this CPU; BF16 GGUF and the original quantized GGUF,
 flash attention on and off) on one model, then the bf16 GEMM of both models' projection shapes
 against torch. Writes table.md, results.json, prefill.png and decode.png into --out and prints the
-table. Safe to re-run: the venv, llama.cpp build, HF checkpoint, BF16 GGUF and fastkv engine are
-made once (delete them to redo); the measurements run every time.
+table (benches/peers/emulate-avx2.sh runs it all as on an AVX2-only CPU). Safe to re-run: the
+venv, llama.cpp build, HF checkpoint, BF16 GGUF and fastkv engine are made once (delete them to
+redo); the measurements run every time.
 
 Options:
   --model smollm2|qwen   Model (default smollm2): smollm2 = target/models/SmolLM2-135M-Instruct.Q4_1.gguf

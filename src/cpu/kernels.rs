@@ -49,6 +49,7 @@ fn dot_bf16_on(simd: Simd, a: &[f32], w: &[half::bf16]) -> f32 {
 /// bf16 values ahead of the one being read that [`prefetch_ahead`] asks for: decode reads weight
 /// rows from DRAM, and the hardware prefetchers alone kept too few lines in flight (SmolLM2 decode
 /// after 512 tokens 53 → 66–75 tok/s on 2 Xeon cores; 256 and 4 096 values ahead were slower).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_VALUES: usize = 512;
 
 /// Asks for the two cache lines [`PREFETCH_VALUES`] after `w` (64 bf16); a hint, which never

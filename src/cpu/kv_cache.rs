@@ -254,6 +254,8 @@ fn chunk_on<T: Entry>(simd: Simd, q: &[f32], k: &[T], v: &[T], visible: &[bool],
         (Simd::Avx2, 128) => return unsafe { chunk_avx2::<T, 16>(q, k, v, visible, scale) },
         _ => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd; // elsewhere every kind runs the portable loop
     chunk_portable(q, k, v, visible, d, scale)
 }
 
