@@ -6,18 +6,15 @@
 # - fastkv: this working tree copied to target/avx2-emulation/tree and built with the `gemm` crate
 #   without its x86-v4 (AVX-512) kernels, the multiversioned loops without their AVX-512 version,
 #   and isa.rs reporting no AVX-512 (so the decode kernels take AVX2 and the path is f32);
-# - llama.cpp: llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF and AVX2/FMA/F16C only, into
-#   target/peers-py/llama-avx2 (put first on PYTHONPATH);
+# - llama.cpp: llama-cpp-python 0.3.36 built by run.sh with GGML_NATIVE=OFF and AVX2/FMA/F16C only,
+#   into target/peers-py/llama-avx2 (LLAMA_DIR, LLAMA_CMAKE_ARGS);
 # - PyTorch: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2.
-# What it cannot emulate: the other CPU's caches, memory and clock. Needs run.sh's environment
-# (run benches/peers/run.sh once first); `benches/peers/run.sh --help` lists the options.
+# What it cannot emulate: the other CPU's caches, memory and clock. `benches/peers/run.sh --help`
+# lists the options.
 set -euo pipefail
 case " $* " in *" -h "* | *" --help "*) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/../.."
-VENV=${PY_VENV:-target/peers-py/venv}
 EMU=target/avx2-emulation
-LLAMA=target/peers-py/llama-avx2
-[ -x "$VENV/bin/python" ] || { echo "$VENV missing: run benches/peers/run.sh once first (it makes it)" >&2; exit 1; }
 
 echo "== fastkv without AVX-512 -> $EMU" >&2
 rm -rf "$EMU/tree" && mkdir -p "$EMU/tree"
@@ -36,15 +33,6 @@ git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$EMU/tree"
 CARGO_TARGET_DIR=$PWD/$EMU/target cargo build --release --bins --manifest-path "$EMU/tree/Cargo.toml"
 CARGO_TARGET_DIR=$PWD/$EMU/target cargo bench --no-run --bench gemm --manifest-path "$EMU/tree/Cargo.toml"
 
-if ! PYTHONPATH=$LLAMA "$VENV/bin/python" -c 'import llama_cpp, sys; sys.exit(b"AVX512" in llama_cpp.llama_print_system_info())' 2>/dev/null; then
-    echo "== llama-cpp-python 0.3.36 without AVX-512 -> $LLAMA (several minutes)" >&2
-    rm -rf "$LLAMA"
-    PATH="$PWD/$VENV/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON \
-        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF \
-        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-        "$VENV/bin/python" -m pip install -q --no-cache-dir --no-deps --target "$LLAMA" llama-cpp-python==0.3.36
-fi
-
 model=smollm2 out=
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -54,8 +42,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 [ -n "$out" ] || args+=(--out "target/peers/$model-avx2")
+llama_avx2="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+llama_avx2+=" -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 FASTKV=$EMU/target/release/fastkv FASTKV_BUILD=$EMU/target/release/fastkv-build \
     GEMM_BIN=$(ls -t "$EMU"/target/release/deps/gemm-* | grep -v '\.d$' | head -1) \
-    FASTKV_CPU=f32 PYTHONPATH=$PWD/$LLAMA${PYTHONPATH:+:$PYTHONPATH} \
+    FASTKV_CPU=f32 LLAMA_DIR=target/peers-py/llama-avx2 LLAMA_CMAKE_ARGS="$llama_avx2" \
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
     benches/peers/run.sh "${args[@]}"

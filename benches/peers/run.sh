@@ -36,7 +36,9 @@ Options:
   -h, --help             This help
 
 Environment: PY_VENV (default target/peers-py/venv), FASTKV (target/release/fastkv),
-FASTKV_BUILD (target/release/fastkv-build), GEMM_BIN (newest target/release/deps/gemm-*, not .d).
+FASTKV_BUILD (target/release/fastkv-build), GEMM_BIN (newest target/release/deps/gemm-*, not .d),
+LLAMA_CMAKE_ARGS (llama.cpp's build options, default -DGGML_NATIVE=ON), LLAMA_DIR (a folder to
+build llama-cpp-python into and import it from, instead of the venv).
 EOF
 }
 
@@ -72,6 +74,8 @@ FASTKV=${FASTKV:-target/release/fastkv}
 FASTKV_BUILD=${FASTKV_BUILD:-target/release/fastkv-build}
 GEMM_BIN=${GEMM_BIN:-$(ls -t target/release/deps/gemm-* 2>/dev/null | grep -v '\.d$' | head -1 || true)}
 PY=$VENV/bin/python
+LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=ON} LLAMA_DIR=${LLAMA_DIR:-}
+[ -z "$LLAMA_DIR" ] || { LLAMA_DIR=$(realpath -m "$LLAMA_DIR"); export PYTHONPATH=$LLAMA_DIR${PYTHONPATH:+:$PYTHONPATH}; }
 step() { echo "== $*" >&2; }
 
 [ -f "$GGUF" ] || { echo "$GGUF missing: run $GET" >&2; exit 1; }
@@ -88,13 +92,15 @@ if ! "$PY" -c "import torch, transformers, gguf, numpy, matplotlib, accelerate" 
     step "installing torch transformers gguf numpy matplotlib accelerate into $VENV"
     "$PY" -m pip install -q torch transformers gguf numpy matplotlib accelerate
 fi
-if [ "$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null)" != "0.3.36" ]; then
+# llama-cpp-python 0.3.36, imported from LLAMA_DIR where that is set (not the venv's), built once.
+if ! "$PY" -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36" or not llama_cpp.__file__.startswith(sys.argv[1]))' \
+    "${LLAMA_DIR:-/}" 2>/dev/null; then
     command -v cmake >/dev/null || [ -x "$VENV/bin/cmake" ] || "$PY" -m pip install -q cmake
-    step "building llama-cpp-python 0.3.36 (llama.cpp from source, -DGGML_NATIVE=ON; several minutes)"
+    step "building llama-cpp-python 0.3.36 (llama.cpp from source, $LLAMA_CMAKE_ARGS${LLAMA_DIR:+, into $LLAMA_DIR}; several minutes)"
     start=$(date +%s)
-    PATH="$PWD/$VENV/bin:$PATH" CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-        "$PY" -m pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
-    "$PY" -m pip install -q llama-cpp-python==0.3.36  # its pure-Python dependencies
+    PATH="$PWD/$VENV/bin:$PATH" CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$PY" -m pip install --no-cache-dir --force-reinstall --no-deps ${LLAMA_DIR:+--target "$LLAMA_DIR"} llama-cpp-python==0.3.36
+    "$PY" -m pip install -q llama-cpp-python==0.3.36  # its pure-Python dependencies (pip sees LLAMA_DIR's build)
     echo "llama-cpp-python 0.3.36 built in $(( $(date +%s) - start )) s" | tee -a "$(dirname "$VENV")/llama_build.log" >&2
 fi
 
