@@ -6,9 +6,15 @@
 //! `cargo bench --features cuda --bench cuda_engine -- [--preset llama-3.1-8b] [--lengths 32768,131072]
 //!  [--decode-steps 64] [--json FILE]`
 //!
+//! The JSON file is rewritten after each length, so a run stopped by a time limit keeps every length it
+//! finished; the profiled run (the selection's share) and graphs vs eager run at the first length only.
+//!
 //! Peaks used for the ratios (H200 SXM): 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e.
 
 use std::time::Instant;
+
+#[path = "../tests/common/cuda.rs"]
+mod cuda;
 
 use fastkv::backend::Backend;
 use fastkv::tensors::DType;
@@ -75,10 +81,7 @@ fn main() {
     let t = Instant::now();
     let engine = match Engine::open_on(&dir, Device::Cuda(0)) {
         Ok(e) => e,
-        Err(Error::NoDevice { reason, .. }) => {
-            println!("skipped: no CUDA device ({reason})");
-            return;
-        }
+        Err(Error::NoDevice { reason, .. }) => return cuda::no_cuda_device(&reason),
         Err(e) => panic!("{e}"),
     };
     let load_s = t.elapsed().as_secs_f64();
@@ -87,42 +90,46 @@ fn main() {
     let tokens = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| i.wrapping_mul(2654435761) % vocab).collect() };
     let (full, fastkv) = (engine.full_policy(), engine.default_policy());
     run(&engine, &tokens(2048), &fastkv, 4).expect("warm-up"); // loads kernels, picks cuBLAS algorithms
-    let mut rows = Vec::new();
-    for &len in &lengths {
+    let mut report = json!({ "preset": preset, "load_s": load_s, "decode_steps": steps, "rows": [] });
+    for (i, &len) in lengths.iter().enumerate() {
         let ids = tokens(len);
         let f = run(&engine, &ids, &full, steps).expect("full KV");
         let k = run(&engine, &ids, &fastkv, steps).expect("FastKV");
-        model.set_graphs(false);
-        let eager = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("eager decode");
-        model.set_graphs(true);
-        let graphs = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("graph decode");
-        model.set_profile(true);
-        let profiled = run(&engine, &ids, &fastkv, 0).expect("profiled FastKV");
-        model.set_profile(false);
         let n = engine.spec().num_layers;
         let ideal = engine.spec().prefill_flops(&vec![len; n]) / engine.spec().prefill_flops(&k.seq_lens);
         let bound = |r: &Run| PEAK_BYTES / (weight_bytes(&engine) + r.kv_bytes as f64);
-        let row = json!({
+        let mut row = json!({
             "tokens": len,
             "full": { "ttft_s": f.ttft_s, "decode_tok_s": f.decode_tok_s, "kv_bytes": f.kv_bytes,
                       "prefill_tflops": engine.spec().prefill_flops(&f.seq_lens) / f.ttft_s / 1e12,
                       "prefill_share_of_peak": engine.spec().prefill_flops(&f.seq_lens) / f.ttft_s / PEAK_FLOPS,
                       "decode_share_of_bandwidth_bound": f.decode_tok_s / bound(&f) },
             "fastkv": { "ttft_s": k.ttft_s, "decode_tok_s": k.decode_tok_s, "kv_bytes": k.kv_bytes,
-                        "decode_share_of_bandwidth_bound": k.decode_tok_s / bound(&k),
-                        "selection_share_of_prefill": profiled.selection_s / profiled.total_s },
+                        "decode_share_of_bandwidth_bound": k.decode_tok_s / bound(&k) },
             "ttft_speedup": f.ttft_s / k.ttft_s,
             "ideal_flop_ratio": ideal,
             "decode_speedup": k.decode_tok_s / f.decode_tok_s,
-            "decode_8k_graphs_tok_s": graphs.decode_tok_s,
-            "decode_8k_eager_tok_s": eager.decode_tok_s,
         });
+        if i == 0 {
+            model.set_graphs(false);
+            let eager = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("eager decode");
+            model.set_graphs(true);
+            let graphs = run(&engine, &ids[..ids.len().min(8192)], &fastkv, steps).expect("graph decode");
+            model.set_profile(true);
+            let profiled = run(&engine, &ids, &fastkv, 0).expect("profiled FastKV");
+            model.set_profile(false);
+            row["fastkv"]["selection_share_of_prefill"] = json!(profiled.selection_s / profiled.total_s);
+            row["decode_8k_graphs_tok_s"] = json!(graphs.decode_tok_s);
+            row["decode_8k_eager_tok_s"] = json!(eager.decode_tok_s);
+        }
         println!("{row}");
-        rows.push(row);
+        report["rows"].as_array_mut().expect("rows is an array").push(row);
+        if let Some(path) = arg("--json") {
+            // Through a temporary file, so a run killed mid-write leaves the previous lengths whole.
+            let tmp = format!("{path}.partial");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&report).unwrap()).expect("--json: cannot write");
+            std::fs::rename(&tmp, &path).expect("--json: cannot write");
+        }
     }
-    let out = json!({ "preset": preset, "load_s": load_s, "decode_steps": steps, "rows": rows });
-    if let Some(path) = arg("--json") {
-        std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).expect("--json: cannot write");
-    }
-    println!("{out}");
+    println!("{report}");
 }

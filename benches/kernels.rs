@@ -7,8 +7,12 @@
 
 use std::time::Instant;
 
+#[path = "../tests/common/cuda.rs"]
+mod cuda;
+
+use cuda::Allocating;
 use cudarc::driver::CudaSlice;
-use fastkv::cuda::{decode_workspace_len, Device, LayerKv};
+use fastkv::cuda::{decode_workspace_len, Gpu, LayerKv};
 use fastkv::select::{Pool, Shape};
 use fastkv::Error;
 use half::bf16;
@@ -23,7 +27,7 @@ const PEAK_BF16_TFLOPS: f64 = 989.0;
 const PEAK_HBM_TBS: f64 = 4.8;
 
 /// Deterministic values in [−1, 1) without a slow host RNG over gigabytes.
-fn values(dev: &Device, n: usize, seed: u64) -> CudaSlice<bf16> {
+fn values(dev: &Gpu, n: usize, seed: u64) -> CudaSlice<bf16> {
     let host: Vec<bf16> = (0..n as u64)
         .map(|i| {
             let x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
@@ -34,7 +38,7 @@ fn values(dev: &Device, n: usize, seed: u64) -> CudaSlice<bf16> {
 }
 
 /// Mean seconds of `f` over `iters` runs after one warm-up, synchronised.
-fn time(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
+fn time(dev: &Gpu, iters: usize, mut f: impl FnMut()) -> f64 {
     f();
     dev.synchronize().expect("sync");
     let t = Instant::now();
@@ -46,7 +50,7 @@ fn time(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Seconds and TFLOP/s of causal flash attention at sequence length `l`.
-fn attention(dev: &Device, l: usize, iters: usize) -> (f64, f64) {
+fn attention(dev: &Gpu, l: usize, iters: usize) -> (f64, f64) {
     let (q, k, v) = (values(dev, l * H * D, 1), values(dev, l * HK * D, 2), values(dev, l * HK * D, 3));
     let s = time(dev, iters, || drop(dev.flash_attention(&q, &k, &v, H, HK, D).expect("flash attention")));
     let flops = 4.0 * (l as f64) * (l as f64 + 1.0) / 2.0 * (H * D) as f64; // causal: Q·Kᵀ + P·V
@@ -54,12 +58,9 @@ fn attention(dev: &Device, l: usize, iters: usize) -> (f64, f64) {
 }
 
 fn main() {
-    let dev = match Device::new(0) {
+    let dev = match Gpu::new(0) {
         Ok(d) => d,
-        Err(Error::NoDevice { .. }) => {
-            println!("skipped: no CUDA device");
-            return;
-        }
+        Err(Error::NoDevice { reason, .. }) => return cuda::no_cuda_device(&reason),
         Err(e) => panic!("{e}"),
     };
     let (t32, tflops32) = attention(&dev, 32 * 1024, 5);

@@ -1,4 +1,4 @@
-// Attention with GQA (fastkv-spec §2): causal flash attention for prefill on tensor cores, and
+// Attention with GQA (docs/method.md §2): causal flash attention for prefill on tensor cores, and
 // split-key decode attention over a layer's cache, both for head dims 16, 32, 64 and 128 and with an
 // optional sliding window masked by original positions (TSP compacts rows but keeps their positions).
 //
@@ -398,12 +398,6 @@ int decode_group(int group, const void* q, const void* k, const void* v, const u
 
 extern "C" {
 
-// Causal GQA flash attention, head_dim ∈ {16, 32, 64, 128}. q: rows of `q_row` elements holding H heads
-// (row i at position i + n_keys − n_queries), out: rows of `out_row` elements, not overlapping q, k or v;
-// keys/values: element (j, g, d) at [j·kv_row + g·kv_head + d]. Rows and heads 16-byte aligned (strides multiples of 8 elements).
-// lse: [H, n_queries] f32 or NULL. window > 0: key j is also masked for query i when
-// q_pos[i] − k_pos[j] ≥ window (q_pos [n_queries], k_pos [n_keys], ascending, on the device);
-// window = 0: q_pos and k_pos are not read (NULL is fine).
 int fastkv_flash_attention(const void* q, int64_t q_row, const void* k, const void* v, int64_t kv_row,
                            int64_t kv_head, void* out, int64_t out_row, float* lse, const uint32_t* q_pos,
                            const uint32_t* k_pos, int window, int n_queries, int n_keys, int n_heads, int n_kv_heads,
@@ -421,17 +415,10 @@ int fastkv_flash_attention(const void* q, int64_t q_row, const void* k, const vo
   return cudaErrorInvalidValue;
 }
 
-// f32 values of workspace `fastkv_decode_attention` needs for a cache of `capacity` entries.
 int64_t fastkv_decode_workspace(int n_heads, int capacity, int head_dim) {
   return static_cast<int64_t>(n_heads) * ceil_div(capacity, attention::DEC_CHUNK) * (2 + head_dim);
 }
 
-// One decode step, head_dim ∈ {16, 32, 64, 128}, G = H/Hk ≤ 8: q/out [H, D]; the cache k/v
-// [Hk, capacity, D] with positions cache_pos [Hk, capacity]; its length is read from device memory
-// (`len`, u32; values past capacity count as capacity) and the grid is sized by capacity, so the launch
-// can be captured in a CUDA graph once and replayed every step. window > 0: entry j is masked when
-// *q_pos − cache_pos[g, j] ≥ window (q_pos: [1] on the device); window = 0: cache_pos and q_pos are not
-// read. A query with no visible entry gets zeros. workspace: `fastkv_decode_workspace(H, capacity, D)`.
 int fastkv_decode_attention(const void* q, const void* k, const void* v, const uint32_t* cache_pos,
                             const uint32_t* len, int capacity, const uint32_t* q_pos, int window, void* out,
                             float* workspace, int n_heads, int n_kv_heads, int head_dim, int dtype,

@@ -1,17 +1,13 @@
-// Shared helpers of the fastkv CUDA kernels: element types, conversions and the launcher ABI.
-//
-// Every launcher is `extern "C" int fastkv_<name>(..., int dtype, cudaStream_t)`, returns a
-// cudaError_t (cudaErrorInvalidValue for bad sizes) and only enqueues work on the stream.
-// Activations are f16 or bf16 (`dtype`); everything is accumulated in f32.
+// Shared helpers of the fastkv CUDA kernels: element types and conversions. The launchers' ABI is
+// fastkv.h, included here so every definition is checked against its declaration.
 #pragma once
+
+#include "fastkv.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-
-// Values of the `dtype` argument.
-enum FastkvDtype { FASTKV_F16 = 0, FASTKV_BF16 = 1 };
 
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -27,9 +27,6 @@ __global__ void gather_rows(const char* __restrict__ src, int64_t src_batch, int
 extern "C" {
 using namespace gather;
 
-// dst[b, r, :] = src[b, idx[b, r], :] for b < batches, r < count; rows of `row_bytes`, all strides in
-// bytes. K/V into a cache: batches = Hk, src_batch = S·D·2, dst_batch = capacity·D·2. Hidden rows:
-// batches = 1, row_bytes = E·2. Position ids: row_bytes = 4.
 int fastkv_gather_rows(const void* src, int64_t src_batch, int64_t src_row, int64_t src_rows, const uint32_t* idx,
                        int64_t idx_batch, int count, int batches, void* dst, int64_t dst_batch, int64_t dst_row,
                        int row_bytes, cudaStream_t stream) {

@@ -122,8 +122,11 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax(const float* __restrict
 extern "C" {
 using namespace model;
 
-// out[r, :] = f32(table[ids[r], :]) for r < rows: ids u32 on the device, table [vocab, dim] of T,
-// out [rows, dim] f32. Ids ≥ vocab give zero rows.
+int fastkv_probe(void) {
+  cudaFuncAttributes attributes;
+  return static_cast<int>(cudaFuncGetAttributes(&attributes, increment));
+}
+
 int fastkv_embed(const uint32_t* ids, int rows, const void* table, int vocab, int dim, float* out, int dtype,
                  cudaStream_t stream) {
   if (rows < 0 || vocab <= 0 || dim <= 0) return cudaErrorInvalidValue;
@@ -132,9 +135,6 @@ int fastkv_embed(const uint32_t* ids, int rows, const void* table, int vocab, in
   return launch_status();
 }
 
-// For every row r < rows: out[r·out_stride ..][..n] = T(w · (x · 1/√(mean(x²) + eps))) of the f32 row
-// x[r·x_stride ..][..n], with weight w [n] of T; f32 math (`cpu::kernels::rms_norm_row` sums in f64: the
-// f32 tree sum differs by ~1e-6 relative, far below one rounding to T).
 int fastkv_rms_norm_f32(const float* x, int64_t x_stride, void* out, int64_t out_stride, const void* w, int rows, int n,
                         float eps, int dtype, cudaStream_t stream) {
   if (rows < 0 || n <= 0) return cudaErrorInvalidValue;
@@ -145,8 +145,6 @@ int fastkv_rms_norm_f32(const float* x, int64_t x_stride, void* out, int64_t out
   return launch_status();
 }
 
-// x[r·x_stride + c] += f32(y[r·y_stride + c]) for r < rows, c < cols: the f32 residual stream plus a
-// sublayer's T output.
 int fastkv_add_residual(float* x, int64_t x_stride, const void* y, int64_t y_stride, int64_t rows, int cols, int dtype,
                         cudaStream_t stream) {
   if (rows < 0 || cols <= 0) return cudaErrorInvalidValue;
@@ -156,7 +154,6 @@ int fastkv_add_residual(float* x, int64_t x_stride, const void* y, int64_t y_str
   return launch_status();
 }
 
-// y[r·y_stride + c] = T(y + b[c]) for r < rows, c < cols (Qwen2's q/k/v bias on the fused rows).
 int fastkv_add_bias(void* y, int64_t y_stride, const void* b, int64_t rows, int cols, int dtype, cudaStream_t stream) {
   if (rows < 0 || cols <= 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
@@ -165,11 +162,6 @@ int fastkv_add_bias(void* y, int64_t y_stride, const void* b, int64_t rows, int 
   return launch_status();
 }
 
-// Decode append for one layer, graph-safe (nothing read on the host): from the fused q|k|v row `qkv` of
-// the new token (k heads at H·D, v heads at (H+Hk)·D), K and V of every KV head g go to slot s = *len of
-// cache_k / cache_v [Hk, capacity, D], cache_pos[g·capacity + s] = *pos, then *len = s + 1 — one block,
-// so the increment follows the reads of the old length. A full cache (s ≥ capacity) drops the token and
-// leaves len alone.
 int fastkv_kv_append(const void* qkv, int n_heads, int n_kv_heads, int head_dim, void* cache_k, void* cache_v,
                      uint32_t* cache_pos, int capacity, uint32_t* len, const uint32_t* pos, int dtype,
                      cudaStream_t stream) {
@@ -180,8 +172,6 @@ int fastkv_kv_append(const void* qkv, int n_heads, int n_kv_heads, int head_dim,
   return launch_status();
 }
 
-// The window queries of FastKV's scoring: q heads of the last `window` rows of the fused rows `qkv`
-// ([seq_len, row_stride], q head h at column h·D) → out [H, window, D], what `fastkv_window_scores` takes.
 int fastkv_pack_window(const void* qkv, int64_t row_stride, int seq_len, int window, int n_heads, int head_dim,
                        void* out, int dtype, cudaStream_t stream) {
   if (window <= 0 || window > seq_len || n_heads <= 0 || head_dim <= 0 || row_stride < int64_t{n_heads} * head_dim)
@@ -193,7 +183,6 @@ int fastkv_pack_window(const void* qkv, int64_t row_stride, int seq_len, int win
   return launch_status();
 }
 
-// x[i] += by for i < n: advances device counters (the decode position) inside a captured step.
 int fastkv_increment(uint32_t* x, int n, uint32_t by, cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
@@ -201,8 +190,6 @@ int fastkv_increment(uint32_t* x, int n, uint32_t by, cudaStream_t stream) {
   return launch_status();
 }
 
-// *out = the first index of the largest of the n f32 values x (greedy sampling on the device, so a
-// decode graph can feed its own next token); NaN never wins, all-NaN gives 0.
 int fastkv_argmax(const float* x, int n, uint32_t* out, cudaStream_t stream) {
   if (n <= 0) return cudaErrorInvalidValue;
   argmax<<<1, ARGMAX_THREADS, 0, stream>>>(x, n, out);

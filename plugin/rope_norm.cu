@@ -60,9 +60,6 @@ __global__ void swiglu(const T* __restrict__ gate_up, int64_t rows, int inter, T
 extern "C" {
 using namespace layer;
 
-// Rotates (rotate-half, HF Llama) `n_heads` heads of `head_dim` at the start of every row of x (rows
-// `row_stride` elements apart) in place; row r is at position pos[r]; inv_freq: [head_dim/2] f32
-// after any llama3/linear scaling (`Rope::inv_freq`).
 int fastkv_rope(void* x, int64_t row_stride, int rows, int n_heads, int head_dim, const uint32_t* pos,
                 const float* inv_freq, int dtype, cudaStream_t stream) {
   if (rows < 0 || n_heads < 0 || head_dim <= 0 || head_dim % 2) return cudaErrorInvalidValue;
@@ -73,9 +70,6 @@ int fastkv_rope(void* x, int64_t row_stride, int rows, int n_heads, int head_dim
   return launch_status();
 }
 
-// For every row r < rows and head h < heads: out[r·out_stride + h·n ..][..n] = RMSNorm of the same
-// segment of x with weight w ([n]). heads = 1 is the usual norm; heads = H, n = D the per-head q/k
-// norm. In place (out = x) is allowed.
 int fastkv_rms_norm(const void* x, int64_t x_stride, void* out, int64_t out_stride, const void* w, int rows, int heads,
                     int n, float eps, int dtype, cudaStream_t stream) {
   if (rows < 0 || heads <= 0 || n <= 0) return cudaErrorInvalidValue;
@@ -87,7 +81,6 @@ int fastkv_rms_norm(const void* x, int64_t x_stride, void* out, int64_t out_stri
   return launch_status();
 }
 
-// gate_up rows [gate | up] of width 2·inter → out rows of width inter: silu(gate)·up.
 int fastkv_swiglu(const void* gate_up, int64_t rows, int inter, void* out, int dtype, cudaStream_t stream) {
   if (rows < 0 || inter <= 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;

@@ -1,4 +1,4 @@
-// FastKV window scores, pooling and group sums (fastkv-spec §3.2–3.5), GQA-aware: every KV head's
+// FastKV window scores, pooling and group sums (docs/method.md §3.2–3.5), GQA-aware: every KV head's
 // keys are read once (per pass) for the G·W window query rows of its group; K is never expanded.
 //
 // s[h, j] = Σ_t exp(q_(h,t)·k_j/√D − lse_(h,t)) over the W window rows t, for the S−W non-window keys.
@@ -164,17 +164,11 @@ int launch_pass(const void* q, const void* keys, int64_t khs, int64_t krs, const
 extern "C" {
 using namespace scores;
 
-// f32 values of workspace `fastkv_window_scores` needs when it computes the normaliser itself.
 int64_t fastkv_window_scores_workspace(int n_heads, int seq_len, int window) {
   const int64_t rows = static_cast<int64_t>(n_heads) * window;
   return (rows + 1) / 2 * 2 + 2 * rows * ceil_div(seq_len, KEYS) * (KEYS / 32);  // lse, then 8-byte aligned partials
 }
 
-// q_window: [H, W, D]; key (g, j) at keys[g·key_head_stride + j·key_row_stride] (elements, multiples
-// of 8, 16-byte aligned); scores: [H, S−W] f32. With `lse` (row (h, t) at lse[h·lse_stride + t],
-// natural log of the scaled-logit normaliser, e.g. the attention kernel's output for the last W
-// rows) one pass runs; without (`lse` = NULL) `workspace` must hold
-// `fastkv_window_scores_workspace` floats. D must be a multiple of 8, at most 256.
 int fastkv_window_scores(const void* q_window, const void* keys, int64_t key_head_stride, int64_t key_row_stride,
                          const float* lse, int lse_stride, float* workspace, float* scores, int n_heads,
                          int n_kv_heads, int head_dim, int seq_len, int window, int dtype, cudaStream_t stream) {
@@ -201,7 +195,6 @@ int fastkv_window_scores(const void* q_window, const void* keys, int64_t key_hea
   });
 }
 
-// s: [H, n] → out: [Hk, n]; pooling kernel odd; max_pool: 1 = max, 0 = avg (zero padding, ÷ kernel).
 int fastkv_pool_group(const float* s, int n_heads, int n_kv_heads, int n, int kernel, int max_pool, float* out,
                       cudaStream_t stream) {
   if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || kernel <= 0 || kernel % 2 == 0 || n < 0)
@@ -212,7 +205,6 @@ int fastkv_pool_group(const float* s, int n_heads, int n_kv_heads, int n, int ke
   return launch_status();
 }
 
-// a: [Hk, n] → out: [n], the sum over KV heads that TSP ranks.
 int fastkv_sum_heads(const float* a, int n_kv_heads, int n, float* out, cudaStream_t stream) {
   if (n_kv_heads <= 0 || n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;

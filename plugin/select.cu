@@ -1,4 +1,4 @@
-// Large-k top-k selection (fastkv-spec §3.4–3.5), one thread block per score row: a radix select
+// Large-k top-k selection (docs/method.md §3.4–3.5), one thread block per score row: a radix select
 // (four 8-bit histogram passes over order-preserving keys) finds the k-th largest score, then one
 // stream compaction in index order writes every index above it plus the lowest-index ties, so
 // ties resolve exactly as `select::top_k` (higher score, then lower index; NaN lowest) and the
@@ -83,8 +83,6 @@ __global__ void __launch_bounds__(THREADS) top_k_rows(const float* __restrict__ 
 extern "C" {
 using namespace topk;
 
-// scores: [rows, n] f32 → out: rows of `out_stride` ≥ k + window u32: the indices of the k largest
-// scores of the row in ascending order, then n, n+1, …, n+window−1. 0 ≤ k ≤ n.
 int fastkv_top_k(const float* scores, int rows, int n, int k, int window, uint32_t* out, int out_stride,
                  cudaStream_t stream) {
   if (rows < 0 || n < 0 || k < 0 || k > n || window < 0 || out_stride < k + window) return cudaErrorInvalidValue;

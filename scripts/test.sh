@@ -19,5 +19,10 @@ export FASTKV_FEATURES=fastkv/cuda,fastkv/tensorrt
 scripts/fuzz-corpus.sh >/dev/null
 cargo test --release --locked --workspace --features "$FASTKV_FEATURES"
 cargo build --release --locked --workspace --benches --features "$FASTKV_FEATURES"
+# The GPU run's bundle, from the build above, and that run on this GPU-less machine: every step must fail naming
+# "no CUDA device", none may claim success, and the bundle must fit what the GPU machine takes.
+scripts/gpu-check.sh --stage
+! scripts/gpu-check.sh --dry-run target/gpu-check-dry-run >/dev/null
+python3 scripts/gpu-check-report.py --expect-no-device target/gpu-check-dry-run
 cargo check --release --locked -p fastkv
 FASTKV_TRITON_CHECKPOINT=target/models/SmolLM2-135M-Instruct.Q4_1.gguf triton/run-tests.sh

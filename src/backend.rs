@@ -2,13 +2,13 @@
 //! [`Backend`] is that device's model (weights loaded once, shared by every request) and a
 //! [`KvCache`] one request's cache on it. Prefill goes through the one backend-neutral driver
 //! ([`crate::prefill`]) over each backend's [`crate::prefill::Ops`]; decode is the backend's own.
-//! This is the only module that names the backends.
+//! This is the only module that names the backends. A backend left out of the build is a stub whose
+//! model cannot be made (as candle does), so nothing here depends on the build's features.
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu;
-#[cfg(feature = "cuda")]
 use crate::cuda;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
@@ -24,8 +24,6 @@ pub enum Device {
     Cpu,
     /// NVIDIA GPU `N` through the CUDA kernels of plugin/ and cuBLAS (feature `cuda`).
     Cuda(usize),
-    /// NVIDIA GPU `N` through a TensorRT engine (not supported yet).
-    TensorRt(usize),
 }
 
 impl fmt::Display for Device {
@@ -33,7 +31,6 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
-            Device::TensorRt(n) => write!(f, "tensorrt:{n}"),
         }
     }
 }
@@ -41,7 +38,7 @@ impl fmt::Display for Device {
 impl FromStr for Device {
     type Err = Error;
 
-    /// `cpu`, `cuda`, `cuda:N`, `tensorrt` or `tensorrt:N` (N defaults to 0).
+    /// `cpu`, `cuda` or `cuda:N` (N defaults to 0).
     fn from_str(s: &str) -> Result<Self> {
         let (kind, index) = match s.trim().split_once(':') {
             Some((kind, n)) => (kind, Some(n)),
@@ -49,29 +46,34 @@ impl FromStr for Device {
         };
         let ordinal = || -> Result<usize> {
             index.map_or(Ok(0), |n| {
-                n.parse().map_err(|_| Error::invalid("device", format!("`{s}`: `{n}` is not a device number")))
+                n.parse().map_err(|_| Error::invalid("device", format!("`{s}` is not a device: `{n}` is no number")))
             })
         };
         match kind.to_ascii_lowercase().as_str() {
             "cpu" if index.is_none() => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(ordinal()?)),
-            "tensorrt" | "trt" => Ok(Device::TensorRt(ordinal()?)),
-            _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu, cuda:N or tensorrt:N"))),
+            "tensorrt" | "trt" => Err(Error::invalid(
+                "device",
+                format!(
+                    "`{s}`: TensorRT engines cannot be run yet; export the network with `fastkv-build --export-onnx` \
+                     and build it with TensorRT, or run on cuda:N"
+                ),
+            )),
+            _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu or cuda:N"))),
         }
     }
 }
 
-/// A model loaded on its device.
+/// A model loaded on its device (one per engine: the size of the CPU variant costs nothing).
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Cpu(cpu::Model),
-    #[cfg(feature = "cuda")]
     Cuda(cuda::Model),
 }
 
 /// One request's KV cache on the backend that prefilled it.
 pub enum KvCache {
     Cpu(cpu::KvCache),
-    #[cfg(feature = "cuda")]
     Cuda(cuda::KvCache),
 }
 
@@ -80,24 +82,21 @@ impl Backend {
     pub fn load(spec: &ModelSpec, file: &TensorFile, device: Device) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Backend::Cpu(cpu::Model::load(spec, file)?)),
-            #[cfg(feature = "cuda")]
             Device::Cuda(n) => Ok(Backend::Cuda(cuda::Model::load(spec, file, n)?)),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::NotBuilt { device: device.to_string(), feature: "cuda" }),
-            Device::TensorRt(_) => Err(Error::Unsupported {
-                backend: "tensorrt",
-                what: "running engines".into(),
-                supported: "nothing yet: export the network with `fastkv-build --export-onnx` and build it with \
-                            TensorRT, or run on --device cuda:N"
-                    .into(),
-            }),
+        }
+    }
+
+    /// Checks that `device` can run engines (driver, device, kernel code), without loading anything.
+    pub fn probe(device: Device) -> Result<()> {
+        match device {
+            Device::Cpu => Ok(()),
+            Device::Cuda(n) => cuda::Model::probe(n),
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
             Backend::Cpu(_) => Device::Cpu,
-            #[cfg(feature = "cuda")]
             Backend::Cuda(m) => Device::Cuda(m.ordinal()),
         }
     }
@@ -106,7 +105,6 @@ impl Backend {
     pub fn kv_element_bytes(&self) -> usize {
         match self {
             Backend::Cpu(m) => m.kv_element_bytes(),
-            #[cfg(feature = "cuda")]
             Backend::Cuda(_) => 2,
         }
     }
@@ -126,20 +124,17 @@ impl Backend {
         policies: &[Policy],
         max_new_tokens: usize,
     ) -> Result<Vec<Prefill<KvCache>>> {
-        match self {
-            Backend::Cpu(m) => Ok(prefill::prefill_many(m, tokens, policies, max_new_tokens)?
+        Ok(match self {
+            Backend::Cpu(m) => prefill::prefill_many(m, tokens, policies, max_new_tokens)?
                 .into_iter()
                 .map(|p| p.map_cache(|layers| KvCache::Cpu(cpu::KvCache { layers })))
-                .collect()),
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(m) => {
-                let request = m.request()?;
-                Ok(prefill::prefill_many(&request, tokens, policies, max_new_tokens)?
-                    .into_iter()
-                    .map(|p| p.map_cache(|layers| KvCache::Cuda(request.cache(layers))))
-                    .collect())
-            }
-        }
+                .collect(),
+            Backend::Cuda(m) => m
+                .prefill_many(tokens, policies, max_new_tokens)?
+                .into_iter()
+                .map(|p| p.map_cache(KvCache::Cuda))
+                .collect(),
+        })
     }
 
     /// The positions each FastKV policy's TSP keeps at its ℓ*, from one shared prefill
@@ -147,8 +142,7 @@ impl Backend {
     pub fn tsp_selections(&self, tokens: &[u32], policies: &[Policy]) -> Result<Vec<Option<Vec<u32>>>> {
         match self {
             Backend::Cpu(m) => prefill::tsp_selections(m, tokens, policies),
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(m) => prefill::tsp_selections(&m.request()?, tokens, policies),
+            Backend::Cuda(m) => m.tsp_selections(tokens, policies),
         }
     }
 
@@ -156,9 +150,7 @@ impl Backend {
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
         match (self, cache) {
             (Backend::Cpu(m), KvCache::Cpu(c)) => Ok(m.decode(token, position, c)),
-            #[cfg(feature = "cuda")]
             (Backend::Cuda(m), KvCache::Cuda(c)) => m.decode(token, position, c),
-            #[cfg(feature = "cuda")]
             _ => Err(Error::invalid("cache", "this KV cache was prefilled on another backend")),
         }
     }
@@ -169,7 +161,6 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         match self {
             KvCache::Cpu(c) => c.bytes(),
-            #[cfg(feature = "cuda")]
             KvCache::Cuda(c) => c.bytes(),
         }
     }
@@ -177,7 +168,6 @@ impl KvCache {
     pub fn num_layers(&self) -> usize {
         match self {
             KvCache::Cpu(c) => c.layers.len(),
-            #[cfg(feature = "cuda")]
             KvCache::Cuda(c) => c.num_layers(),
         }
     }
@@ -189,7 +179,6 @@ impl KvCache {
                 let lc = &c.layers[layer];
                 Ok((0..lc.n_heads()).map(|h| lc.positions(h).to_vec()).collect())
             }
-            #[cfg(feature = "cuda")]
             KvCache::Cuda(c) => c.positions(layer),
         }
     }

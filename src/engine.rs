@@ -163,7 +163,11 @@ impl Engine {
         let manifest = Manifest::read(dir)?;
         manifest.check_files(dir, false)?;
         let weights = match manifest.random_weights {
-            Some(random) => random.generate(&manifest.model, manifest.dtype)?,
+            // Generating an 8B model's weights takes a while: first make sure the device is there.
+            Some(random) => {
+                Backend::probe(device)?;
+                random.generate(&manifest.model, manifest.dtype)?
+            }
             None => TensorFile::open(&dir.join(WEIGHTS))?,
         };
         let text = TextCodec::load(&dir.join(TOKENIZER), &manifest.tokenizer)?;

@@ -11,13 +11,13 @@
 //! - [`builder`] (`fastkv-build`): checkpoint → engine directory, atomically; [`engine`]: the
 //!   versioned engine format and [`Engine::open_on`]; [`random_weights`]: engines of a real model's
 //!   shape whose weights are generated from a seed when opened.
-//! - [`policy`]: full, FastKV or a baseline (fastkv-spec §12), budgets and gates per layer, and the
+//! - [`policy`]: full, FastKV or a baseline (docs/method.md §12), budgets and gates per layer, and the
 //!   one override rule every front end uses ([`Overrides`]); [`select`]: the host reference of the
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
 //! - **Where TSP is decided**: [`prefill`], the backend-neutral driver — per layer and policy, what is
 //!   cached and which rows propagate — over the operations each backend provides ([`prefill::Ops`]).
-//! - **Where a backend plugs in**: [`backend`] — a [`Device`] (`cpu`, `cuda:N`, `tensorrt:N`), its
+//! - **Where a backend plugs in**: [`backend`] — a [`Device`] (`cpu`, `cuda:N`), its
 //!   [`backend::Backend`] (the model on it) and [`backend::KvCache`]; the only module naming backends.
 //! - **Where the KV cache lives**: in each backend — [`cpu::kv_cache`] (host, per cache head) and
 //!   `cuda::KvCache` (device, `[Hk, capacity, D]` per layer, decode replayed as a CUDA graph).
@@ -46,6 +46,10 @@ pub mod calibrate;
 pub mod checkpoint;
 pub mod cpu;
 #[cfg(feature = "cuda")]
+pub mod cuda;
+/// The CUDA backend's stand-in in builds without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
 pub mod cuda;
 pub mod engine;
 pub mod error;

@@ -1,5 +1,5 @@
 //! Compression policies: which prompt tokens each layer keeps in its KV cache, and which tokens
-//! propagate to the next layer. FastKV's budget formulas and gates follow fastkv-spec §4 and §8; the
+//! propagate to the next layer. FastKV's budget formulas and gates follow docs/method.md §4 and §8; the
 //! baselines (§12) derive their budgets from the same flags, so one `--retain-rate` or `--kv-budget`
 //! compares every method at the same retention.
 
@@ -62,7 +62,7 @@ pub enum Budget {
     Absolute { kv_budget: usize, tsp_len: usize },
 }
 
-/// Knobs only some baselines have (fastkv-spec §12); the defaults are the published ones.
+/// Knobs only some baselines have (docs/method.md §12); the defaults are the published ones.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Params {
@@ -97,7 +97,7 @@ impl Default for Params {
     }
 }
 
-/// FastKV's published budgets (fastkv-spec §7): rates of paper v3, and the absolute budgets of v1/v2
+/// FastKV's published budgets (docs/method.md §7): rates of paper v3, and the absolute budgets of v1/v2
 /// used when a request switches an engine with rate defaults to absolute mode.
 pub const DEFAULT_TSP_RATE: f64 = 0.2;
 pub const DEFAULT_RETAIN_RATE: f64 = 0.1;
@@ -130,7 +130,7 @@ pub struct LayerPlan {
     pub tsp_len: Option<usize>,
 }
 
-/// HeadKV's per-head importance (fastkv-spec §12): a JSON object `"layer-head"` → list of scores; a
+/// HeadKV's per-head importance (docs/method.md §12): a JSON object `"layer-head"` → list of scores; a
 /// head's score is the mean of its list, normalised so all N·H heads of the model sum to 1.
 #[derive(Debug, PartialEq)]
 pub struct HeadScores {
@@ -295,7 +295,7 @@ impl Policy {
         t.max(self.window)
     }
 
-    /// C of `layer` before the gate (spec §4), as the paper's code computes it. Only FastKV rescales
+    /// C of `layer` before the gate (docs/method.md §4), as the paper's code computes it. Only FastKV rescales
     /// the rate after ℓ*; the other methods keep ⌊L·r⌋ (or `kv_budget`) in every layer.
     pub fn kv_budget(&self, layer: usize, prompt_len: usize) -> usize {
         match self.budget {
@@ -385,7 +385,7 @@ impl Policy {
     }
 
     /// The plan of `layer` (of `num_layers`) when it sees `seq_len` tokens of a `prompt_len`-token
-    /// prompt, with the gates of spec §8: a sequence shorter than C (or no longer than W) is stored
+    /// prompt, with the gates of docs/method.md §8: a sequence shorter than C (or no longer than W) is stored
     /// whole and never propagates; TSP fires only for FastKV at ℓ* and only if it shrinks the
     /// sequence. GemFilter and PyramidInfer cache whole sequences (they shrink what enters a layer).
     pub fn plan(&self, layer: usize, num_layers: usize, prompt_len: usize, seq_len: usize) -> LayerPlan {

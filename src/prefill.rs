@@ -1,5 +1,5 @@
 //! The backend-neutral prefill driver: **where TSP and KV compression are decided**. Per layer and
-//! per policy it chooses what the layer caches and which rows go on to the next layer (fastkv-spec
+//! per policy it chooses what the layer caches and which rows go on to the next layer (docs/method.md
 //! §2–§4, §8 and the baselines of §12), and runs the layer's pieces through [`Ops`], which each
 //! backend implements over its own buffers. The driver owns the neutral types ([`Prefill`],
 //! [`PrefillProfile`]) and imports no backend, so the CPU, CUDA and any later backend share one
@@ -30,7 +30,7 @@ pub trait Ops {
     type Qkv;
     /// One layer's attention output of one sequence.
     type Attention;
-    /// Pooled GQA group scores `[Hk, S−W]` (fastkv-spec §3.3).
+    /// Pooled GQA group scores `[Hk, S−W]` (docs/method.md §3.3).
     type Scores;
     /// Row indices of one sequence, ascending.
     type Rows;
@@ -61,13 +61,13 @@ pub trait Ops {
     /// Logits of the last row of `x` (final norm and LM head).
     fn logits(&self, x: &Self::Hidden) -> Result<Vec<f32>>;
 
-    /// FastKV's window scores, pooled per query head and summed per GQA group (spec §3.2–3.3); the
+    /// FastKV's window scores, pooled per query head and summed per GQA group (docs/method.md §3.2–3.3); the
     /// layer's attention is at hand for backends that reuse its softmax normalisers.
     fn group_scores(&self, qkv: &Self::Qkv, attention: &Self::Attention, policy: &Policy) -> Result<Self::Scores>;
-    /// Per KV head: the top `budget − W` of its group scores, then the window (spec §3.4).
+    /// Per KV head: the top `budget − W` of its group scores, then the window (docs/method.md §3.4).
     fn kv_keep(&self, scores: &Self::Scores, budget: usize, window: usize) -> Result<Self::Keep>;
     /// TSP: the top `tsp_len − W` of the group scores summed over KV heads, plus the window,
-    /// ascending (spec §3.5).
+    /// ascending (docs/method.md §3.5).
     fn tsp_rows(&self, scores: &Self::Scores, tsp_len: usize, window: usize) -> Result<Self::Rows>;
     /// Entries chosen on the host, one list per cache head (KV heads, or query heads for
     /// per-query-head methods).
@@ -507,7 +507,7 @@ fn choose_tsp<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv, attention: &O::At
 }
 
 /// GemFilter's choice at its filter layer from that layer's host q (`[S, H·D]`) and k
-/// (`[Hk, S, D]`): the top `k` positions by the last query's raw scores (fastkv-spec §12), ascending.
+/// (`[Hk, S, D]`): the top `k` positions by the last query's raw scores (docs/method.md §12), ascending.
 fn gemfilter_select(spec: &ModelSpec, q: &[f32], keys: &[f32], seq: usize, k: usize) -> Result<Vec<u32>> {
     let (hq, hk, d) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
     let shape = select::Shape { n_heads: hq, n_kv_heads: hk, head_dim: d, seq_len: seq, window: 1 };
@@ -530,7 +530,7 @@ mod tests {
         assert_eq!(planned_cache_entries(&spec, &fastkv, 1000, 5), 4 * (100 + 5));
         let full = Policy { method: Method::Full, ..fastkv };
         assert_eq!(planned_cache_entries(&spec, &full, 1000, 5), 4 * (1000 + 5));
-        // A prompt shorter than the budget keeps everything (spec §8.1).
+        // A prompt shorter than the budget keeps everything (docs/method.md §8.1).
         let absolute = Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 16 }, ..fastkv };
         assert_eq!(planned_cache_entries(&spec, &absolute, 40, 0), 4 * 40);
     }

@@ -1,4 +1,4 @@
-//! FastKV's token selection on plain host slices (fastkv-spec §3): window attention scores, per
+//! FastKV's token selection on plain host slices (docs/method.md §3): window attention scores, per
 //! query-head pooling, GQA group sums, per-KV-head cache indices and TSP indices.
 //!
 //! This is the one reference implementation of the selection math: the CPU backend calls it, and
@@ -163,7 +163,7 @@ pub fn last_query_scores(q_last: &[f32], keys: &[f32], shape: &Shape) -> Result<
     Ok(out)
 }
 
-/// GemFilter's kernel: avgpool 5 (fastkv-spec §12).
+/// GemFilter's kernel: avgpool 5 (docs/method.md §12).
 pub const GEMFILTER_KERNEL: usize = 5;
 
 /// GemFilter's selection: raw scores (`[H, S]`) summed over heads, avgpool 5, the top `k`

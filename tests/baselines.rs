@@ -1,4 +1,4 @@
-//! The baselines of fastkv-spec §12 as policies: their selection formulas on hand-built inputs
+//! The baselines of docs/method.md §12 as policies: their selection formulas on hand-built inputs
 //! (indices and per-head budgets worked out by hand or by an independent f64 loop), then end to end
 //! on the fixture engines — budgets ≥ the prompt equal full KV, cache sizes follow the formulas,
 //! GemFilter re-runs on fresh positions, and bad parameters name their flag.

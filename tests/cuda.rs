@@ -2,12 +2,15 @@
 //! (bit-exact where the kernels promise it: pooling, TSP, KV index sets), `fastkv::rope`,
 //! `fastkv::cpu::kernels` and `fastkv::cpu::attention` within f16/bf16 tolerances. Inputs are
 //! rounded to the device type first, so both sides see the same values. Without a GPU every test
-//! prints `skipped: no CUDA device` and returns.
+//! prints `skipped: no CUDA device` and returns (fails, with `FASTKV_REQUIRE_GPU=1`).
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::cuda::Allocating;
 use fastkv::cpu::attention::{attention, Heads, KvView};
 use fastkv::cpu::kernels::{rms_norm, swiglu};
-use fastkv::cuda::{Device, Element, Gather, LayerKv, Prefill, SlidingWindow};
+use fastkv::cuda::{AttentionInputs, Element, Gather, Gpu, LayerKv, SlidingWindow};
 use fastkv::rope::Rope;
 use fastkv::sampling::argmax;
 use fastkv::select::{self, Pool, Shape};
@@ -17,11 +20,11 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn device() -> Option<Device> {
-    match Device::new(0) {
+fn device() -> Option<Gpu> {
+    match Gpu::new(0) {
         Ok(d) => Some(d),
-        Err(Error::NoDevice { .. }) => {
-            println!("skipped: no CUDA device");
+        Err(Error::NoDevice { reason, .. }) => {
+            common::cuda::no_cuda_device(&reason);
             None
         }
         Err(e) => panic!("{e}"),
@@ -82,7 +85,7 @@ fn head_major(x: &[f32], s: usize, hk: usize, d: usize) -> Vec<f32> {
     out
 }
 
-fn check_window_scores<T: Half>(dev: &Device, shape: Shape, seed: u64) {
+fn check_window_scores<T: Half>(dev: &Gpu, shape: Shape, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let Shape { n_heads: h, n_kv_heads: hk, head_dim: d, seq_len: s, window: w } = shape;
     let (q, qf) = random::<T>(&mut rng, h * w * d, 2.0);
@@ -270,7 +273,7 @@ fn llama3_spec(head_dim: usize) -> ModelSpec {
     }
 }
 
-fn check_rope<T: Half>(dev: &Device, seed: u64) {
+fn check_rope<T: Half>(dev: &Gpu, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (heads, d, stride) = (40, 128, 48 * 128); // q and k heads of a fused row, then v untouched
     let rope = Rope::new(&llama3_spec(d));
@@ -291,7 +294,7 @@ fn rope_matches_host() {
     check_rope::<f16>(&dev, 20);
 }
 
-fn check_norm_swiglu<T: Half>(dev: &Device, seed: u64) {
+fn check_norm_swiglu<T: Half>(dev: &Gpu, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     // Whole rows (the layer norms) and per head (Qwen3's q/k norm: 32 heads of 128).
     for (rows, heads, n) in [(17, 1, 4096), (5, 32, 128), (3, 1, 100)] {
@@ -386,7 +389,7 @@ struct Case {
     window: Option<usize>,
 }
 
-fn check_flash<T: Half>(dev: &Device, c: Case, seed: u64) {
+fn check_flash<T: Half>(dev: &Gpu, c: Case, seed: u64) {
     let Case { s, h, hk, d, window } = c;
     let mut rng = StdRng::seed_from_u64(seed);
     let (q, qf) = random::<T>(&mut rng, s * h * d, 1.0);
@@ -399,7 +402,7 @@ fn check_flash<T: Half>(dev: &Device, c: Case, seed: u64) {
     let want = host_attention(&qf, &pos, &host);
     let (q_dev, k_dev, v_dev) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let pos_dev = dev.upload(&pos).unwrap();
-    let a = Prefill {
+    let a = AttentionInputs {
         q: q_dev.slice(..),
         k: k_dev.slice(..),
         v: v_dev.slice(..),
@@ -483,7 +486,7 @@ fn flash_attention_reads_fused_rows() {
     let want = host_attention(&qf, &pos[..s], &host);
     let qkv_dev = dev.upload(&qkv).unwrap();
     let mut out = dev.zeros::<bf16>(s * h * d).unwrap();
-    dev.flash_attention_into(&Prefill::fused(&qkv_dev, s, h, hk, d), &mut out, h * d, None).unwrap();
+    dev.flash_attention_into(&AttentionInputs::fused(&qkv_dev, s, h, hk, d), &mut out, h * d, None).unwrap();
     let eps = 2.0 * bf16::EPS;
     assert_close("flash attention on fused rows", &to_f32(dev.download(&out).unwrap()), &want, eps, eps);
 }
@@ -491,7 +494,7 @@ fn flash_attention_reads_fused_rows() {
 /// A cache `[Hk, capacity, D]` with `len` entries at per-head gappy positions (KV selection keeps
 /// different tokens per head), uploaded with its length on the device; returns it with its host copy.
 fn random_cache<T: Half>(
-    dev: &Device,
+    dev: &Gpu,
     rng: &mut StdRng,
     (hk, capacity, d): (usize, usize, usize),
     len: usize,
@@ -510,12 +513,7 @@ fn random_cache<T: Half>(
     (cache, kf, vf, pos)
 }
 
-fn check_decode<T: Half>(
-    dev: &Device,
-    (len, h, hk, d): (usize, usize, usize, usize),
-    window: Option<usize>,
-    seed: u64,
-) {
+fn check_decode<T: Half>(dev: &Gpu, (len, h, hk, d): (usize, usize, usize, usize), window: Option<usize>, seed: u64) {
     let capacity = len + 300; // splits past len exist in the grid and must not count
     let mut rng = StdRng::seed_from_u64(seed);
     let (cache, kf, vf, pos) = random_cache::<T>(dev, &mut rng, (hk, capacity, d), len);
@@ -628,7 +626,7 @@ fn kv_append_and_cache_fill() {
     assert_eq!(dev.download(&cache.k).unwrap(), ck);
 }
 
-fn check_model_kernels<T: Half>(dev: &Device, seed: u64) {
+fn check_model_kernels<T: Half>(dev: &Gpu, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     // Embedding: an id past the vocabulary gives a zero row.
     let (vocab, e) = (50, 96);

@@ -1,5 +1,5 @@
 //! FastKV on the CPU engine, end to end: budgets and gates per layer, TSP positions, the
-//! compressed cache during decode, and invariance when nothing is evicted (fastkv-spec §10).
+//! compressed cache during decode, and invariance when nothing is evicted (docs/method.md §10).
 
 mod common;
 
@@ -101,12 +101,12 @@ fn short_prompts_skip_compression_and_tsp() {
     let (_tmp, dir) = build_engine(&fixture("mistral"), DType::F32);
     let engine = Engine::open(&dir).unwrap();
     let ids: Vec<u32> = long_prompt(&engine)[..40].to_vec();
-    // L < C: nothing is compressed and TSP does not fire (spec §8.1).
+    // L < C: nothing is compressed and TSP does not fire (docs/method.md §8.1).
     let policy = Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 16 }, ..engine.default_policy() };
     let sel = run(&engine, &ids, policy, 1).selection.unwrap();
     assert_eq!(sel.tsp_positions, None);
     assert!(sel.layers.iter().all(|ls| ls.seq_len == 40 && ls.kept.iter().all(|h| h.len() == 40)));
-    // Rate mode with C = ⌊L·r⌋ < W clamps to the window instead of failing (spec §8.5).
+    // Rate mode with C = ⌊L·r⌋ < W clamps to the window instead of failing (docs/method.md §8.5).
     let tiny = run(&engine, &ids[..20], engine.default_policy(), 2);
     assert_eq!(tiny.token_ids.len(), 2);
 }

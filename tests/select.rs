@@ -26,7 +26,7 @@ fn closed_form(h: usize, hk: usize, s: usize, w: usize, d: usize) -> (Vec<f32>, 
 }
 
 #[allow(clippy::too_many_arguments)]
-/// Spec §3.2–3.3 written out in f64 loops: full logits, W×W mask, softmax, sum, pool, group sum.
+/// docs/method.md §3.2–3.3 written out in f64 loops: full logits, W×W mask, softmax, sum, pool, group sum.
 fn reference(
     q: &[f32],
     k: &[f32],

@@ -10,9 +10,13 @@ Needs torch with CUDA and transformers (the GPU machine has both); prints one JS
 import argparse
 import json
 import pathlib
+import sys
 
-import torch
-import transformers
+try:
+    import torch
+    import transformers
+except ImportError as e:
+    sys.exit(f"no CUDA device: the HF peer needs torch with CUDA and transformers ({e})")
 
 
 def tokens(n, vocab):
@@ -27,6 +31,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json")
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"no CUDA device: torch {torch.__version__} sees none")
     root = pathlib.Path(__file__).resolve().parents[2]
     cfg = json.loads((root / "engines" / f"{a.preset}.json").read_text())["config"]
     config = transformers.AutoConfig.for_model(**cfg)

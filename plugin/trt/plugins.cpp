@@ -16,7 +16,7 @@ char const* take_error_message();
 namespace {
 
 bool is_activation(DataType t) { return t == DataType::kHALF || t == DataType::kBF16; }
-int dtype_of(DataType t) { return t == DataType::kBF16 ? kBF16 : kF16; }
+int dtype_of(DataType t) { return t == DataType::kBF16 ? FASTKV_BF16 : FASTKV_F16; }
 
 // False only when `e` is a build-time constant other than `v`.
 bool may_equal(IDimensionExpr const* e, int64_t v) { return !e->isConstant() || e->getConstantValue() == v; }
@@ -88,7 +88,7 @@ class CheckedPlugin : public Plugin {
   int32_t nb_inputs_ = 0;
 };
 
-// Window scores → per-query-head pooling → group sum (fastkv-spec §3): group scores [Hk, S−W] f32 and, with
+// Window scores → per-query-head pooling → group sum (docs/method.md §3): group scores [Hk, S−W] f32 and, with
 // tsp = 1, their sum over KV heads [S−W] (what TSP ranks).
 class WindowScores final : public CheckedPlugin {
  public:

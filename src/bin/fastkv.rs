@@ -80,7 +80,7 @@ struct RunArgs {
 /// Where the engine runs.
 #[derive(Args)]
 struct DeviceArg {
-    /// Device to run on: cpu, cuda:N (NVIDIA GPU N; builds with the `cuda` feature) or tensorrt:N.
+    /// Device to run on: cpu or cuda:N (NVIDIA GPU N; needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: Device,
 }

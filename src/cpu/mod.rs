@@ -1,6 +1,6 @@
 //! The CPU backend, the reference every other backend is checked against: a Llama-family decoder
 //! (covering Mistral, Qwen2 and Qwen3) that implements the prefill driver's [`Ops`] over host
-//! buffers — so FastKV (fastkv-spec §2–§6) and every baseline of §12 run on it — and decodes over
+//! buffers — so FastKV (docs/method.md §2–§6) and every baseline of §12 run on it — and decodes over
 //! its per-request KV cache ([`kv_cache`]).
 
 pub mod attention;

@@ -7,7 +7,7 @@
 //! FastKV's budgets are functions of the prompt length L alone (C = ⌊L·r⌋ up to ℓ*, T = ⌊L·t⌋,
 //! C = ⌊T·r/t⌋ after), so the graph computes them from its input's shape with integer fractions
 //! num/den. The export supports the prompt lengths for which that integer math equals
-//! [`Policy::plan`]'s and every gate of fastkv-spec §8 is open (every layer compresses, TSP fires,
+//! [`Policy::plan`]'s and every gate of docs/method.md §8 is open (every layer compresses, TSP fires,
 //! every budget holds more than the window): L in `[min_prompt_len, max_position_embeddings]`,
 //! recorded in each graph's metadata (`fastkv.min_prompt_len`, `fastkv.max_prompt_len`).
 

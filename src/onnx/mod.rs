@@ -1,4 +1,4 @@
-//! The network as ONNX, for TensorRT's ONNX parser (DESIGN.md: "TensorRT through ONNX").
+//! The network as ONNX, for TensorRT's ONNX parser (docs/architecture.md, "Decisions": TensorRT through ONNX).
 //!
 //! [`export`] writes an engine's model in two flavours from one graph description: with the FastKV
 //! steps as custom-op nodes of domain [`DOMAIN`] (what TensorRT builds with the plugin library), and

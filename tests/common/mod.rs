@@ -1,6 +1,9 @@
 //! Shared by the integration tests: fixture paths and engines built from them into temp dirs.
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use std::path::{Path, PathBuf};
 
 use fastkv::builder::{build, BuildOptions, Calibrate};
