@@ -4,18 +4,18 @@
 //! compressed (4.6 → 0.8 MB), in the object the runtime registers. Without the feature it does nothing.
 //! nvcc comes from `$CUDA_HOME/bin` or `PATH` (scripts/install-cuda-toolchain.sh installs one).
 //!
-//! With the `tensorrt` feature it also builds the TensorRT plugin library `libfastkv_trt_plugins.so` (plugin/trt/*.cpp
+//! With the `tensorrt` feature it also builds the TensorRT plugin library `libfastkv_trt_plugins.so` (tensorrt/*.cpp
 //! linked with the same kernel object and the static CUDA runtime, not with TensorRT) into `$OUT_DIR` and next to the
-//! build's binaries, and the cxx bridge of `fastkv::trt` (cpp/). TensorRT headers: `$TENSORRT_ROOT/include`, else the
+//! build's binaries, and the C++ half of `fastkv::trt`'s cxx bridge (tensorrt/bridge.cpp). TensorRT headers: `$TENSORRT_ROOT/include`, else the
 //! TensorRT 11.4 headers in the source of the crates.io crate trtx-sys, which `cargo metadata` on
-//! plugin/trt/headers/Cargo.toml fetches (without building it).
+//! tensorrt/headers/Cargo.toml fetches (without building it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=plugin");
-    println!("cargo:rerun-if-changed=cpp");
+    println!("cargo:rerun-if-changed=tensorrt");
     println!("cargo:rerun-if-changed=src/trt/mod.rs");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=TENSORRT_ROOT");
@@ -73,7 +73,7 @@ fn build_tensorrt(cuda_home: &Path, trt_headers: &Path, out: &Path, kernels: &Pa
         run(Command::new(&cxx)
             .args(["-std=c++17", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-c"])
             .args(system_includes.clone())
-            .arg(format!("plugin/trt/{name}.cpp"))
+            .arg(format!("tensorrt/{name}.cpp"))
             .arg("-o")
             .arg(&object));
         objects.push(object);
@@ -100,7 +100,7 @@ fn build_tensorrt(cuda_home: &Path, trt_headers: &Path, out: &Path, kernels: &Pa
     println!("cargo:rustc-env=FASTKV_TRT_PLUGIN_LIB={}", lib.display());
 
     let mut bridge = cxx_build::bridge("src/trt/mod.rs");
-    bridge.file("cpp/trt_bridge.cpp").flag("-std=c++17").flag("-Wno-deprecated-declarations");
+    bridge.file("tensorrt/bridge.cpp").flag("-std=c++17").flag("-Wno-deprecated-declarations");
     for dir in &includes {
         bridge.flag("-isystem").flag(dir.to_str().expect("UTF-8 include path"));
     }
@@ -130,7 +130,7 @@ fn tensorrt_headers() -> PathBuf {
         );
         return dir;
     }
-    let manifest = "plugin/trt/headers/Cargo.toml";
+    let manifest = "tensorrt/headers/Cargo.toml";
     println!("cargo:rerun-if-changed={manifest}");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let fail = |why: String| -> ! {

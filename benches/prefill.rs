@@ -83,15 +83,17 @@ fn engine_dir(dtype: DType) -> PathBuf {
         })
         .unwrap();
     }
-    build(&BuildOptions {
-        checkpoint: ckpt,
-        output: engine.clone(),
-        dtype,
-        force: true,
-        progress: false,
-        tsp_layer: None,
-        calibrate: fastkv::builder::Calibrate::Never,
-    })
+    build(
+        &BuildOptions {
+            checkpoint: ckpt,
+            output: engine.clone(),
+            dtype,
+            force: true,
+            tsp_layer: None,
+            calibrate: fastkv::builder::Calibrate::Never,
+        },
+        &fastkv::progress::Silent,
+    )
     .unwrap();
     engine
 }

@@ -4,12 +4,12 @@
 
 use std::ops::ControlFlow;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::Contender;
+use crate::progress::Progress;
 use crate::session::{Prompt, Request};
 
 pub struct BenchConfig {
@@ -20,7 +20,6 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Most tokens decoded after the prompt (fewer if the model emits EOS; decode speed needs ≥ 2).
     pub new_tokens: usize,
-    pub progress: bool,
 }
 
 /// One timed run.
@@ -69,18 +68,14 @@ pub struct Row {
     pub runs: Vec<Run>,
 }
 
-/// Runs the benchmark: for each length, `warmup` then `repeats` rounds, each round running every method once.
-pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
+/// Runs the benchmark: for each length, `warmup` then `repeats` rounds, each round running every method once,
+/// reporting each run to `progress`.
+pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig, progress: &dyn Progress) -> Result<Vec<Row>> {
     if cfg.repeats == 0 {
         return Err(Error::invalid("repeats", "must be at least 1"));
     }
     let rounds = (cfg.warmup + cfg.repeats) * cfg.contenders.len() * cfg.lengths.len();
-    let bar = if cfg.progress { ProgressBar::new(rounds as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed} < {eta}]")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    progress.begin("runs", rounds as u64, false);
     // Prompts of exactly `length` tokens: the text's tokens (encoded once) repeated.
     let ids = engine.text.encode(text, false)?;
     if ids.is_empty() {
@@ -92,12 +87,11 @@ pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cfg.contenders.len()];
         for round in 0..cfg.warmup + cfg.repeats {
             for (c, contender) in cfg.contenders.iter().enumerate() {
-                bar.set_message(format!("{} @ {length} tokens", contender.name));
                 let run = run_once(engine, &prompt, contender, cfg.new_tokens)?;
                 if round >= cfg.warmup {
                     runs[c].push(run);
                 }
-                bar.inc(1);
+                progress.advance(1, &format!("{} @ {length} tokens", contender.name));
             }
         }
         for (contender, runs) in cfg.contenders.iter().zip(runs) {
@@ -113,7 +107,7 @@ pub fn run(engine: &Engine, text: &str, cfg: &BenchConfig) -> Result<Vec<Row>> {
             });
         }
     }
-    bar.finish_and_clear();
+    progress.end();
     Ok(rows)
 }
 

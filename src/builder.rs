@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::calibrate::{self, Probes};
@@ -13,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::engine::{Engine, FileEntry, Manifest, FORMAT_NAME, FORMAT_VERSION, TOKENIZER, WEIGHTS};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::progress::Progress;
 use crate::random_weights::RandomWeights;
 use crate::spec::{Arch, ModelSpec};
 use crate::tensors::{self, DType, TensorPlan};
@@ -24,8 +24,6 @@ pub struct BuildOptions {
     pub dtype: DType,
     /// Replace an existing output directory.
     pub force: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
     /// FastKV's default TSP layer ℓ* for this engine; `None`: the preset's, else calibrated or N/2 − 1.
     pub tsp_layer: Option<usize>,
     pub calibrate: Calibrate,
@@ -88,7 +86,7 @@ pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
         .map_or_else(|| (Policy::fastkv_default(spec), None), |p| (p.policy, Some(p.name)))
 }
 
-pub fn build(opts: &BuildOptions) -> Result<Manifest> {
+pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manifest> {
     let ckpt = Checkpoint::open(&opts.checkpoint)?;
     let (mut fastkv, mut preset) = default_policy(&ckpt.spec);
     if let Some(layer) = opts.tsp_layer {
@@ -102,10 +100,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         _ => None,
     };
     atomically(&opts.output, opts.force, |tmp| {
-        let mut manifest = write_engine(&ckpt, opts, (fastkv, preset), tmp)?;
+        let mut manifest = write_engine(&ckpt, opts, (fastkv, preset), tmp, progress)?;
         if let Some(probes) = probes {
-            let calibration = calibrate::calibrate(&Engine::open(tmp)?, probes, opts.progress)?;
-            calibrate::apply(&mut manifest, calibration);
+            let calibration = calibrate::calibrate(&Engine::open(tmp)?, probes, progress)?;
+            manifest.set_calibration(calibration);
             manifest.write(tmp)?;
         }
         Ok(manifest)
@@ -202,6 +200,7 @@ fn write_engine(
     opts: &BuildOptions,
     (fastkv, preset): (Policy, Option<String>),
     dir: &Path,
+    progress: &dyn Progress,
 ) -> Result<Manifest> {
     let plan: Vec<TensorPlan> = ckpt
         .layout
@@ -209,23 +208,17 @@ fn write_engine(
         .map(|t| TensorPlan { name: t.name.clone(), dtype: opts.dtype, shape: t.shape.clone() })
         .collect();
     let total: u64 = plan.iter().map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
-    let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("converting weights {bar:40} {bytes}/{total_bytes} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    progress.begin("converting weights", total, true);
     let meta = HashMap::from([("format".to_string(), "fastkv".to_string())]);
     let (bytes, sha256) = tensors::write_safetensors(&dir.join(WEIGHTS), &plan, &meta, |i, buf| {
         let t = &ckpt.layout[i];
-        bar.set_message(t.name.clone());
         for src in &t.sources {
             ckpt.weights.write_as(&src.name, opts.dtype, buf)?;
         }
-        bar.inc(buf.len() as u64);
+        progress.advance(buf.len() as u64, &t.name);
         Ok(())
     })?;
-    bar.finish_and_clear();
+    progress.end();
     let mut files = BTreeMap::from([(WEIGHTS.to_string(), FileEntry { bytes, sha256 })]);
     let tok_dst = dir.join(TOKENIZER);
     std::fs::write(&tok_dst, &ckpt.tokenizer_json).map_err(|e| Error::io(&tok_dst, e))?;

@@ -20,20 +20,18 @@
 //! SnapKV-GQA's — TSP then loses nothing the KV budget has not already lost, within the probes'
 //! noise; if none does, the one that answers best.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, Manifest};
+use crate::engine::{Calibration, Candidate, Engine, Verified};
 use crate::error::{Error, Result};
 use crate::eval::haystack::Haystack;
 use crate::eval::Sample;
 use crate::policy::{Budget, Method, Policy};
+use crate::progress::Progress;
 use crate::session::{Prompt, Request};
 use crate::spec::ModelSpec;
 
@@ -68,57 +66,11 @@ impl Probes {
     }
 }
 
-/// The choice and its evidence, stored in engine.json.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
-    pub tsp_layer: usize,
-    pub budget: Budget,
-    /// The criterion's threshold ([`MIN_RECALL`] when it ran).
-    pub min_recall: f64,
-    pub probes: usize,
-    pub probe_tokens: usize,
-    pub seed: u64,
-    /// Per candidate budget, the mean recall of TSP at each layer ℓ = 0 … N − 2.
-    pub candidates: Vec<Candidate>,
-    /// Full-KV over FastKV prefill FLOPs at the chosen ℓ* and budget, at the probes' length.
-    pub ideal_speedup: f64,
-    /// Mean [`answer_score`] of full KV's greedy answers to the probes' questions.
-    #[serde(default)]
-    pub full_score: f64,
-    /// The same for SnapKV-GQA at the engine's KV budget, the bar a candidate must reach.
-    #[serde(default)]
-    pub snapkv_gqa_score: f64,
-    /// The candidates whose answers were checked, in the order they were preferred.
-    #[serde(default)]
-    pub verified: Vec<Verified>,
-}
-
-impl Calibration {
-    /// The chosen candidate's answer score (0 for engine.json written before answers were checked).
-    pub fn chosen_score(&self) -> f64 {
-        self.verified.iter().find(|v| (v.tsp_layer, v.budget) == (self.tsp_layer, self.budget)).map_or(0.0, |v| v.score)
-    }
-}
-
-/// One candidate's mean [`answer_score`] on the probes' questions.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Verified {
-    pub tsp_layer: usize,
-    pub budget: Budget,
-    pub score: f64,
-}
-
 /// The share of `code`'s characters (a probe's "first and second") `output` reproduces before its
 /// first wrong one.
 pub fn answer_score(output: &str, code: &str) -> f64 {
     let right = output.trim_start().chars().zip(code.chars()).take_while(|(a, b)| a == b).count();
     right as f64 / code.chars().count().max(1) as f64
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
-    pub budget: Budget,
-    pub recall: Vec<f64>,
 }
 
 /// One probe prompt and where its answer's tokens are.
@@ -214,7 +166,7 @@ fn find(engine: &Engine, prompt: &[u32], sentence: &str) -> Result<Vec<u32>> {
 }
 
 /// Runs the probes on `engine` and chooses ℓ* and the TSP budget by the module's criterion.
-pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result<Calibration> {
+pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) -> Result<Calibration> {
     let spec = engine.spec();
     let n = spec.num_layers;
     if n < 2 {
@@ -238,21 +190,8 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
         .flat_map(|&budget| (0..n - 1).map(move |tsp_layer| Policy { tsp_layer, budget, ..base }))
         .collect();
 
-    let bar = if progress { ProgressBar::new(2 * probes.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("calibrating ℓ* {bar:40} {pos}/{len} probe runs, {msg} [{elapsed} < {eta}]")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    // Off a terminal the bar stays hidden; a line per run shows that a long calibration is alive.
-    let log_lines = progress && !std::io::stderr().is_terminal();
-    let step = |what: &str, i: usize| {
-        bar.set_message(what.to_string());
-        bar.inc(1);
-        if log_lines {
-            eprintln!("{}/{} probes: {what}", i + 1, probes.len());
-        }
-    };
+    progress.begin("calibrating ℓ* (probe runs)", 2 * probes.len() as u64, false);
+    let step = |what: &str, i: usize| progress.advance(1, &format!("probe {}/{}: {what}", i + 1, probes.len()));
     let mut recall_sums = vec![0.0; policies.len()];
     for (i, probe) in probes.iter().enumerate() {
         let kept = engine.backend.tsp_selections(&probe.sample.prompt, &policies)?;
@@ -291,7 +230,7 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: bool) -> Result
         }
         step("answers", i);
     }
-    bar.finish_and_clear();
+    progress.end();
     let scores: Vec<f64> = answer_sums.iter().map(|s| round(s / probes.len() as f64)).collect();
     let verified: Vec<Verified> = order
         .iter()
@@ -329,14 +268,6 @@ pub fn ideal_speedup(spec: &ModelSpec, policy: &Policy, tokens: usize) -> f64 {
     let t = policy.tsp_len(tokens);
     let seq: Vec<usize> = (0..spec.num_layers).map(|l| if l <= policy.tsp_layer { tokens } else { t }).collect();
     spec.prefill_flops(&vec![tokens; spec.num_layers]) / spec.prefill_flops(&seq)
-}
-
-/// Makes `calibration`'s choice the engine's default FastKV policy and records its evidence.
-pub fn apply(manifest: &mut Manifest, calibration: Calibration) {
-    manifest.fastkv.tsp_layer = calibration.tsp_layer;
-    manifest.fastkv.budget = calibration.budget;
-    manifest.preset = None;
-    manifest.calibration = Some(calibration);
 }
 
 #[cfg(test)]

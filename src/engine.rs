@@ -8,9 +8,8 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Device};
-use crate::calibrate::Calibration;
 use crate::error::{Error, Result};
-use crate::policy::Policy;
+use crate::policy::{Budget, Policy};
 use crate::random_weights::RandomWeights;
 use crate::spec::ModelSpec;
 use crate::tensors::{DType, TensorFile};
@@ -54,6 +53,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Makes `calibration`'s choice the engine's default FastKV policy and records its evidence.
+    pub fn set_calibration(&mut self, calibration: Calibration) {
+        self.fastkv.tsp_layer = calibration.tsp_layer;
+        self.fastkv.budget = calibration.budget;
+        self.preset = None;
+        self.calibration = Some(calibration);
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -138,6 +145,54 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+// The record of `fastkv calibrate` (crate::calibrate), kept here beside the manifest that stores it.
+
+/// The choice and its evidence, stored in engine.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub tsp_layer: usize,
+    pub budget: Budget,
+    /// The criterion's threshold ([`crate::calibrate::MIN_RECALL`] when it ran).
+    pub min_recall: f64,
+    pub probes: usize,
+    pub probe_tokens: usize,
+    pub seed: u64,
+    /// Per candidate budget, the mean recall of TSP at each layer ℓ = 0 … N − 2.
+    pub candidates: Vec<Candidate>,
+    /// Full-KV over FastKV prefill FLOPs at the chosen ℓ* and budget, at the probes' length.
+    pub ideal_speedup: f64,
+    /// Mean [`crate::calibrate::answer_score`] of full KV's greedy answers to the probes' questions.
+    #[serde(default)]
+    pub full_score: f64,
+    /// The same for SnapKV-GQA at the engine's KV budget, the bar a candidate must reach.
+    #[serde(default)]
+    pub snapkv_gqa_score: f64,
+    /// The candidates whose answers were checked, in the order they were preferred.
+    #[serde(default)]
+    pub verified: Vec<Verified>,
+}
+
+impl Calibration {
+    /// The chosen candidate's answer score (0 for engine.json written before answers were checked).
+    pub fn chosen_score(&self) -> f64 {
+        self.verified.iter().find(|v| (v.tsp_layer, v.budget) == (self.tsp_layer, self.budget)).map_or(0.0, |v| v.score)
+    }
+}
+
+/// One candidate's mean [`crate::calibrate::answer_score`] on the probes' questions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verified {
+    pub tsp_layer: usize,
+    pub budget: Budget,
+    pub score: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub budget: Budget,
+    pub recall: Vec<f64>,
 }
 
 /// An opened engine: the model on its backend and the text codec. `Send + Sync`; open once, share.

@@ -25,9 +25,13 @@
 //!   `cuda`): the plugin/ kernels + cuBLAS; [`hostmath`]: the host GEMM both `select` and `cpu` use.
 //! - [`onnx`]: the network as ONNX (FastKV steps as TensorRT plugin nodes, or lowered to standard ops).
 //! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the
-//!   plugin library of plugin/trt/ loaded into its registry, plugins created and inspected.
+//!   plugin library of tensorrt/ loaded into its registry, plugins created and inspected.
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
+//! - [`calibrate`], [`eval`], [`bench`]: choosing ℓ* and t, accuracy and speed measurements; long
+//!   work reports to a [`progress::Progress`] the caller draws. The command-line tools live in the
+//!   `fastkv-cli` crate (cli/); the library parses no command line (its clap derives sit behind
+//!   the `clap` feature for that crate) and draws nothing.
 //!
 //! ```no_run
 //! use fastkv::{Engine, Prompt, Request};
@@ -57,9 +61,9 @@ pub mod eval;
 pub mod gguf;
 pub mod hostmath;
 pub mod onnx;
-pub mod plot;
 pub mod policy;
 pub mod prefill;
+pub mod progress;
 pub mod random_weights;
 pub mod rope;
 pub mod sampling;

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::select::Pool;
 use crate::spec::ModelSpec;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Keep every KV entry; every layer sees the whole prompt.
@@ -41,14 +42,53 @@ pub enum Method {
 }
 
 impl Method {
-    /// The method's name on the command line and in reports (`fastkv`, `snapkv-gqa`, …).
-    pub fn name(self) -> String {
-        clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_string()).unwrap_or_default()
+    pub const ALL: [Method; 11] = [
+        Method::Full,
+        Method::Fastkv,
+        Method::SnapkvGqa,
+        Method::Snapkv,
+        Method::Adakv,
+        Method::Headkv,
+        Method::Pyramidkv,
+        Method::Streamingllm,
+        Method::H2o,
+        Method::Gemfilter,
+        Method::Pyramidinfer,
+    ];
+
+    /// The method's name in requests and reports (`fastkv`, `snapkv-gqa`, …), as serde spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Fastkv => "fastkv",
+            Method::SnapkvGqa => "snapkv-gqa",
+            Method::Snapkv => "snapkv",
+            Method::Adakv => "adakv",
+            Method::Headkv => "headkv",
+            Method::Pyramidkv => "pyramidkv",
+            Method::Streamingllm => "streamingllm",
+            Method::H2o => "h2o",
+            Method::Gemfilter => "gemfilter",
+            Method::Pyramidinfer => "pyramidinfer",
+        }
     }
 
     /// Methods whose caches hold one entry list per query head (H heads) instead of per KV head.
     pub fn per_query_head(self) -> bool {
         matches!(self, Method::Snapkv | Method::Adakv | Method::Headkv | Method::Pyramidkv | Method::H2o)
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+
+    /// A method by its [`Method::name`], case-insensitively.
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        Method::ALL.into_iter().find(|m| m.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            Error::invalid("method", format!("unknown compression method {s:?} (known: {})", known.join(", ")))
+        })
     }
 }
 
@@ -407,59 +447,60 @@ impl Policy {
 /// Changes to a policy that a request asks for — CLI flags (the struct is the CLI's flag group),
 /// Triton parameters, `fastkv eval`'s contenders — merged by one rule, [`Overrides::apply`], so every
 /// front end gives the same policy for the same request. Unset fields keep the base policy's value.
-#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Overrides {
     /// Compression method; the baselines take their budget from --retain-rate / --kv-budget.
-    #[arg(long, value_enum)]
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub method: Option<Method>,
     /// ℓ*: the last layer that sees the whole prompt (0-based).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub tsp_layer: Option<usize>,
     /// Fraction of prompt tokens propagated past ℓ* (rate mode; an absolute-mode engine switches to
     /// rates with the unset one at FastKV's default: t = 0.2, r = 0.1).
-    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
+    #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["kv_budget", "tsp_len"]))]
     pub tsp_rate: Option<f64>,
     /// Fraction of KV entries each layer keeps (rate mode).
-    #[arg(long, conflicts_with_all = ["kv_budget", "tsp_len"])]
+    #[cfg_attr(feature = "clap", arg(long, conflicts_with_all = ["kv_budget", "tsp_len"]))]
     pub retain_rate: Option<f64>,
     /// KV entries kept per layer and cache head, window included (absolute mode; a rate-mode
     /// engine switches to absolute budgets with the unset one at the paper's v1/v2 default: C = 512,
     /// T = 2048).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub kv_budget: Option<usize>,
     /// Tokens propagated past ℓ*, window included (absolute mode).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub tsp_len: Option<usize>,
     /// Observation window W: the last W prompt tokens score the others and are always kept.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub window: Option<usize>,
     /// Pooling kernel K (odd).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub kernel: Option<usize>,
     /// Pooling of window scores before the group sum.
-    #[arg(long, value_enum)]
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub pool: Option<Pool>,
     /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub head_scores: Option<PathBuf>,
     /// GemFilter: the layer whose last-query scores select the tokens [default: ℓ*].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub filter_layer: Option<usize>,
     /// StreamingLLM / PyramidInfer: leading tokens always kept [default: 4].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub sink: Option<usize>,
     /// AdaKV: share α of each head's budget kept out of the global allocation [default: 0.2].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub ada_alpha: Option<f64>,
     /// H2O: refuse prompts longer than this (its scores are O(L²)) [default: 8192].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub h2o_max_len: Option<usize>,
     /// PyramidInfer: final keep ratio ρ of the cosine schedule [default: matches the retain rate].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub decay_ratio: Option<f64>,
     /// PyramidInfer: fraction of the prompt (+1 token) that scores the context and is always kept
     /// [default: 0.01].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub recent_ratio: Option<f64>,
 }
 

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::hostmath::gemm_f32;
 
 /// Pooling of per-head window scores along the key axis (stride 1, padding K/2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Pool {
     /// Max over the kernel; padding never wins.

@@ -130,7 +130,7 @@ impl Engine {
     pub fn generate(&self, req: &Request, on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
         let start = Instant::now();
         let policy = req.policy.unwrap_or_else(|| self.default_policy());
-        let prompt = self.prepare(req, &[policy])?;
+        let prompt = self.prepare(req)?;
         let prefill = self.backend.prefill(&prompt.ids, &policy, prompt.max_new)?;
         self.complete(req, &policy, prompt, prefill, start.elapsed().as_secs_f64(), on_token)
     }
@@ -141,7 +141,7 @@ impl Engine {
     /// that every TTFT counts the whole shared prefill.
     pub fn generate_each(&self, req: &Request, policies: &[Policy]) -> Result<Vec<Output>> {
         let start = Instant::now();
-        let prompt = self.prepare(req, policies)?;
+        let prompt = self.prepare(req)?;
         let prefills = self.backend.prefill_many(&prompt.ids, policies, prompt.max_new)?;
         let prefill_s = start.elapsed().as_secs_f64();
         policies
@@ -153,13 +153,11 @@ impl Engine {
             .collect()
     }
 
-    /// Checks `req` and its policies, and tokenizes its prompt.
-    fn prepare(&self, req: &Request, policies: &[Policy]) -> Result<Prepared> {
+    /// Checks `req`'s sampling and tokenizes its prompt (its policies are checked where every
+    /// prefill starts, [`crate::prefill`]).
+    fn prepare(&self, req: &Request) -> Result<Prepared> {
         let spec = self.spec();
         req.sampling.validate()?;
-        for policy in policies {
-            policy.validate(spec)?;
-        }
         let max_pos = spec.max_position_embeddings;
         // A text too long for the model is refused before it is tokenized, where its length in
         // bytes already proves it: tokenizing megabytes takes seconds and gigabytes.

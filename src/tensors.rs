@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// Element types fastkv stores weights in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,

@@ -5,8 +5,7 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 
 use common::{build_engine, essays, fixture};
 use fastkv::builder::{build, BuildOptions, Calibrate};
@@ -17,27 +16,30 @@ use fastkv::tensors::DType;
 use fastkv::{Engine, Method, Policy, Prompt, Request};
 
 fn build_with(calibrate: Calibrate, output: &Path) -> fastkv::engine::Manifest {
-    build(&BuildOptions {
-        checkpoint: fixture("llama"),
-        output: output.into(),
-        dtype: DType::F32,
-        force: false,
-        progress: false,
-        tsp_layer: None,
-        calibrate,
-    })
+    build(
+        &BuildOptions {
+            checkpoint: fixture("llama"),
+            output: output.into(),
+            dtype: DType::F32,
+            force: false,
+            tsp_layer: None,
+            calibrate,
+        },
+        &fastkv::progress::Silent,
+    )
     .unwrap()
 }
 
-fn small_probes() -> Probes {
-    Probes { count: 3, tokens: 512, ..Probes::new(essays()) }
+fn small_probes(essays: PathBuf) -> Probes {
+    Probes { count: 3, tokens: 512, ..Probes::new(essays) }
 }
 
 #[test]
 fn tsp_selections_are_what_fastkv_propagates() {
+    let Some(essays) = essays() else { return };
     let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
     let engine = Engine::open(dir).unwrap();
-    let haystack = Haystack::load(&essays(), &engine, 600).unwrap();
+    let haystack = Haystack::load(&essays, &engine, 600).unwrap();
     let prompt = engine.encode(&haystack.fill(&engine, 600, &[]).unwrap()).unwrap();
     let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
     let policies: Vec<Policy> = (0..engine.spec().num_layers - 1)
@@ -64,9 +66,10 @@ fn tsp_selections_are_what_fastkv_propagates() {
 
 #[test]
 fn calibration_is_deterministic_and_becomes_the_engine_default() {
+    let Some(essays) = essays() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let a = build_with(Calibrate::Always(small_probes()), &tmp.path().join("a"));
-    let b = build_with(Calibrate::Always(small_probes()), &tmp.path().join("b"));
+    let a = build_with(Calibrate::Always(small_probes(essays.clone())), &tmp.path().join("a"));
+    let b = build_with(Calibrate::Always(small_probes(essays.clone())), &tmp.path().join("b"));
     let c = a.calibration.clone().expect("calibrated");
     assert_eq!(a.calibration, b.calibration, "same engine, same probes: same choice");
     assert_eq!((c.probes, c.probe_tokens, c.min_recall), (3, 512, calibrate::MIN_RECALL));
@@ -106,20 +109,22 @@ fn calibration_is_deterministic_and_becomes_the_engine_default() {
 
 #[test]
 fn auto_calibration_falls_back_to_the_rule_without_essays() {
+    let Some(essays) = essays() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let missing = Probes::new(tmp.path().join("no-essays"));
     let m = build_with(Calibrate::Auto(missing), &tmp.path().join("e"));
     assert_eq!(m.calibration, None);
     assert_eq!(m.fastkv.tsp_layer, m.model.num_layers / 2 - 1);
-    let m = build_with(Calibrate::Auto(small_probes()), &tmp.path().join("f"));
+    let m = build_with(Calibrate::Auto(small_probes(essays.clone())), &tmp.path().join("f"));
     assert!(m.calibration.is_some(), "no preset matches the fixture, so the build calibrates");
 }
 
 #[test]
 fn probes_share_no_text_with_the_evaluation_needles() {
+    let Some(essays) = essays() else { return };
     let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
     let engine = Engine::open(dir).unwrap();
-    let haystack = Haystack::load(&essays(), &engine, 512).unwrap();
+    let haystack = Haystack::load(&essays, &engine, 512).unwrap();
     let probes = calibrate::probes(&engine, &haystack, 8, 512, 0).unwrap();
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
@@ -144,41 +149,4 @@ fn probes_share_no_text_with_the_evaluation_needles() {
         assert_eq!(fact.trim(), probe.facts[0], "the recorded positions hold the asked fact");
         assert!(probe.facts[0].contains(&probe.sample.answers[0]));
     }
-}
-
-#[test]
-fn calibrate_command_writes_engine_json_only_without_dry_run() {
-    let (_tmp, dir) = build_engine(&fixture("llama"), DType::F32);
-    let manifest = dir.join("engine.json");
-    let before = std::fs::read(&manifest).unwrap();
-    let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_fastkv"))
-            .args(["calibrate", "--engine", dir.to_str().unwrap(), "--haystack", essays().to_str().unwrap()])
-            .args(["--probes", "2", "--probe-tokens", "384"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let none = Command::new(env!("CARGO_BIN_EXE_fastkv"))
-        .args(["calibrate", "--engine", dir.to_str().unwrap(), "--probes", "0"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&none.stderr);
-    assert!(
-        !none.status.success() && stderr.trim() == "error: invalid --probes: calibration needs at least one probe",
-        "{stderr}"
-    );
-    let dry = run(&["--dry-run"]);
-    assert!(dry.contains("chosen: ℓ* = ") && dry.contains("recall"), "{dry}");
-    assert_eq!(std::fs::read(&manifest).unwrap(), before, "--dry-run leaves engine.json alone");
-    let wet = run(&[]);
-    assert!(wet.contains("wrote "), "{wet}");
-    let engine = Engine::open(&dir).unwrap();
-    let c = engine.manifest.calibration.as_ref().expect("written");
-    assert_eq!(engine.default_policy().tsp_layer, c.tsp_layer);
-    let verify =
-        Command::new(env!("CARGO_BIN_EXE_fastkv")).args(["verify", "--engine", dir.to_str().unwrap()]).output();
-    assert!(verify.unwrap().status.success(), "a calibrated engine still verifies");
 }

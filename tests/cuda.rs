@@ -6,8 +6,10 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/cuda.rs"]
+mod cuda_common;
 
-use common::cuda::Allocating;
+use cuda_common::Allocating;
 use fastkv::cpu::attention::{attention, Heads, KvView};
 use fastkv::cpu::kernels::{rms_norm, swiglu};
 use fastkv::cuda::{AttentionInputs, Element, Gather, Gpu, LayerKv, SlidingWindow};
@@ -24,7 +26,7 @@ fn device() -> Option<Gpu> {
     match Gpu::new(0) {
         Ok(d) => Some(d),
         Err(Error::NoDevice { reason, .. }) => {
-            common::cuda::no_cuda_device(&reason);
+            cuda_common::no_cuda_device(&reason);
             None
         }
         Err(e) => panic!("{e}"),

@@ -10,6 +10,8 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/cuda.rs"]
+mod cuda_common;
 
 use common::{build_engine, expected, fixture, rel_err, FIXTURES};
 use fastkv::backend::{Backend, KvCache};
@@ -26,7 +28,7 @@ fn on_gpu(dir: &std::path::Path) -> Option<Engine> {
     match Engine::open_on(dir, Device::Cuda(0)) {
         Ok(e) => Some(e),
         Err(Error::NoDevice { reason, .. }) => {
-            common::cuda::no_cuda_device(&reason);
+            cuda_common::no_cuda_device(&reason);
             None
         }
         Err(e) => panic!("opening {} on cuda:0: {e}", dir.display()),

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::{build_engine, essays, fixture};
 use fastkv::bench::{self, BenchConfig};
@@ -24,8 +23,9 @@ fn engine() -> (tempfile::TempDir, Engine) {
 
 #[test]
 fn niah_prompts_have_the_asked_length_and_each_needle_at_its_depth() {
+    let Some(essays) = essays() else { return };
     let (_tmp, engine) = engine();
-    let haystack = Haystack::load(&essays(), &engine, 2048).unwrap();
+    let haystack = Haystack::load(&essays, &engine, 2048).unwrap();
     let needles = Needle::all();
     let depths = [0.0, 0.5, 1.0];
     let samples = niah::samples(&engine, &haystack, &needles, &[1024, 2048], &depths).unwrap();
@@ -53,8 +53,9 @@ fn niah_prompts_have_the_asked_length_and_each_needle_at_its_depth() {
 
 #[test]
 fn ruler_tasks_are_deterministic_fit_their_length_and_hold_their_answers() {
+    let Some(essays) = essays() else { return };
     let (_tmp, engine) = engine();
-    let haystack = Haystack::load(&essays(), &engine, 1536).unwrap();
+    let haystack = Haystack::load(&essays, &engine, 1536).unwrap();
     for task in Task::ALL {
         let a = ruler::samples(&engine, &haystack, task, &[1536], 2, 7).unwrap();
         let b = ruler::samples(&engine, &haystack, task, &[1536], 2, 7).unwrap();
@@ -75,8 +76,9 @@ fn ruler_tasks_are_deterministic_fit_their_length_and_hold_their_answers() {
 
 #[test]
 fn eval_scores_every_method_on_every_sample() {
+    let Some(essays) = essays() else { return };
     let (_tmp, engine) = engine();
-    let haystack = Haystack::load(&essays(), &engine, 1024).unwrap();
+    let haystack = Haystack::load(&essays, &engine, 1024).unwrap();
     let samples = niah::samples(&engine, &haystack, &[Needle::default()], &[512, 1024], &[0.5]).unwrap();
     let methods = contenders(&engine, &[Method::Full, Method::Fastkv], &[0.1, 0.2], &[]).unwrap();
     let names: Vec<&str> = methods.iter().map(|c| c.name.as_str()).collect();
@@ -86,7 +88,7 @@ fn eval_scores_every_method_on_every_sample() {
     assert_eq!(names, ["snapkv r=0.1", "fastkv l*=0 r=0.1", "fastkv l*=2 r=0.1"]);
     assert_eq!(layers[2].policy.tsp_layer, 2);
     assert!(contenders(&engine, &[Method::Fastkv], &[], &[99]).unwrap_err().to_string().contains("tsp_layer"));
-    let scores = eval::run(&engine, &samples, &methods, false).unwrap();
+    let scores = eval::run(&engine, &samples, &methods, &fastkv::progress::Silent).unwrap();
     assert_eq!(scores.len(), 6);
     for s in &scores {
         assert!((0.0..=1.0).contains(&s.score));
@@ -105,10 +107,9 @@ fn bench_reports_each_method_and_length_with_spread() {
         warmup: 0,
         repeats: 3,
         new_tokens: 4,
-        progress: false,
     };
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/long_prompt.txt")).unwrap();
-    let rows = bench::run(&engine, &text, &cfg).unwrap();
+    let rows = bench::run(&engine, &text, &cfg, &fastkv::progress::Silent).unwrap();
     assert_eq!(
         rows.iter().map(|r| (r.method.as_str(), r.length)).collect::<Vec<_>>(),
         [("full", 256), ("fastkv", 256), ("full", 512), ("fastkv", 512)]
@@ -120,59 +121,4 @@ fn bench_reports_each_method_and_length_with_spread() {
     }
     assert!(rows[1].kv_cache_bytes * 5 < rows[0].kv_cache_bytes, "fastkv keeps ~10 % of the KV cache");
     assert_eq!(bench::format_table(&rows).lines().count(), 5);
-}
-
-#[test]
-fn cli_writes_json_and_charts_and_names_bad_flags() {
-    let (tmp, engine) = engine();
-    let fastkv = env!("CARGO_BIN_EXE_fastkv");
-    let (json, svg) = (tmp.path().join("bench.json"), tmp.path().join("bench.svg"));
-    let run = |args: &[&str]| Command::new(fastkv).args(args).output().unwrap();
-    let out = run(&[
-        "bench",
-        "--engine",
-        engine.dir.to_str().unwrap(),
-        "--lengths",
-        "128",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--json",
-        json.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 2);
-    let chart = std::fs::read_to_string(&svg).unwrap();
-    assert!(chart.starts_with("<svg") && chart.contains("fastkv") && chart.contains("128 tokens"));
-
-    let heatmap = tmp.path().join("niah.svg");
-    let out = run(&[
-        "eval",
-        "niah",
-        "--engine",
-        engine.dir.to_str().unwrap(),
-        "--haystack",
-        essays().to_str().unwrap(),
-        "--lengths",
-        "512",
-        "--depths",
-        "0,1",
-        "--plot",
-        heatmap.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("depth") && table.contains("fastkv") && table.contains("0.00") && table.contains("1.00"));
-    assert!(std::fs::read_to_string(&heatmap).unwrap().contains("full"));
-
-    let out = run(&["bench", "--engine", engine.dir.to_str().unwrap(), "--lengths", "64", "--plot", "chart.gif"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--plot"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = run(&["eval", "niah", "--engine", engine.dir.to_str().unwrap(), "--haystack", "/nonexistent/essays"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/essays"));
 }

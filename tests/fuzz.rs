@@ -6,6 +6,7 @@
 //! `FASTKV_FUZZ_SEED` replaces the fixed mutation seed (printed). Long coverage-guided runs:
 //! `scripts/fuzz.sh`.
 
+mod common;
 #[path = "fuzz/targets.rs"]
 mod targets;
 
@@ -71,11 +72,10 @@ fn fuzz_targets_survive_mutated_seed_corpora() {
         if only.as_ref().is_some_and(|o| o != name) {
             continue;
         }
-        let dir = fuzz_dir().join("corpus").join(name);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            println!("{name}: no corpus, run scripts/fuzz-corpus.sh");
+        let Some(dir) = common::resource(fuzz_dir().join("corpus").join(name), "scripts/fuzz-corpus.sh") else {
             continue;
         };
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let mut paths: Vec<PathBuf> = entries.map(|e| e.expect("corpus entry").path()).collect();
         paths.sort();
         let corpus: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).expect("corpus file")).collect();

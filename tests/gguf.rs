@@ -107,11 +107,10 @@ fn build_error(bytes: &[u8]) -> String {
         output: tmp.path().join("engine"),
         dtype: DType::F32,
         force: false,
-        progress: false,
         tsp_layer: None,
         calibrate: fastkv::builder::Calibrate::Never,
     };
-    let err = match build(&opts) {
+    let err = match build(&opts, &fastkv::progress::Silent) {
         Ok(_) => panic!("the build must fail"),
         Err(e) => e.to_string(),
     };
@@ -157,10 +156,8 @@ struct RefPrompt {
     greedy: Vec<u32>,
 }
 
-fn model_path(file: &str, script: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models").join(file);
-    assert!(path.exists(), "{} is missing: run {script} first", path.display());
-    path
+fn model_path(file: &str, script: &str) -> Option<PathBuf> {
+    common::resource(common::root().join("target/models").join(file), script)
 }
 
 /// f32 engine built from the GGUF once per test binary; the temp dir lives as long as the process.
@@ -211,18 +208,20 @@ fn check_against_reference(engine: &Engine, name: &str) {
 
 static SMOLLM2: OnceLock<(tempfile::TempDir, Engine)> = OnceLock::new();
 
-fn smollm2() -> &'static Engine {
-    engine(&SMOLLM2, &model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/models.sh"))
+/// The SmolLM2 engine, or `None` (the test skips) before scripts/models.sh has installed it.
+fn smollm2() -> Option<&'static Engine> {
+    Some(engine(&SMOLLM2, &model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/models.sh")?))
 }
 
 #[test]
 fn smollm2_gguf_matches_transformers() {
-    check_against_reference(smollm2(), "smollm2.json");
+    let Some(engine) = smollm2() else { return };
+    check_against_reference(engine, "smollm2.json");
 }
 
 #[test]
 fn smollm2_knows_the_capital_of_france() {
-    let engine = smollm2();
+    let Some(engine) = smollm2() else { return };
     let spec = engine.spec();
     assert_eq!((spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads), (30, 576, 9, 3));
     assert!(spec.tie_word_embeddings && spec.rope_theta == 1e5 && spec.max_position_embeddings == 8192);
@@ -236,7 +235,7 @@ fn smollm2_knows_the_capital_of_france() {
 #[ignore = "needs scripts/models.sh --with-qwen (400 MB)"]
 fn qwen2_5_coder_gguf_matches_transformers() {
     static QWEN: OnceLock<(tempfile::TempDir, Engine)> = OnceLock::new();
-    let path = model_path("Qwen2.5-Coder-0.5B-Instruct.gguf", "scripts/models.sh --with-qwen");
+    let Some(path) = model_path("Qwen2.5-Coder-0.5B-Instruct.gguf", "scripts/models.sh --with-qwen") else { return };
     let engine = engine(&QWEN, &path);
     let spec = engine.spec();
     assert_eq!((spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads), (24, 896, 14, 2));

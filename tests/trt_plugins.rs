@@ -1,4 +1,4 @@
-//! fastkv's TensorRT plugin library (plugin/trt/) inside the real TensorRT lean runtime's plugin registry
+//! fastkv's TensorRT plugin library (tensorrt/) inside the real TensorRT lean runtime's plugin registry
 //! (`FASTKV_TRT_LEAN_LIB`, set by scripts/test.sh from scripts/install-trt-lean.sh): loaded the way trtexec loads
 //! it, every creator found, plugins created for both phases, fields serialised and re-created, capabilities and
 //! host-side queries answered, bad fields rejected with the plugin's message. No GPU is needed and none is used:

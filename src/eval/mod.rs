@@ -6,15 +6,12 @@ pub mod haystack;
 pub mod niah;
 pub mod ruler;
 
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::plot::Grid;
 use crate::policy::{Method, Overrides, Policy};
+use crate::progress::Progress;
 use crate::session::{Prompt, Request};
 
 /// One prompt and what a right answer contains.
@@ -75,7 +72,7 @@ pub fn contenders(
         });
         for &tsp_layer in &layers {
             for &retain_rate in &rates {
-                let mut name = method.name();
+                let mut name = method.name().to_string();
                 if let Some(layer) = tsp_layer {
                     name += &format!(" l*={layer}");
                 }
@@ -88,6 +85,15 @@ pub fn contenders(
         }
     }
     Ok(out)
+}
+
+/// A grid of values in 0..=1 with labelled rows and columns, drawn as one heat-map panel.
+pub struct Grid {
+    pub title: String,
+    pub rows: Vec<String>,
+    pub cols: Vec<String>,
+    /// `cells[row][col]`; `NaN` = not measured (drawn grey).
+    pub cells: Vec<Vec<f64>>,
 }
 
 /// One heat-map grid per method: rows by `row`, columns by prompt length, cells the mean score.
@@ -131,20 +137,17 @@ pub fn string_match_all(output: &str, answers: &[String]) -> f64 {
 }
 
 /// Runs every sample under every contender with greedy decoding, one shared prefill per sample
-/// ([`Engine::generate_each`]); a progress bar shows how far it got.
-pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progress: bool) -> Result<Vec<Score>> {
-    let bar = if progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} samples, {msg} [{elapsed} < {eta}]")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    // Off a terminal the bar stays hidden; a line per sample shows that a long run is alive.
-    let log_lines = progress && !std::io::stderr().is_terminal();
+/// ([`Engine::generate_each`]), reporting each sample to `progress`.
+pub fn run(
+    engine: &Engine,
+    samples: &[Sample],
+    contenders: &[Contender],
+    progress: &dyn Progress,
+) -> Result<Vec<Score>> {
+    progress.begin("samples", samples.len() as u64, false);
     let policies: Vec<Policy> = contenders.iter().map(|c| c.policy).collect();
     let mut scores = Vec::with_capacity(samples.len() * contenders.len());
-    for (i, sample) in samples.iter().enumerate() {
-        bar.set_message(format!("{} @ {} tokens", sample.task, sample.length));
+    for sample in samples {
         let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
         req.max_new_tokens = sample.max_new_tokens;
         for (c, out) in contenders.iter().zip(engine.generate_each(&req, &policies)?) {
@@ -160,12 +163,9 @@ pub fn run(engine: &Engine, samples: &[Sample], contenders: &[Contender], progre
                 prefill_s: out.metrics.prefill_s,
             });
         }
-        bar.inc(1);
-        if log_lines {
-            eprintln!("{}/{} samples done ({} @ {} tokens)", i + 1, samples.len(), sample.task, sample.length);
-        }
+        progress.advance(1, &format!("{} @ {} tokens", sample.task, sample.length));
     }
-    bar.finish_and_clear();
+    progress.end();
     Ok(scores)
 }
 

@@ -1,6 +1,6 @@
 //! The plugin flavour of a FastKV step: its custom-op node with the adapters between the graph's
 //! tensor contract ([`super::ops`]: head-major f32 activations, int64 indices) and the TensorRT
-//! plugins' (plugin/trt/README.md: token-major f16/bf16 activations, int32 indices). The adapters are
+//! plugins' (tensorrt/README.md: token-major f16/bf16 activations, int32 indices). The adapters are
 //! standard nodes in the step's scope, so the flavours still differ only inside FastKV steps; TensorRT
 //! fuses the casts and transposes into the neighbouring layers. Activations are fed as f16 for every
 //! engine: the graph computes in f32 (bf16 engines widened), and f16 keeps three more mantissa bits

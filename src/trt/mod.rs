@@ -1,6 +1,6 @@
-//! TensorRT from Rust (feature `tensorrt`): a cxx bridge (C++ in `cpp/trt_bridge.cpp`) that opens a TensorRT
+//! TensorRT from Rust (feature `tensorrt`): a cxx bridge (C++ in `tensorrt/bridge.cpp`) that opens a TensorRT
 //! runtime library by path at run time, loads plugin libraries such as fastkv's own `libfastkv_trt_plugins.so`
-//! (plugin/trt/) into its plugin registry, and creates and inspects IPluginV3 plugins.
+//! (tensorrt/) into its plugin registry, and creates and inspects IPluginV3 plugins.
 //!
 //! Nothing links against TensorRT: the library is `dlopen`ed, so a build needs only the headers, and a machine
 //! without TensorRT gets an error instead of a loader failure. The lean runtime (`libnvinfer_lean.so.11`, which
@@ -43,7 +43,7 @@ mod ffi {
     }
 
     unsafe extern "C++" {
-        include!("fastkv/cpp/trt_bridge.h");
+        include!("fastkv/tensorrt/bridge.h");
 
         type Registry;
         type Plugin;

@@ -1,9 +1,6 @@
 //! Shared by the integration tests: fixture paths and engines built from them into temp dirs.
 #![allow(dead_code)]
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
-
 use std::path::{Path, PathBuf};
 
 use fastkv::builder::{build, BuildOptions, Calibrate};
@@ -13,16 +10,38 @@ use serde::Deserialize;
 pub const FIXTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 /// The repository: `FASTKV_ROOT` when set (test executables staged for another machine, e.g. by
-/// scripts/gpu-check.sh), else where the tests were built.
+/// scripts/gpu-check.sh), else the folder holding the crate the tests were built from (the root or cli/).
 pub fn root() -> PathBuf {
-    std::env::var_os("FASTKV_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let repository = built.ancestors().find(|d| d.join("tests/fixtures").is_dir()).unwrap_or(built);
+    std::env::var_os("FASTKV_ROOT").map_or_else(|| repository.to_path_buf(), PathBuf::from)
 }
 
-/// The essays `scripts/models.sh` installs (CI runs it before the tests).
-pub fn essays() -> PathBuf {
-    let dir = root().join(fastkv::eval::haystack::ESSAYS);
-    assert!(dir.is_dir(), "{} is missing: run scripts/models.sh first", dir.display());
-    dir
+/// `path`, which a test needs and `how` installs. In a plain `cargo test` (the fast path) a missing
+/// one skips the test — `None`, and a line on the terminal naming it. In the full run
+/// (`FASTKV_FULL_TESTS=1`, set by scripts/test.sh, which installs everything) it fails the test.
+pub fn resource(path: PathBuf, how: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("FASTKV_FULL_TESTS").is_some_and(|v| v == "1") {
+        panic!("{} is missing: run {how} first", path.display());
+    }
+    skipped(&format!("{} is missing (run {how})", path.display()));
+    None
+}
+
+/// Says on the terminal that the running test skips its checks: libtest captures the print macros,
+/// not writes to stderr itself.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    let _ = writeln!(std::io::stderr(), "skipped {test}: {why}");
+}
+
+/// The essays `scripts/models.sh` installs, if they are there ([`resource`]).
+pub fn essays() -> Option<PathBuf> {
+    resource(root().join(fastkv::eval::haystack::ESSAYS), "scripts/models.sh")
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -33,15 +52,17 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("engine");
-    build(&BuildOptions {
-        checkpoint: checkpoint.into(),
-        output: output.clone(),
-        dtype,
-        force: false,
-        progress: false,
-        tsp_layer: None,
-        calibrate: Calibrate::Never,
-    })
+    build(
+        &BuildOptions {
+            checkpoint: checkpoint.into(),
+            output: output.clone(),
+            dtype,
+            force: false,
+            tsp_layer: None,
+            calibrate: Calibrate::Never,
+        },
+        &fastkv::progress::Silent,
+    )
     .unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
     (tmp, output)
 }

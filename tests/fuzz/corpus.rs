@@ -75,11 +75,10 @@ fn main() {
             output: engine.clone(),
             dtype,
             force: false,
-            progress: false,
             tsp_layer: None,
             calibrate: fastkv::builder::Calibrate::Never,
         };
-        build(&opts).unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
+        build(&opts, &fastkv::progress::Silent).unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));
         let weights = read(&engine.join("weights.safetensors"));
         let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
         let input = targets::pack(&[

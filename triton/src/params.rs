@@ -40,13 +40,7 @@ pub fn apply(overrides: &Overrides, base: Policy, engine: &Engine) -> Result<Pol
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
-    <Method as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| {
-        let known: Vec<String> = <Method as clap::ValueEnum>::value_variants()
-            .iter()
-            .filter_map(|m| clap::ValueEnum::to_possible_value(m).map(|v| v.get_name().to_string()))
-            .collect();
-        format!("method: unknown compression method {s:?} (known: {})", known.join(", "))
-    })
+    s.parse().map_err(|e: fastkv::Error| e.to_string())
 }
 
 fn count(name: &str, x: f64) -> Result<usize, String> {
@@ -203,11 +197,10 @@ mod tests {
             output: dir.clone(),
             dtype: DType::F32,
             force: false,
-            progress: false,
             tsp_layer: None,
             calibrate: fastkv::builder::Calibrate::Never,
         };
-        build(&options).unwrap();
+        build(&options, &fastkv::progress::Silent).unwrap();
         for absolute in [false, true] {
             let mut engine = Engine::open(&dir).unwrap();
             if absolute {

@@ -3,7 +3,7 @@
 // is a one-line edit.
 #pragma once
 
-#include "../fastkv.h"
+#include "../plugin/fastkv.h"
 
 namespace fastkv_trt {
 

@@ -1,5 +1,5 @@
 // See trt_bridge.h. The TensorRT library is opened with dlopen, so nothing here links against libnvinfer.
-#include "fastkv/cpp/trt_bridge.h"
+#include "fastkv/tensorrt/bridge.h"
 
 #include <dlfcn.h>
 

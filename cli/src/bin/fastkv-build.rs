@@ -1,14 +1,15 @@
 //! `fastkv-build`: compile an HF checkpoint or a GGUF file into a fastkv engine directory, and/or
 //! export an engine as ONNX.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::calibrate::Probes;
+use fastkv::progress::{Progress, Silent};
 use fastkv::tensors::DType;
+use fastkv_cli::Bars;
 
 /// Compile a HuggingFace checkpoint (Llama 3.x, Mistral family, Qwen2/2.5, Qwen3) or a GGUF file
 /// (llama and qwen2 archs) into a fastkv engine directory: engine.json (versioned manifest with
@@ -138,7 +139,6 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
         output,
         dtype: args.dtype,
         force: args.force,
-        progress: !args.quiet && std::io::stderr().is_terminal(),
         tsp_layer: args.tsp_layer,
         calibrate: match (args.calibrate, args.no_calibrate) {
             (true, _) => Calibrate::Always(Probes::new(args.haystack.clone())),
@@ -146,7 +146,8 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
             (false, false) => Calibrate::Auto(Probes::new(args.haystack.clone())),
         },
     };
-    let m = build(&opts)?;
+    let progress: &dyn Progress = if args.quiet { &Silent } else { &Bars::new() };
+    let m = build(&opts, progress)?;
     if !args.quiet {
         let weights = &m.files["weights.safetensors"];
         println!(

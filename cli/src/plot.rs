@@ -7,14 +7,15 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::error::{Error, Result};
+use anyhow::{anyhow, Result};
+use fastkv::eval::Grid;
 
 /// Runs `$paint` (a block using `$root`, a white drawing area) on an SVG or a PNG canvas as `$path`'s extension
 /// says, so each chart is written once for both formats.
 macro_rules! on_canvas {
     ($path:expr, $size:expr, |$root:ident| $paint:block) => {{
         let path: &Path = $path;
-        let failed = |e: Box<dyn std::error::Error>| Error::bad_file(path, format!("cannot draw chart: {e}"));
+        let failed = |e: Box<dyn std::error::Error>| anyhow!("{}: cannot draw chart: {e}", path.display());
         let format = Format::of(path)?;
         load_font()?;
         match format {
@@ -38,15 +39,6 @@ macro_rules! on_canvas {
             }
         }
     }};
-}
-
-/// A grid of values in 0..=1 with labelled rows and columns, drawn as one heat-map panel.
-pub struct Grid {
-    pub title: String,
-    pub rows: Vec<String>,
-    pub cols: Vec<String>,
-    /// `cells[row][col]`; `NaN` = not measured (drawn grey).
-    pub cells: Vec<Vec<f64>>,
 }
 
 /// Heat maps side by side, one per grid (e.g. one per method), red = 0 to green = 1.
@@ -166,7 +158,7 @@ impl Format {
         match path.extension().and_then(|e| e.to_str()) {
             Some("svg") => Ok(Format::Svg),
             Some("png") => Ok(Format::Png),
-            _ => Err(Error::invalid("plot", format!("{}: name the chart *.svg or *.png", path.display()))),
+            _ => Err(anyhow!("invalid --plot: {}: name the chart *.svg or *.png", path.display())),
         }
     }
 }
@@ -192,5 +184,5 @@ fn load_font() -> Result<()> {
                 .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
         })
         .clone()
-        .map_err(|msg| Error::invalid("plot", msg))
+        .map_err(|msg| anyhow!("invalid --plot: {msg}"))
 }

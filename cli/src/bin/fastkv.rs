@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fastkv::eval::Contender;
 use fastkv::{Device, Engine, Method, Overrides, Prompt, Request, Sampling};
+use fastkv_cli::Bars;
 
 /// Run LLM engines with FastKV (Token-Selective Propagation + GQA-aware KV compression).
 #[derive(Parser)]
@@ -244,7 +245,7 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
     let engine = args.device.open(&args.engine)?;
     let probes =
         Probes { haystack: args.haystack.clone(), count: args.probes, tokens: args.probe_tokens, seed: args.seed };
-    let c = calibrate::calibrate(&engine, &probes, true)?;
+    let c = calibrate::calibrate(&engine, &probes, &Bars::new())?;
     let spec = engine.spec();
     let before = engine.default_policy();
     print!(
@@ -288,7 +289,7 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
     );
     if !args.dry_run {
         let mut manifest = engine.manifest.clone();
-        calibrate::apply(&mut manifest, c);
+        manifest.set_calibration(c);
         manifest.write(&args.engine)?;
         println!("wrote {}", args.engine.join(fastkv::engine::MANIFEST).display());
     }
@@ -426,7 +427,7 @@ struct RulerArgs {
 
 fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.plot {
-        fastkv::plot::check_path(path)?;
+        fastkv_cli::plot::check_path(path)?;
     }
     let engine = args.device.open(&args.engine)?;
     let text = std::fs::read_to_string(&args.prompt_file)
@@ -437,9 +438,8 @@ fn bench(args: &BenchArgs) -> Result<()> {
         warmup: args.warmup,
         repeats: args.repeats,
         new_tokens: args.new_tokens,
-        progress: true,
     };
-    let rows = fastkv::bench::run(&engine, &text, &cfg)?;
+    let rows = fastkv::bench::run(&engine, &text, &cfg, &Bars::new())?;
     if args.device.device == fastkv::Device::Cpu {
         println!("cpu path: {}", fastkv::cpu::isa::describe());
     }
@@ -457,7 +457,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 args.lengths.iter().map(|l| ttft(l).unwrap_or(f64::NAN)).collect()
             })
             .collect();
-        fastkv::plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
+        fastkv_cli::plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
     }
     Ok(())
 }
@@ -469,7 +469,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
         EvalCommand::Ruler(a) => &a.common,
     };
     if let Some(path) = &common.plot {
-        fastkv::plot::check_path(path)?;
+        fastkv_cli::plot::check_path(path)?;
     }
     let engine = common.device.open(&common.engine)?;
     let longest = common.lengths.iter().copied().max().unwrap_or(0);
@@ -489,7 +489,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
             (samples, "task", |s| s.task.clone())
         }
     };
-    let scores = fastkv::eval::run(&engine, &samples, &contenders, true)?;
+    let scores = fastkv::eval::run(&engine, &samples, &contenders, &Bars::new())?;
     for (label, key) in [("tokens", (|s: &fastkv::eval::Score| s.length.to_string()) as fn(&_) -> _), (x, y)] {
         let (rows, methods, cells) = mean_table(&scores, key);
         println!("{}", fastkv::eval::format_table(label, &rows, &methods, &cells));
@@ -499,7 +499,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
         write_json(path, &scores)?;
     }
     if let Some(path) = &common.plot {
-        fastkv::plot::heatmaps(path, "prompt tokens", x, &fastkv::eval::grids(&scores, y))?;
+        fastkv_cli::plot::heatmaps(path, "prompt tokens", x, &fastkv::eval::grids(&scores, y))?;
     }
     Ok(())
 }
@@ -525,22 +525,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", cli_message(&e));
+            eprintln!("error: {}", fastkv_cli::message(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error chain in the CLI's words ([`fastkv::Error::cli_message`]); a library error's own
-/// message already includes its sources.
-fn cli_message(e: &anyhow::Error) -> String {
-    let mut parts = Vec::new();
-    for cause in e.chain() {
-        if let Some(fe) = cause.downcast_ref::<fastkv::Error>() {
-            parts.push(fe.cli_message());
-            break;
-        }
-        parts.push(cause.to_string());
-    }
-    parts.join(": ")
 }
