@@ -11,10 +11,14 @@ ENGINE=target/engines/triton-$(basename "$CHECKPOINT")
 if [ ! -x "$PY/pytriton/tritonserver/bin/tritonserver" ] || [ ! -d "$PY/tritonclient" ]; then
   python3 -m pip install --quiet --target "$PY" nvidia-pytriton==0.7.0 'tritonclient[http,grpc]==2.73.0'
 fi
-# With FASTKV_FEATURES (scripts/test.sh's), the build the tests made is reused: same features, and --benches keeps
-# the dev-dependencies in the feature resolution (with --lib --bins: --benches alone would select only benches), so
-# no dependency is compiled a second time.
-cargo build --release -p fastkv-triton -p fastkv ${FASTKV_FEATURES:+--features "$FASTKV_FEATURES" --lib --bins --benches}
+# With FASTKV_FEATURES (scripts/test.sh's), the build the tests made is reused: the same packages and features, and
+# --benches keeps the dev-dependencies in the feature resolution (with --lib --bins: --benches alone would select only
+# benches), so nothing is compiled a second time.
+if [ -n "${FASTKV_FEATURES:-}" ]; then
+  cargo build --release --locked --workspace --features "$FASTKV_FEATURES" --lib --bins --benches
+else
+  cargo build --release --locked -p fastkv-triton -p fastkv-cli
+fi
 mkdir -p target/triton-backends/fastkv
 cp target/release/libtriton_fastkv.so target/triton-backends/fastkv/
 target/release/fastkv-build --checkpoint "$CHECKPOINT" --output "$ENGINE" --force --no-calibrate >/dev/null
