@@ -1,6 +1,7 @@
 //! bf16 GEMM benchmark on the projection shapes of the engines, and a STREAM-like triad.
 //!
-//! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad] [-- --peak]`
+//! `cargo bench --bench gemm [-- --shapes 512x960x576,4096x3072x576 --repeats 5] [-- --triad] [-- --peak]
+//!  [-- --decode 1,4,16 [--dot pairs|avx512|avx2|portable]]`
 //!
 //! Per `MxNxK` shape (M activation rows, N output features, K input features) it times every bf16
 //! path of `Linear::forward` this CPU has on the same inputs (`fastkv::cpu::isa::Path`: `amx`,
@@ -8,7 +9,10 @@
 //! one line per path, `path M N K GFLOP/s` (best of `--repeats`), which
 //! benches/peers/gemm_vs_torch.py reads. `--triad` prints the memory bandwidth `a = b + s·c` reaches
 //! on all rayon threads, the ceiling of weight-bound decode; `--peak` the rate of each bf16 kernel on
-//! operands in L1, the ceiling of the GEMMs.
+//! operands in L1, the ceiling of the GEMMs. `--decode M,...` times the decode products
+//! (`cpu::gemv::products`, one activation row per request of a batch) of every dot this CPU has, over
+//! a model's worth of bf16 weights (SmolLM2-135M's layers, 269 MB: nothing stays in cache), and prints
+//! the weight bytes read per second beside the triad, the ceiling of a weight-bound decode step.
 
 use std::time::Instant;
 
@@ -115,8 +119,41 @@ fn peak(repeats: usize) {
     }
 }
 
+/// Weight bytes per second of a decode step's products over all of SmolLM2-135M's weights, per dot
+/// and batch size `m`, beside the triad.
+fn decode(batches: &[usize], repeats: usize) {
+    use fastkv::cpu::gemv::{self, Dot, Weights};
+    let mats: Vec<(usize, usize)> = (0..30).flat_map(|_| SMOLLM2).chain([(49152, 576)]).collect();
+    let weights: Vec<Vec<bf16>> = mats
+        .iter()
+        .map(|&(n, k)| (0..n * k).map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 400.0)).collect())
+        .collect();
+    let bytes: usize = weights.iter().map(|w| 2 * w.len()).sum();
+    let only = arg("--dot");
+    for dot in Dot::available()
+        .into_iter()
+        .filter(|d| only.as_ref().is_none_or(|o| format!("{d:?}").to_lowercase().contains(o)))
+    {
+        for &m in batches {
+            let x: Vec<f32> = (0..m * 1536).map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0).collect();
+            let mut out = vec![0f32; m * 49152];
+            let t = best(repeats, || {
+                for (&(n, k), w) in mats.iter().zip(&weights) {
+                    gemv::products(dot, &x[..m * k], m, Weights::Bf16(w), k, &mut out[..m * n]);
+                }
+            });
+            println!("decode {dot:?} m={m}: {:.1} GB/s of weights, {:.2} ms per step", bytes as f64 / t / 1e9, t * 1e3);
+        }
+    }
+    triad(repeats);
+}
+
 fn main() {
     let repeats = arg("--repeats").map_or(5, |r| r.parse().expect("--repeats takes a count"));
+    if let Some(batches) = arg("--decode") {
+        let batches: Vec<usize> = batches.split(',').map(|m| m.parse().expect("--decode takes M,...")).collect();
+        return decode(&batches, repeats);
+    }
     if std::env::args().any(|a| a == "--triad") {
         return triad(repeats);
     }

@@ -101,6 +101,23 @@ impl Backend {
         }
     }
 
+    /// Whether `policy` can prefill a `prompt_len`-token prompt here ([`prefill::check_policy`]).
+    pub fn check(&self, policy: &Policy, prompt_len: usize) -> Result<()> {
+        match self {
+            Backend::Cpu(m) => prefill::check_policy(m.spec(), policy, prompt_len, "cpu", true),
+            Backend::Cuda(m) => prefill::check_policy(m.spec(), policy, prompt_len, "cuda", false),
+        }
+    }
+
+    /// Bytes of memory free on the device now, for KV caches: the host's available memory for the
+    /// CPU (MemAvailable on Linux, else 4 GiB), the GPU's free memory.
+    pub fn free_memory(&self) -> usize {
+        match self {
+            Backend::Cpu(_) => cpu::available_memory(),
+            Backend::Cuda(m) => m.free_memory(),
+        }
+    }
+
     /// Bytes of one cached K or V element.
     pub fn kv_element_bytes(&self) -> usize {
         match self {
@@ -124,13 +141,36 @@ impl Backend {
         policies: &[Policy],
         max_new_tokens: usize,
     ) -> Result<Vec<Prefill<KvCache>>> {
+        self.prefill_pausing_many(tokens, policies, max_new_tokens, &mut || Ok(()))
+    }
+
+    /// [`Backend::prefill`], calling `pause` between the pieces of every layer
+    /// ([`prefill::prefill_pausing`]).
+    pub fn prefill_pausing(
+        &self,
+        tokens: &[u32],
+        policy: &Policy,
+        max_new_tokens: usize,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Prefill<KvCache>> {
+        let mut one = self.prefill_pausing_many(tokens, std::slice::from_ref(policy), max_new_tokens, pause)?;
+        Ok(one.pop().expect("one prefill per policy"))
+    }
+
+    fn prefill_pausing_many(
+        &self,
+        tokens: &[u32],
+        policies: &[Policy],
+        max_new_tokens: usize,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Prefill<KvCache>>> {
         Ok(match self {
-            Backend::Cpu(m) => prefill::prefill_many(m, tokens, policies, max_new_tokens)?
+            Backend::Cpu(m) => prefill::prefill_pausing(m, tokens, policies, max_new_tokens, pause)?
                 .into_iter()
                 .map(|p| p.map_cache(|layers| KvCache::Cpu(cpu::KvCache { layers })))
                 .collect(),
             Backend::Cuda(m) => m
-                .prefill_many(tokens, policies, max_new_tokens)?
+                .prefill_pausing(tokens, policies, max_new_tokens, pause)?
                 .into_iter()
                 .map(|p| p.map_cache(KvCache::Cuda))
                 .collect(),
@@ -148,12 +188,45 @@ impl Backend {
 
     /// One new token at `position` through every layer, appending to `cache`; its logits.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        match (self, cache) {
-            (Backend::Cpu(m), KvCache::Cpu(c)) => Ok(m.decode(token, position, c)),
-            (Backend::Cuda(m), KvCache::Cuda(c)) => m.decode(token, position, c),
-            _ => Err(Error::invalid("cache", "this KV cache was prefilled on another backend")),
+        Ok(self.decode_batch(&mut [Step { token, position, cache }])?.pop().expect("one request"))
+    }
+
+    /// One decode step of several requests at once, each appending to its own cache: their logits,
+    /// in order. A request's logits do not depend on what else is in the batch.
+    pub fn decode_batch(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
+        let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        let positions: Vec<u32> = steps.iter().map(|s| s.position).collect();
+        let foreign = || Error::invalid("cache", "a KV cache was prefilled on another backend");
+        match self {
+            Backend::Cpu(m) => {
+                let mut caches = Vec::with_capacity(steps.len());
+                for s in steps.iter_mut() {
+                    match &mut *s.cache {
+                        KvCache::Cpu(c) => caches.push(c),
+                        _ => return Err(foreign()),
+                    }
+                }
+                Ok(m.decode_batch(&tokens, &positions, &mut caches))
+            }
+            Backend::Cuda(m) => {
+                let mut caches = Vec::with_capacity(steps.len());
+                for s in steps.iter_mut() {
+                    match &mut *s.cache {
+                        KvCache::Cuda(c) => caches.push(c),
+                        _ => return Err(foreign()),
+                    }
+                }
+                m.decode_batch(&tokens, &positions, &mut caches)
+            }
         }
     }
+}
+
+/// One request's share of a decode step: the token it appends at `position` to its `cache`.
+pub struct Step<'a> {
+    pub token: u32,
+    pub position: u32,
+    pub cache: &'a mut KvCache,
 }
 
 impl KvCache {

@@ -3,13 +3,18 @@
 //! noisy machine slows them all alike).
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::Contender;
+use crate::policy::Policy;
+use crate::prefill::cache_bytes_bound;
 use crate::progress::Progress;
+use crate::scheduler::{Config, Event, Scheduler, Unobserved};
 use crate::session::{Prompt, Request};
 
 pub struct BenchConfig {
@@ -160,6 +165,195 @@ pub fn format_table(rows: &[Row]) -> String {
             r.decode_tokens_per_s.median,
             mb(r.kv_cache_bytes),
             r.peak_rss_bytes.map_or("-".into(), |b| format!("{:.0}", mb(b as usize))),
+        );
+    }
+    out
+}
+
+/// `fastkv bench --concurrency`: requests submitted together to the batching engine.
+pub struct ConcurrencyConfig {
+    /// Prompt length of every request.
+    pub length: usize,
+    pub contenders: Vec<Contender>,
+    /// Requests submitted at once, one run per value.
+    pub concurrency: Vec<usize>,
+    /// Tokens every request generates (EOS is ignored: each decodes exactly this many).
+    pub new_tokens: usize,
+    pub scheduler: Config,
+}
+
+/// What one concurrency level measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConcurrencyRow {
+    pub method: String,
+    pub prompt_tokens: usize,
+    pub concurrency: usize,
+    pub new_tokens: usize,
+    pub wall_s: f64,
+    /// Generated tokens of all requests per second of the whole run (prefills included).
+    pub output_tokens_per_s: f64,
+    /// Tokens per second of the batched decode steps alone (their tokens over their time).
+    pub decode_tokens_per_s: f64,
+    /// Requests per decode step, on average.
+    pub mean_batch: f64,
+    pub ttft_s: Percentiles,
+    /// Gaps between consecutive tokens of a request, over all requests.
+    pub itl_s: Percentiles,
+    /// The KV cache one request sets aside (room for its new tokens included), and how many such
+    /// requests the engine's cache memory holds at once.
+    pub kv_bytes_per_request: usize,
+    pub max_concurrency_in_memory: usize,
+}
+
+/// Percentiles of a sample (nearest rank).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut xs: Vec<f64>) -> Self {
+        if xs.is_empty() {
+            return Percentiles::default();
+        }
+        xs.sort_by(f64::total_cmp);
+        let at = |q: f64| xs[((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1];
+        Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99), max: xs[xs.len() - 1] }
+    }
+}
+
+/// Every request's token times (arrival first), gathered from its stream.
+struct Timeline {
+    arrived: Instant,
+    tokens: Vec<Instant>,
+}
+
+/// Submits `count` copies of `prompt` under `policy` together and waits for them all: their
+/// timelines, in submission order.
+fn submit_all(
+    scheduler: &Scheduler,
+    prompt: &[u32],
+    policy: Policy,
+    new_tokens: usize,
+    count: usize,
+) -> Result<Vec<Timeline>> {
+    let streams: Vec<(Instant, crate::scheduler::Stream)> = (0..count)
+        .map(|_| {
+            let mut req = Request::new(Prompt::Tokens(prompt.to_vec()));
+            req.max_new_tokens = new_tokens;
+            req.policy = Some(policy);
+            req.ignore_eos = true;
+            Ok((Instant::now(), scheduler.submit_stream(req)?))
+        })
+        .collect::<Result<_>>()?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|(arrived, stream)| {
+                s.spawn(move || -> Result<Timeline> {
+                    let mut tokens = Vec::new();
+                    for event in stream {
+                        match event {
+                            Event::Token(_) => tokens.push(Instant::now()),
+                            Event::Done(_) => return Ok(Timeline { arrived, tokens }),
+                            Event::Failed(e) => return Err(e),
+                        }
+                    }
+                    Err(Error::ShuttingDown)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a stream reader panicked")).collect()
+    })
+}
+
+/// Runs every contender at every concurrency on its own batching engine, `cfg.concurrency[i]`
+/// requests of `cfg.length` tokens submitted at once, after one unmeasured warm-up request.
+pub fn concurrency(
+    engine: &Arc<Engine>,
+    text: &str,
+    cfg: &ConcurrencyConfig,
+    progress: &dyn Progress,
+) -> Result<Vec<ConcurrencyRow>> {
+    let ids = engine.text.encode(text, false)?;
+    if ids.is_empty() {
+        return Err(Error::invalid("prompt_file", "the text has no tokens"));
+    }
+    let prompt: Vec<u32> = ids.iter().copied().cycle().take(cfg.length).collect();
+    let mut rows = Vec::new();
+    progress.begin("concurrency runs", (cfg.contenders.len() * cfg.concurrency.len()) as u64, false);
+    for contender in &cfg.contenders {
+        for &n in &cfg.concurrency {
+            let scheduler = Scheduler::start(engine.clone(), cfg.scheduler, Arc::new(Unobserved));
+            submit_all(&scheduler, &prompt, contender.policy, 2, 1)?;
+            let before = scheduler.stats();
+            let start = Instant::now();
+            let timelines = submit_all(&scheduler, &prompt, contender.policy, cfg.new_tokens, n)?;
+            let wall_s = start.elapsed().as_secs_f64();
+            let after = scheduler.stats();
+            let decoded = (after.decoded_tokens - before.decoded_tokens) as f64;
+            let decode_s = after.decode_seconds - before.decode_seconds;
+            let steps = (after.decode_steps - before.decode_steps).max(1) as f64;
+            let generated: usize = timelines.iter().map(|t| t.tokens.len()).sum();
+            let ttft =
+                timelines.iter().filter_map(|t| t.tokens.first().map(|f| (*f - t.arrived).as_secs_f64())).collect();
+            let itl = timelines.iter().flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64())).collect();
+            let element = engine.backend.kv_element_bytes();
+            let per_request = cache_bytes_bound(engine.spec(), &contender.policy, cfg.length, cfg.new_tokens, element);
+            rows.push(ConcurrencyRow {
+                method: contender.name.clone(),
+                prompt_tokens: cfg.length,
+                concurrency: n,
+                new_tokens: cfg.new_tokens,
+                wall_s,
+                output_tokens_per_s: generated as f64 / wall_s,
+                decode_tokens_per_s: if decode_s > 0.0 { decoded / decode_s } else { 0.0 },
+                mean_batch: decoded / steps,
+                ttft_s: Percentiles::of(ttft),
+                itl_s: Percentiles::of(itl),
+                kv_bytes_per_request: per_request,
+                max_concurrency_in_memory: cfg.scheduler.kv_cache_memory / per_request.max(1),
+            });
+            progress.advance(1, &format!("{} × {n}", contender.name));
+        }
+    }
+    progress.end();
+    Ok(rows)
+}
+
+/// The table `fastkv bench --concurrency` prints.
+pub fn format_concurrency(rows: &[ConcurrencyRow]) -> String {
+    let mut out = format!(
+        "{:<12} {:>6} {:>5} {:>11} {:>11} {:>7} {:>17} {:>17} {:>9} {:>8}\n",
+        "method",
+        "tokens",
+        "conc",
+        "output t/s",
+        "decode t/s",
+        "batch",
+        "TTFT p50/p99 s",
+        "ITL p50/p99 ms",
+        "KV MB/req",
+        "fit"
+    );
+    for r in rows {
+        out += &format!(
+            "{:<12} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.1} {:>8.2} / {:>6.2} {:>8.1} / {:>6.1} {:>9.1} {:>8}\n",
+            r.method,
+            r.prompt_tokens,
+            r.concurrency,
+            r.output_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.mean_batch,
+            r.ttft_s.p50,
+            r.ttft_s.p99,
+            1e3 * r.itl_s.p50,
+            1e3 * r.itl_s.p99,
+            r.kv_bytes_per_request as f64 / 1e6,
+            r.max_concurrency_in_memory,
         );
     }
     out

@@ -31,7 +31,21 @@ impl Model {
         match *self {}
     }
 
-    pub fn prefill_many(&self, _: &[u32], _: &[Policy], _: usize) -> Result<Vec<Prefill<KvCache>>> {
+    pub fn spec(&self) -> &ModelSpec {
+        match *self {}
+    }
+
+    pub fn free_memory(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn prefill_pausing(
+        &self,
+        _: &[u32],
+        _: &[Policy],
+        _: usize,
+        _: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Prefill<KvCache>>> {
         match *self {}
     }
 
@@ -39,7 +53,7 @@ impl Model {
         match *self {}
     }
 
-    pub fn decode(&self, _: u32, _: u32, _: &mut KvCache) -> Result<Vec<f32>> {
+    pub fn decode_batch(&self, _: &[u32], _: &[u32], _: &mut [&mut KvCache]) -> Result<Vec<Vec<f32>>> {
         match *self {}
     }
 }

@@ -46,6 +46,18 @@ pub enum Error {
     #[error("no {backend} device: {reason}")]
     NoDevice { backend: &'static str, reason: String },
 
+    /// The request was cancelled (its client went away, or asked) before it finished.
+    #[error("the request was cancelled")]
+    Cancelled,
+
+    /// The batching engine's queue is full: the request may be retried later.
+    #[error("the server is busy: {waiting} requests are waiting already; retry later")]
+    QueueFull { waiting: usize },
+
+    /// The batching engine is shutting down and takes no new requests.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+
     /// A device call failed: which operation, the backend's error code, and its message.
     #[error("{backend} {operation} failed{}: {message}", code.map(|c| format!(" (code {c})")).unwrap_or_default())]
     Device { backend: &'static str, operation: String, code: Option<i64>, message: String },

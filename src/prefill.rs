@@ -142,6 +142,20 @@ pub fn prefill_many<O: Ops>(
     policies: &[Policy],
     reserve: usize,
 ) -> Result<Vec<Prefill<Vec<O::LayerCache>>>> {
+    prefill_pausing(ops, tokens, policies, reserve, &mut || Ok(()))
+}
+
+/// [`prefill_many`], calling `pause` between the pieces of every layer (its q|k|v, its attention,
+/// its output and MLP): a batching engine runs the decode steps of other requests there, so a long
+/// prefill does not stall them for longer than one piece; an error from `pause` (the request was
+/// cancelled) ends the prefill with it.
+pub fn prefill_pausing<O: Ops>(
+    ops: &O,
+    tokens: &[u32],
+    policies: &[Policy],
+    reserve: usize,
+    pause: &mut dyn FnMut() -> Result<()>,
+) -> Result<Vec<Prefill<Vec<O::LayerCache>>>> {
     for policy in policies {
         check::<O>(ops.spec(), policy, tokens.len())?;
     }
@@ -152,7 +166,7 @@ pub fn prefill_many<O: Ops>(
     let entries: usize = policies.iter().map(|p| planned_cache_entries(ops.spec(), p, tokens.len(), reserve)).sum();
     ops.reserve(tokens.len(), entries)?;
     let runs = policies.iter().map(|p| PolicyRun::new(p, filter_k(p))).collect();
-    let ends = run_layers(ops, tokens, runs, reserve)?;
+    let ends = run_layers(ops, tokens, runs, reserve, pause)?;
     ends.into_iter()
         .zip(policies)
         .map(|(end, policy)| match end {
@@ -160,7 +174,8 @@ pub fn prefill_many<O: Ops>(
             RunEnd::Filtered { keep, profile } => {
                 let ids: Vec<u32> = keep.iter().map(|&i| tokens[i as usize]).collect();
                 let full = Policy { method: Method::Full, ..*policy };
-                let mut pre = prefill_many(ops, &ids, std::slice::from_ref(&full), reserve)?.pop().expect("one");
+                let mut pre =
+                    prefill_pausing(ops, &ids, std::slice::from_ref(&full), reserve, pause)?.pop().expect("one");
                 let p = &mut pre.profile;
                 p.selection_s += profile.projections_s + profile.attention_s + profile.selection_s;
                 pre.filtered_positions = Some(keep);
@@ -172,11 +187,24 @@ pub fn prefill_many<O: Ops>(
 
 /// Whether `policy` can prefill a `prompt_len`-token prompt on backend `O`.
 fn check<O: Ops>(spec: &ModelSpec, policy: &Policy, prompt_len: usize) -> Result<()> {
+    check_policy(spec, policy, prompt_len, O::NAME, O::HOST_SELECTION)
+}
+
+/// Whether `policy` can prefill a `prompt_len`-token prompt on the backend `name`, whose selection
+/// runs on the host (`host_selection`) or only for [`ANY_BACKEND_METHODS`]: the one check every
+/// prefill passes, also made where a batching engine takes a request, before it queues it.
+pub fn check_policy(
+    spec: &ModelSpec,
+    policy: &Policy,
+    prompt_len: usize,
+    name: &'static str,
+    host_selection: bool,
+) -> Result<()> {
     policy.validate(spec)?;
     policy.check_prompt(prompt_len)?;
-    if !O::HOST_SELECTION && !ANY_BACKEND_METHODS.contains(&policy.method) {
+    if !host_selection && !ANY_BACKEND_METHODS.contains(&policy.method) {
         return Err(Error::Unsupported {
-            backend: O::NAME,
+            backend: name,
             what: format!("method `{}`", policy.method.name()),
             supported: ANY_BACKEND_METHODS.map(Method::name).join(", "),
         });
@@ -196,7 +224,7 @@ pub fn tsp_selections<O: Ops>(ops: &O, tokens: &[u32], policies: &[Policy]) -> R
     }
     ops.reserve(tokens.len(), 0)?;
     let runs = policies.iter().map(|p| PolicyRun { selection_only: true, ..PolicyRun::new(p, None) }).collect();
-    let ends = run_layers(ops, tokens, runs, 0)?;
+    let ends = run_layers(ops, tokens, runs, 0, &mut || Ok(()))?;
     Ok(ends
         .into_iter()
         .map(|end| match end {
@@ -222,6 +250,25 @@ fn planned_cache_entries(spec: &ModelSpec, policy: &Policy, prompt_len: usize, r
             kept + reserve
         })
         .sum()
+}
+
+/// The bytes `policy`'s KV cache of a `prompt_len`-token prompt holds at most with room for
+/// `reserve` more tokens, at `element_bytes` per K or V value (and a u32 position per entry): what a
+/// batching engine sets aside before the prefill. Exact for the methods with one budget per layer and
+/// head; AdaKV's and HeadKV's heads, whose budgets move between heads, are bounded by the prompt.
+pub fn cache_bytes_bound(
+    spec: &ModelSpec,
+    policy: &Policy,
+    prompt_len: usize,
+    reserve: usize,
+    element_bytes: usize,
+) -> usize {
+    let heads = if policy.method.per_query_head() { spec.num_heads } else { spec.num_kv_heads };
+    let entries = match policy.method {
+        Method::Adakv | Method::Headkv => spec.num_layers * (prompt_len + reserve),
+        _ => planned_cache_entries(spec, policy, prompt_len, reserve),
+    };
+    entries * heads * (2 * spec.head_dim * element_bytes + 4)
 }
 
 /// One policy's progress through the layers.
@@ -305,6 +352,14 @@ impl Clock {
         self.last = now;
         Ok(seconds)
     }
+
+    /// Runs `pause` (the work of other requests) off the profile's clock.
+    fn paused<O: Ops>(&mut self, ops: &O, pause: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        ops.fence()?;
+        pause()?;
+        self.last = Instant::now();
+        Ok(())
+    }
 }
 
 /// The prefill loop: every layer of every stream attends over its full K/V, each run caches what
@@ -315,6 +370,7 @@ fn run_layers<'a, O: Ops>(
     tokens: &[u32],
     mut runs: Vec<PolicyRun<'a, O>>,
     reserve: usize,
+    pause: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<RunEnd<Vec<O::LayerCache>>>> {
     let n_layers = ops.spec().num_layers;
     let prompt_len = tokens.len();
@@ -333,6 +389,7 @@ fn run_layers<'a, O: Ops>(
             let qkv = ops.qkv(layer, &x, &pos)?;
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
+            clock.paused(ops, &mut *pause)?;
 
             // Attention sees this layer's full K/V; compression only changes what is stored. Only
             // the last row reaches the LM head, so the last layer computes just that row. GemFilter
@@ -344,6 +401,7 @@ fn run_layers<'a, O: Ops>(
             };
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.attention_s += shared);
+            clock.paused(ops, &mut *pause)?;
 
             // Runs that pass on every row, and the others grouped by the rows they pass on.
             let mut whole = Vec::new();
@@ -392,6 +450,7 @@ fn run_layers<'a, O: Ops>(
             ops.output_and_mlp(layer, &mut x, o, last_layer)?;
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
+            clock.paused(ops, &mut *pause)?;
 
             for (rows, group) in splits {
                 let (x, pos) = ops.propagate(&x, &pos, &rows)?;

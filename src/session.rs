@@ -1,5 +1,8 @@
 //! Requests against an opened engine: tokenize, prefill under the request's compression policy,
-//! decode with streaming, and measure. Many requests may run on one engine at once.
+//! decode with streaming, and measure. [`Engine::generate`] runs one request on the calling thread;
+//! the batching engine ([`crate::scheduler`]) runs many, sharing every decode step. Both take a request
+//! from its prefill to its last token through one [`Generation`]: sampling, stop strings, EOS and
+//! length, log-probabilities and metrics are decided in one place.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -12,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::policy::{Method, Policy};
 use crate::prefill::Prefill;
 use crate::sampling::{Sampler, Sampling};
+use crate::stop::StopText;
 use crate::text::Detokenizer;
 
 /// What to complete.
@@ -34,11 +38,26 @@ pub struct Request {
     pub policy: Option<Policy>,
     /// Record which KV entries each layer kept (see [`Selection`]).
     pub record_selection: bool,
+    /// Generation ends where one of these appears in the text; the text ends before it.
+    pub stop: Vec<String>,
+    /// Report each token's log-probability and this many most likely alternatives ([`Token::logprob`]).
+    pub logprobs: Option<usize>,
+    /// Generate past EOS tokens, to exactly `max_new_tokens` (benchmarks measure fixed lengths).
+    pub ignore_eos: bool,
 }
 
 impl Request {
     pub fn new(prompt: Prompt) -> Self {
-        Request { prompt, max_new_tokens: 128, sampling: Sampling::default(), policy: None, record_selection: false }
+        Request {
+            prompt,
+            max_new_tokens: 128,
+            sampling: Sampling::default(),
+            policy: None,
+            record_selection: false,
+            stop: Vec::new(),
+            logprobs: None,
+            ignore_eos: false,
+        }
     }
 }
 
@@ -46,8 +65,21 @@ impl Request {
 #[derive(Clone, Debug)]
 pub struct Token {
     pub id: u32,
-    /// The text this token completes (empty while a multi-byte character is unfinished).
+    /// The text this token releases: what it completes (empty while a multi-byte character is
+    /// unfinished), less what might still begin a stop string, plus what it frees of earlier held
+    /// text. Released pieces always prefix [`Output::text`], so a stream that has sent `n` bytes
+    /// finishes with `output.text[n..]`.
     pub text: String,
+    /// With [`Request::logprobs`]: the token's log-probability and the most likely alternatives.
+    pub logprob: Option<Logprob>,
+}
+
+/// A token's log-probability under the model (before temperature and truncation) and the most
+/// likely tokens at its position, most likely first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Logprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +87,8 @@ pub struct Token {
 pub enum FinishReason {
     Eos,
     Length,
+    /// A stop string appeared ([`Request::stop`]).
+    Stop,
     Cancelled,
 }
 
@@ -114,10 +148,10 @@ pub struct Output {
 
 /// A checked, tokenized prompt.
 #[derive(Clone)]
-struct Prepared {
-    ids: Vec<u32>,
+pub(crate) struct Prepared {
+    pub(crate) ids: Vec<u32>,
     /// Tokens that may follow it.
-    max_new: usize,
+    pub(crate) max_new: usize,
 }
 
 impl Engine {
@@ -127,12 +161,22 @@ impl Engine {
     }
 
     /// Runs `req`, calling `on_token` for every generated token; returning `Break` stops early.
-    pub fn generate(&self, req: &Request, on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
+    pub fn generate(&self, req: &Request, mut on_token: impl FnMut(&Token) -> ControlFlow<()>) -> Result<Output> {
         let start = Instant::now();
         let policy = req.policy.unwrap_or_else(|| self.default_policy());
         let prompt = self.prepare(req)?;
         let prefill = self.backend.prefill(&prompt.ids, &policy, prompt.max_new)?;
-        self.complete(req, &policy, prompt, prefill, start.elapsed().as_secs_f64(), on_token)
+        let prefill_s = start.elapsed().as_secs_f64();
+        let (mut gen, mut cache) = Generation::new(self, req, policy, prompt, prefill, (start, prefill_s))?;
+        while let Some(token) = gen.sample()? {
+            if on_token(&token).is_break() {
+                gen.cancel();
+            }
+            if let Some((id, position)) = gen.to_decode() {
+                gen.accept(self.backend.decode(id, position, &mut cache)?);
+            }
+        }
+        Ok(gen.finish())
     }
 
     /// Runs `req` under each of `policies` (its own policy is ignored) with one shared prefill
@@ -147,15 +191,22 @@ impl Engine {
         policies
             .iter()
             .zip(prefills)
-            .map(|(policy, prefill)| {
-                self.complete(req, policy, prompt.clone(), prefill, prefill_s, |_| ControlFlow::Continue(()))
+            .map(|(&policy, prefill)| {
+                let (mut gen, mut cache) =
+                    Generation::new(self, req, policy, prompt.clone(), prefill, (start, prefill_s))?;
+                while gen.sample()?.is_some() {
+                    if let Some((id, position)) = gen.to_decode() {
+                        gen.accept(self.backend.decode(id, position, &mut cache)?);
+                    }
+                }
+                Ok(gen.finish())
             })
             .collect()
     }
 
     /// Checks `req`'s sampling and tokenizes its prompt (its policies are checked where every
     /// prefill starts, [`crate::prefill`]).
-    fn prepare(&self, req: &Request) -> Result<Prepared> {
+    pub(crate) fn prepare(&self, req: &Request) -> Result<Prepared> {
         let spec = self.spec();
         req.sampling.validate()?;
         let max_pos = spec.max_position_embeddings;
@@ -204,23 +255,47 @@ impl Engine {
         let max_new = req.max_new_tokens.min(max_pos - ids.len() + 1);
         Ok(Prepared { ids, max_new })
     }
+}
 
-    /// Decodes after `prefill` (which took `prefill_s` seconds) and measures the request.
-    fn complete(
-        &self,
+/// One request from its prefill to its last token. [`Generation::sample`] picks the next token from
+/// the latest logits and decides whether it ends the request (EOS, a stop string, the length);
+/// [`Generation::to_decode`] names the token and position the backend must decode next, whose
+/// logits come back through [`Generation::accept`]; [`Generation::finish`] measures it.
+pub(crate) struct Generation<'e> {
+    engine: &'e Engine,
+    policy: Policy,
+    prompt_ids: Vec<u32>,
+    max_new: usize,
+    next_position: u32,
+    sampler: Sampler,
+    detok: Detokenizer<'e>,
+    stop: StopText,
+    logprobs: Option<usize>,
+    ignore_eos: bool,
+    token_ids: Vec<u32>,
+    logits: Vec<f32>,
+    prompt_logits: Vec<f32>,
+    finish: Option<FinishReason>,
+    selection: Option<Selection>,
+    start: Instant,
+    first_token_at: Option<Instant>,
+    prefill_s: f64,
+    prefill_work_s: f64,
+    kv_cache_bytes: usize,
+}
+
+impl<'e> Generation<'e> {
+    /// The request `req` (its prompt `prompt`, received at `start`) after its prefill under `policy`,
+    /// which took `prefill_s` seconds; also the cache the prefill made, to decode into.
+    pub(crate) fn new(
+        engine: &'e Engine,
         req: &Request,
-        policy: &Policy,
+        policy: Policy,
         prompt: Prepared,
         prefill: Prefill<KvCache>,
-        prefill_s: f64,
-        mut on_token: impl FnMut(&Token) -> ControlFlow<()>,
-    ) -> Result<Output> {
-        let spec = self.spec();
-        let Prepared { ids, max_new } = prompt;
-        let mut cache = prefill.cache;
-        let kv_cache_bytes = cache.bytes();
-        let kv_cache_bytes_full =
-            2 * spec.num_layers * ids.len() * spec.num_kv_heads * spec.head_dim * self.backend.kv_element_bytes();
+        (start, prefill_s): (Instant, f64),
+    ) -> Result<(Self, KvCache)> {
+        let cache = prefill.cache;
         let selection = match req.record_selection {
             false => None,
             true => Some(Selection {
@@ -234,65 +309,128 @@ impl Engine {
                     })
                     .collect::<Result<_>>()?,
                 tsp_layer: prefill.tsp_positions.as_ref().map(|_| policy.tsp_layer),
-                tsp_positions: prefill.tsp_positions.clone(),
-                filtered_positions: prefill.filtered_positions.clone(),
+                tsp_positions: prefill.tsp_positions,
+                filtered_positions: prefill.filtered_positions,
             }),
         };
-
-        let start = Instant::now();
-        let mut sampler = Sampler::new(req.sampling);
-        let mut detok = Detokenizer::new(&self.text);
-        let mut out_ids = Vec::new();
-        let mut text = String::new();
-        let mut logits = prefill.logits.clone();
-        let mut finish = FinishReason::Length;
-        let mut ttft = prefill_s;
-        let mut first_token_at = start;
-        for step in 0..max_new {
-            let id = sampler.next(&logits);
-            if step == 0 {
-                first_token_at = Instant::now();
-                ttft = prefill_s + (first_token_at - start).as_secs_f64();
-            }
-            out_ids.push(id);
-            if self.text.eos_token_ids().contains(&id) {
-                finish = FinishReason::Eos;
-                break;
-            }
-            let piece = detok.push(id)?;
-            text.push_str(&piece);
-            if on_token(&Token { id, text: piece }).is_break() {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if step + 1 < max_new {
-                logits = self.backend.decode(id, prefill.next_position + step as u32, &mut cache)?;
-            }
-        }
-        let decode_s = first_token_at.elapsed().as_secs_f64();
-        let n = out_ids.len();
-        let metrics = Metrics {
-            prompt_tokens: ids.len(),
-            generated_tokens: n,
-            ttft_s: ttft,
-            prefill_tokens_per_s: ids.len() as f64 / prefill_s,
-            prefill_s: {
-                let p = &prefill.profile;
-                p.projections_s + p.attention_s + p.selection_s
-            },
-            decode_tokens_per_s: if n > 1 && decode_s > 0.0 { (n - 1) as f64 / decode_s } else { 0.0 },
-            kv_cache_bytes,
-            kv_cache_bytes_full,
-        };
-        Ok(Output {
-            text,
-            prompt_ids: ids,
-            token_ids: out_ids,
-            finish_reason: finish,
-            metrics,
-            policy: *policy,
-            selection,
+        let p = &prefill.profile;
+        let gen = Generation {
+            engine,
+            policy,
+            max_new: prompt.max_new,
+            prompt_ids: prompt.ids,
+            next_position: prefill.next_position,
+            sampler: Sampler::new(req.sampling),
+            detok: Detokenizer::new(&engine.text),
+            stop: StopText::new(req.stop.iter().filter(|s| !s.is_empty()).cloned().collect()),
+            logprobs: req.logprobs,
+            ignore_eos: req.ignore_eos,
+            token_ids: Vec::new(),
+            logits: prefill.logits.clone(),
             prompt_logits: prefill.logits,
-        })
+            finish: (prompt.max_new == 0).then_some(FinishReason::Length),
+            selection,
+            start,
+            first_token_at: None,
+            prefill_s,
+            prefill_work_s: p.projections_s + p.attention_s + p.selection_s,
+            kv_cache_bytes: cache.bytes(),
+        };
+        Ok((gen, cache))
     }
+
+    /// The next token from the latest logits, with the text it releases; `None` once the request
+    /// is over. An EOS token ends it unreleased; a stop string, the length or a cancellation after
+    /// the token end it after.
+    pub(crate) fn sample(&mut self) -> Result<Option<Token>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        let id = self.sampler.next(&self.logits);
+        let logprob = self.logprobs.map(|top| logprob(&self.logits, id, top));
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.token_ids.push(id);
+        if !self.ignore_eos && self.engine.text.eos_token_ids().contains(&id) {
+            self.finish = Some(FinishReason::Eos);
+            return Ok(None);
+        }
+        let (text, stopped) = self.stop.push(&self.detok.push(id)?);
+        if stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.token_ids.len() >= self.max_new {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(Some(Token { id, text, logprob }))
+    }
+
+    /// Ends the request after the tokens sampled so far.
+    pub(crate) fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// The token the backend must decode next and its position: the last one sampled, while the
+    /// request goes on.
+    pub(crate) fn to_decode(&self) -> Option<(u32, u32)> {
+        match (self.finish, self.token_ids.last()) {
+            (None, Some(&id)) => Some((id, self.next_position + self.token_ids.len() as u32 - 1)),
+            _ => None,
+        }
+    }
+
+    /// The logits of the token [`Generation::to_decode`] named.
+    pub(crate) fn accept(&mut self, logits: Vec<f32>) {
+        self.logits = logits;
+    }
+
+    pub(crate) fn finish(self) -> Output {
+        let spec = self.engine.spec();
+        let n = self.token_ids.len();
+        let first = self.first_token_at.unwrap_or_else(Instant::now);
+        let decode_s = first.elapsed().as_secs_f64();
+        let metrics = Metrics {
+            prompt_tokens: self.prompt_ids.len(),
+            generated_tokens: n,
+            ttft_s: (first - self.start).as_secs_f64(),
+            prefill_tokens_per_s: self.prompt_ids.len() as f64 / self.prefill_s,
+            prefill_s: self.prefill_work_s,
+            decode_tokens_per_s: if n > 1 && decode_s > 0.0 { (n - 1) as f64 / decode_s } else { 0.0 },
+            kv_cache_bytes: self.kv_cache_bytes,
+            kv_cache_bytes_full: 2
+                * spec.num_layers
+                * self.prompt_ids.len()
+                * spec.num_kv_heads
+                * spec.head_dim
+                * self.engine.backend.kv_element_bytes(),
+        };
+        Output {
+            text: self.stop.text().to_string(),
+            prompt_ids: self.prompt_ids,
+            token_ids: self.token_ids,
+            finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
+            metrics,
+            policy: self.policy,
+            selection: self.selection,
+            prompt_logits: self.prompt_logits,
+        }
+    }
+}
+
+/// `id`'s log-probability under `logits` and the `top` most likely tokens', most likely first.
+fn logprob(logits: &[f32], id: u32, top: usize) -> Logprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = top.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        best = idx.into_iter().map(|i| (i, logits[i as usize] - log_sum)).collect();
+    }
+    Logprob { logprob: logits[id as usize] - log_sum, top: best }
 }

@@ -6,8 +6,66 @@ pub mod plot;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
+use clap::Args;
 use fastkv::progress::Progress;
+use fastkv::scheduler::Config;
+use fastkv::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// The batching engine's limits (`fastkv serve`, `fastkv bench --concurrency`).
+#[derive(Args, Clone, Debug)]
+pub struct SchedulerArgs {
+    /// Memory for the KV caches of the requests running at once, with their room for new tokens
+    /// (bytes; K, M, G suffixes are powers of 1024) [default: half the memory free after loading]. A
+    /// request waits until its cache fits; FastKV's caches are about a tenth of full KV's.
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<usize>,
+    /// Requests that may wait for cache memory; beyond them the server answers "busy, retry".
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Most requests decoding at once, sharing every decode step.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// Milliseconds a new request's prefill may run before the running requests get a decode step
+    /// [default: as long as the last step took, so running streams keep about twice their
+    /// inter-token latency]. Larger values favour new requests' time to first token and fuller
+    /// batches over the running streams' latency.
+    #[arg(long)]
+    pub prefill_slice_ms: Option<u64>,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self, engine: &Engine) -> anyhow::Result<Config> {
+        if self.max_running == 0 {
+            anyhow::bail!("invalid --max-running: must be at least 1");
+        }
+        let default = Config::for_engine(engine);
+        Ok(Config {
+            kv_cache_memory: self.kv_cache_memory.unwrap_or(default.kv_cache_memory),
+            max_waiting: self.max_waiting,
+            max_running: self.max_running,
+            prefill_slice: self.prefill_slice_ms.map(std::time::Duration::from_millis),
+        })
+    }
+}
+
+/// A byte count: digits with an optional K, M, G or T suffix (powers of 1024; a trailing B or iB is
+/// allowed).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim().trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        Some((i, 'T' | 't')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let n: f64 = digits.trim().parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 4G, 512M, 1000000)"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        return Err(format!("`{s}` is not a byte count"));
+    }
+    Ok((n * (1u64 << shift) as f64) as usize)
+}
 
 /// The library's progress on stderr: a bar on a terminal; elsewhere (a log, CI) one line per
 /// counted step, so a long calibration or evaluation shows it is alive, and nothing for byte counts.

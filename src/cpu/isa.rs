@@ -79,10 +79,10 @@ fn bf16_dot_outruns_fma() -> bool {
         != (u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel"))
 }
 
-/// The vector instructions of the hand-written decode kernels (`kernels::dot_bf16`, decode
+/// The vector instructions of the hand-written decode kernels (`gemv`'s widening dot, decode
 /// attention in `kv_cache`): their AVX-512 or AVX2+FMA intrinsics, or plain Rust.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Simd {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
     Avx512,
     Avx2,
     Portable,
@@ -90,7 +90,7 @@ pub(crate) enum Simd {
 
 impl Simd {
     /// The kinds this CPU runs, widest first (tests check each against a reference).
-    pub(crate) fn available() -> impl Iterator<Item = Simd> {
+    pub fn available() -> impl Iterator<Item = Simd> {
         [Simd::Avx512, Simd::Avx2, Simd::Portable].into_iter().filter(|s| match s {
             Simd::Avx512 => has_avx512f(),
             Simd::Avx2 => has_avx2_fma(),
@@ -99,7 +99,7 @@ impl Simd {
     }
 
     /// The widest this CPU runs.
-    pub(crate) fn best() -> Simd {
+    pub fn best() -> Simd {
         Simd::available().next().unwrap_or(Simd::Portable)
     }
 }

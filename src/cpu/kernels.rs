@@ -4,10 +4,6 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::isa::Simd;
-#[cfg(target_arch = "x86_64")]
-use super::simd;
-
 /// Σ a·b with sixteen independent accumulators (vectorised for the best instruction set of this
 /// CPU, picked at run time).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -23,107 +19,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0f32;
     for (x, y) in ra.iter().zip(rb) {
         tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Σ a·w for bf16 `w`, widened in registers (a bf16 is the top half of an f32): the decode
-/// matvec of bf16 weights and decode attention over a bf16 cache. On x86-64 with AVX-512 or
-/// AVX2+FMA, four independent accumulators and a tree reduction; elsewhere [`dot`]'s order.
-pub fn dot_bf16(a: &[f32], w: &[half::bf16]) -> f32 {
-    dot_bf16_on(Simd::best(), a, w)
-}
-
-/// [`dot_bf16`] with the instructions `simd`, which this CPU must run ([`Simd::available`]).
-fn dot_bf16_on(simd: Simd, a: &[f32], w: &[half::bf16]) -> f32 {
-    match simd {
-        // SAFETY (both): `simd` is available, so the instructions are present.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { dot_bf16_avx512(a, w) },
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { dot_bf16_avx2(a, w) },
-        _ => dot_bf16_portable(a, w),
-    }
-}
-
-/// bf16 values ahead of the one being read that [`prefetch_ahead`] asks for: decode reads weight
-/// rows from DRAM, and the hardware prefetchers alone kept too few lines in flight (SmolLM2 decode
-/// after 512 tokens 53 → 66–75 tok/s on 2 Xeon cores; 256 and 4 096 values ahead were slower).
-#[cfg(target_arch = "x86_64")]
-const PREFETCH_VALUES: usize = 512;
-
-/// Asks for the two cache lines [`PREFETCH_VALUES`] after `w` (64 bf16); a hint, which never
-/// faults, so it may point past the end of the slice.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_ahead(w: *const half::bf16) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let line = w.wrapping_add(PREFETCH_VALUES).cast::<i8>();
-    // SAFETY: prefetching is a hint without architectural effect; any address is allowed.
-    unsafe {
-        _mm_prefetch::<_MM_HINT_T0>(line);
-        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
-    }
-}
-
-/// [`dot_bf16`] on AVX-512 (the portable loop's one accumulator, its lanes summed one after
-/// another, made 64-wide dots 2–3× slower, in L1; measured).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_bf16_avx512(a: &[f32], w: &[half::bf16]) -> f32 {
-    dot_bf16_simd::<simd::Avx512>(a, w)
-}
-
-/// [`dot_bf16_avx512`] in 8 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(a: &[f32], w: &[half::bf16]) -> f32 {
-    dot_bf16_simd::<simd::Avx2>(a, w)
-}
-
-/// The body of both: four accumulators over steps of 4 registers, then one register at a time,
-/// then scalars; the accumulators summed as a tree.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dot_bf16_simd<L: simd::Lanes>(a: &[f32], w: &[half::bf16]) -> f32 {
-    let n = a.len().min(w.len());
-    let (a, w) = (a.as_ptr(), w.as_ptr());
-    let mut acc = [L::zero(); 4];
-    let mut i = 0;
-    while i + 4 * L::N <= n {
-        if i % 64 == 0 {
-            prefetch_ahead(w.wrapping_add(i));
-        }
-        for (j, acc) in acc.iter_mut().enumerate() {
-            *acc = L::mul_add(L::load(a.add(i + L::N * j)), L::load_bf16(w.add(i + L::N * j)), *acc);
-        }
-        i += 4 * L::N;
-    }
-    while i + L::N <= n {
-        acc[0] = L::mul_add(L::load(a.add(i)), L::load_bf16(w.add(i)), acc[0]);
-        i += L::N;
-    }
-    let mut sum = L::sum(L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3])));
-    for i in i..n {
-        sum += *a.add(i) * widen_bf16(*w.add(i));
-    }
-    sum
-}
-
-/// [`dot_bf16`] where neither intrinsic version runs: x86-64 without AVX2+FMA, and NEON.
-#[multiversion(targets("aarch64+neon"))]
-fn dot_bf16_portable(a: &[f32], w: &[half::bf16]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cw) = (a.chunks_exact(16), w.chunks_exact(16));
-    let (ra, rw) = (ca.remainder(), cw.remainder());
-    for (x, y) in ca.zip(cw) {
-        for i in 0..16 {
-            acc[i] += x[i] * widen_bf16(y[i]);
-        }
-    }
-    let mut tail = 0f32;
-    for (x, &y) in ra.iter().zip(rw) {
-        tail += x * widen_bf16(y);
     }
     acc.iter().sum::<f32>() + tail
 }
@@ -196,22 +91,6 @@ fn swiglu_row(gate_up: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every bf16 dot this CPU can run against an f64 reference, on lengths around the 8-, 16-, 32-
-    /// and 64-wide steps.
-    #[test]
-    fn dot_bf16_matches_f64_reference() {
-        for n in [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 576, 1000] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
-            let w: Vec<half::bf16> =
-                (0..n).map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 41.0)).collect();
-            let want: f64 = a.iter().zip(&w).map(|(&a, w)| a as f64 * w.to_f64()).sum();
-            for simd in Simd::available() {
-                let got = dot_bf16_on(simd, &a, &w);
-                assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{simd:?}, n = {n}: {got} vs {want}");
-            }
-        }
-    }
 
     #[test]
     fn to_bf16_rounds_like_half() {

@@ -13,8 +13,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{exp, softmax_tile, Heads};
+use super::gemv::dot_bf16;
 use super::isa::Simd;
-use super::kernels::{axpy, axpy_bf16, dot, dot_bf16, to_bf16};
+use super::kernels::{axpy, axpy_bf16, dot, to_bf16};
 #[cfg(target_arch = "x86_64")]
 use super::simd;
 

@@ -3,25 +3,23 @@
 //! ([`bf16_gemm`], AMX or AVX512-BF16 as [`isa::path`] picks) from a copy packed on first use;
 //! without them, and for f16, the weights are widened to f32 one block of rows at a time for the
 //! `gemm` crate (the widening is O(n·k), the product O(m·n·k)); f32 weights go straight to it.
-//! Single-row products (decode) stream the weights once, widening in registers, f32 accumulation.
+//! Decode products — one row per request of a step — stream the weights once for all rows
+//! ([`gemv`]), each output computed the same whatever the number of rows.
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, PackedB};
+use super::gemv::{self, Dot, Weights};
 use super::isa;
-use super::kernels::{dot, dot_bf16};
 use crate::error::{Error, Result};
 use crate::tensors::{DType, MappedTensor, TensorFile};
 
-/// Matrix-vector tasks per thread (two, so a slowed thread's share can move), the interleaved
-/// runs of rows each task reads, and f32 values widened per GEMM block.
-const MATVEC_TASKS_PER_THREAD: usize = 2;
-const MATVEC_STREAMS: usize = 4;
+/// f32 values widened per GEMM block.
 const WIDEN_BLOCK_VALUES: usize = 1 << 20;
 
 /// A `[rows, cols]` weight matrix (`rows` = output features), row-major, in the engine file.
@@ -31,12 +29,6 @@ pub struct Linear {
     pub cols: usize,
     /// Kernel layout of a bf16 weight, built by the first multi-row product on a bf16 path.
     packed: OnceLock<PackedB>,
-}
-
-enum Rows<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-    Bf16(&'a [bf16]),
 }
 
 impl Linear {
@@ -53,12 +45,13 @@ impl Linear {
         self.weights.dtype
     }
 
-    fn data(&self) -> Rows<'_> {
+    /// The weights as stored, row-major `[rows, cols]`.
+    pub fn data(&self) -> Weights<'_> {
         let bytes = &self.weights.mmap[self.weights.range.clone()];
         match self.weights.dtype {
-            DType::F32 => Rows::F32(bytemuck::cast_slice(bytes)),
-            DType::F16 => Rows::F16(bytemuck::cast_slice(bytes)),
-            DType::Bf16 => Rows::Bf16(bytemuck::cast_slice(bytes)),
+            DType::F32 => Weights::F32(bytemuck::cast_slice(bytes)),
+            DType::F16 => Weights::F16(bytemuck::cast_slice(bytes)),
+            DType::Bf16 => Weights::Bf16(bytemuck::cast_slice(bytes)),
         }
     }
 
@@ -66,28 +59,28 @@ impl Linear {
     pub fn rows_f32(&self, r: Range<usize>, out: &mut [f32]) {
         let span = r.start * self.cols..r.end * self.cols;
         match self.data() {
-            Rows::F32(w) => out.copy_from_slice(&w[span]),
-            Rows::F16(w) => w[span].convert_to_f32_slice(out),
-            Rows::Bf16(w) => w[span].convert_to_f32_slice(out),
+            Weights::F32(w) => out.copy_from_slice(&w[span]),
+            Weights::F16(w) => w[span].convert_to_f32_slice(out),
+            Weights::Bf16(w) => w[span].convert_to_f32_slice(out),
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ`.
+    /// `out[m, rows] = x[m, cols] · Wᵀ` for a prefill: a GEMM (one row: [`Linear::forward_decode`]).
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), m * self.cols);
         debug_assert_eq!(out.len(), m * self.rows);
         if m == 1 {
-            return self.matvec(x, out);
+            return self.forward_decode(x, 1, out);
         }
         match self.data() {
-            Rows::F32(w) => return gemm_xwt(x, m, w, self.rows, self.cols, out, self.rows),
-            Rows::Bf16(w) => {
+            Weights::F32(w) => return gemm_xwt(x, m, w, self.rows, self.cols, out, self.rows),
+            Weights::Bf16(w) => {
                 if let Some(kernel) = bf16_gemm::kernel(isa::path()) {
                     let packed = self.packed.get_or_init(|| PackedB::new(w, self.rows, self.cols));
                     return bf16_gemm::gemm_xwt(kernel, x, m, packed, out, self.rows);
                 }
             }
-            Rows::F16(_) => {}
+            Weights::F16(_) => {}
         }
         let block = (WIDEN_BLOCK_VALUES / self.cols).clamp(16, self.rows.max(16));
         let mut wide = vec![0f32; block.min(self.rows) * self.cols];
@@ -101,43 +94,12 @@ impl Linear {
         }
     }
 
-    /// One input row: every weight is read once, widened in registers (no temporary row). Each
-    /// task takes a contiguous block of output rows and reads it as [`MATVEC_STREAMS`] runs in
-    /// step, since more streams in flight per core read DRAM faster (1 → 4 per thread: 13.4 →
-    /// 16.0 GB/s on 2 threads, measured).
-    fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        let tasks = MATVEC_TASKS_PER_THREAD * rayon::current_num_threads();
-        let task_rows = self.rows.div_ceil(tasks).max(1).next_multiple_of(MATVEC_STREAMS);
-        out.par_chunks_mut(task_rows).enumerate().for_each(|(b, out)| match self.data() {
-            Rows::F32(w) => streamed_rows(out, b * task_rows, self.cols, |r| dot(x, &w[r])),
-            Rows::Bf16(w) => streamed_rows(out, b * task_rows, self.cols, |r| dot_bf16(x, &w[r])),
-            Rows::F16(w) => streamed_rows(out, b * task_rows, self.cols, |r| dot_f16(x, &w[r])),
-        });
+    /// `out[m, rows] = x[m, cols] · Wᵀ` for the `m` rows of a decode step, one per request: every
+    /// weight is read once for all rows, and each output is computed the same whatever `m` is
+    /// ([`gemv::products`]).
+    pub fn forward_decode(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        gemv::products(Dot::for_path(), x, m, self.data(), self.cols, out);
     }
-}
-
-/// `out[i] = dot(values of row first + i)`, `out` in [`MATVEC_STREAMS`] runs visited in step;
-/// `dot` takes the row's range of values.
-fn streamed_rows(out: &mut [f32], first: usize, cols: usize, dot: impl Fn(Range<usize>) -> f32) {
-    let run = out.len().div_ceil(MATVEC_STREAMS);
-    for i in 0..run {
-        for r in (i..out.len()).step_by(run) {
-            out[r] = dot((first + r) * cols..(first + r + 1) * cols);
-        }
-    }
-}
-
-/// Σ x·w for f16 weights, widened a stack chunk at a time (f16 → f32 needs F16C, which `half`
-/// uses for slices).
-fn dot_f16(x: &[f32], w: &[f16]) -> f32 {
-    let mut wide = [0f32; 256];
-    x.chunks(256)
-        .zip(w.chunks(256))
-        .map(|(x, w)| {
-            w.convert_to_f32_slice(&mut wide[..w.len()]);
-            dot(x, &wide[..w.len()])
-        })
-        .sum()
 }
 
 /// `out[i, j] = Σ_k x[i, k] · w[j, k]` for `w` of `n` rows; `out` rows are `out_stride` apart.

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod gemv;
 pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
@@ -30,6 +31,23 @@ use linear::Linear;
 
 /// Rows of the MLP computed at once, bounding its 2·I-wide scratch for long prompts.
 const MLP_CHUNK: usize = 512;
+
+/// Which products a pass runs: a prefill's GEMMs, or a decode step's [`gemv`] products, whose
+/// every row is computed the same whatever else is in the batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Prefill,
+    Decode,
+}
+
+impl Linear {
+    fn apply(&self, pass: Pass, x: &[f32], m: usize, out: &mut [f32]) {
+        match pass {
+            Pass::Prefill => self.forward(x, m, out),
+            Pass::Decode => self.forward_decode(x, m, out),
+        }
+    }
+}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -110,6 +128,10 @@ impl Model {
         })
     }
 
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
     /// Bytes of one cached K or V element: bf16 engines cache in bf16, f32 engines in f32.
     pub fn kv_element_bytes(&self) -> usize {
         if self.bf16 {
@@ -137,13 +159,13 @@ impl Model {
     }
 
     /// q|k|v rows (`[m, qkv_rows]`) of `x`, biased, q/k-normed and rotated.
-    fn fused_qkv(&self, layer: &Layer, x: &[f32], rope: &RopeTable) -> Vec<f32> {
+    fn fused_qkv(&self, pass: Pass, layer: &Layer, x: &[f32], rope: &RopeTable) -> Vec<f32> {
         let s = &self.spec;
         let (m, width) = (x.len() / s.hidden_size, s.qkv_rows());
         let mut h = vec![0f32; x.len()];
         rms_norm(x, &layer.attn_norm, s.rms_norm_eps, &mut h);
         let mut qkv = vec![0f32; m * width];
-        layer.wqkv.forward(&h, m, &mut qkv);
+        layer.wqkv.apply(pass, &h, m, &mut qkv);
         if let Some(b) = &layer.bqkv {
             qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
         }
@@ -165,12 +187,12 @@ impl Model {
     }
 
     /// x += o·Woᵀ; x += MLP(RMSNorm(x)), in row chunks whose scratch is allocated once.
-    fn apply_output_and_mlp(&self, layer: &Layer, x: &mut [f32], o: &[f32]) {
+    fn apply_output_and_mlp(&self, pass: Pass, layer: &Layer, x: &mut [f32], o: &[f32]) {
         let s = &self.spec;
         let (e, inter) = (s.hidden_size, s.intermediate_size);
         let m = x.len() / e;
         let mut y = vec![0f32; m * e];
-        layer.wo.forward(o, m, &mut y);
+        layer.wo.apply(pass, o, m, &mut y);
         x.par_iter_mut().zip(&y).for_each(|(x, y)| *x += y);
         let rows = m.min(MLP_CHUNK);
         let (mut h, mut gu, mut act) = (y, vec![0f32; rows * 2 * inter], vec![0f32; rows * inter]);
@@ -178,45 +200,77 @@ impl Model {
             let rows = chunk.len() / e;
             let (h, gu, act) = (&mut h[..chunk.len()], &mut gu[..rows * 2 * inter], &mut act[..rows * inter]);
             rms_norm(chunk, &layer.mlp_norm, s.rms_norm_eps, h);
-            layer.w_gate_up.forward(h, rows, gu);
+            layer.w_gate_up.apply(pass, h, rows, gu);
             swiglu(gu, inter, act);
-            layer.w_down.forward(act, rows, h);
+            layer.w_down.apply(pass, act, rows, h);
             chunk.par_iter_mut().zip(&*h).for_each(|(x, y)| *x += y);
         }
     }
 
-    /// Final norm and LM head of one hidden row.
+    /// Final norm and LM head of each hidden row of `x` (`[m, E]`): `[m, V]` logits, computed with
+    /// the decode products, the same for a row whatever else is in `x`.
     fn logits_of(&self, x: &[f32]) -> Vec<f32> {
+        let (e, v) = (self.spec.hidden_size, self.spec.vocab_size);
+        let m = x.len() / e;
         let mut h = vec![0f32; x.len()];
-        rms_norm_row(x, &self.final_norm, self.spec.rms_norm_eps, &mut h);
-        let mut logits = vec![0f32; self.spec.vocab_size];
-        self.lm_head.as_ref().unwrap_or(&self.embed).forward(&h, 1, &mut logits);
+        rms_norm(x, &self.final_norm, self.spec.rms_norm_eps, &mut h);
+        let mut logits = vec![0f32; m * v];
+        self.lm_head.as_ref().unwrap_or(&self.embed).forward_decode(&h, m, &mut logits);
         logits
     }
 
-    /// One new token at `position` through every layer, appending to the cache. It runs on a
-    /// thread of rayon's pool: a step's hundreds of small parallel loops then start from a worker,
-    /// which takes its share at once, instead of waking the pool and sleeping on a latch each time.
+    /// One new token at `position` through every layer, appending to the cache: [`Model::decode_batch`]
+    /// of one request.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Vec<f32> {
-        rayon::scope(|_| self.decode_step(token, position, cache))
+        self.decode_batch(&[token], &[position], &mut [cache]).pop().expect("one request")
     }
 
-    fn decode_step(&self, token: u32, position: u32, cache: &mut KvCache) -> Vec<f32> {
-        let s = &self.spec;
-        let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        let heads = self.heads();
-        let mut x = self.embed_rows(&[token]);
-        let rope = self.rope.table(&[position]);
-        for (layer, lc) in self.layers.iter().zip(&mut cache.layers) {
-            let qkv = self.fused_qkv(layer, &x, &rope);
-            let (q, kv_new) = qkv.split_at(hq * d);
-            lc.push(&kv_new[..hk * d], &kv_new[hk * d..], position);
-            let mut o = vec![0f32; hq * d];
-            lc.attend(q, position, &heads, &mut o);
-            self.apply_output_and_mlp(layer, &mut x, &o);
+    /// One decode step of several requests at once — `tokens[b]` at `positions[b]` appended to
+    /// `caches[b]` — and their logits. Every weight is read once for the whole batch (the decode
+    /// products), attention runs per request over its own cache, and each request's logits are the
+    /// same bits as when it decodes alone. The step runs on a thread of rayon's pool: its hundreds of
+    /// small parallel loops then start from a worker, which takes its share at once, instead of
+    /// waking the pool and sleeping on a latch each time.
+    pub fn decode_batch(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache]) -> Vec<Vec<f32>> {
+        assert!(
+            tokens.len() == positions.len() && tokens.len() == caches.len(),
+            "one token, position and cache per request"
+        );
+        if tokens.is_empty() {
+            return Vec::new();
         }
-        self.logits_of(&x)
+        rayon::scope(|_| self.decode_step(tokens, positions, caches))
     }
+
+    fn decode_step(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache]) -> Vec<Vec<f32>> {
+        let s = &self.spec;
+        let (hq, hk, d, width) = (s.num_heads, s.num_kv_heads, s.head_dim, s.qkv_rows());
+        let heads = self.heads();
+        let mut x = self.embed_rows(tokens);
+        let rope = self.rope.table(positions);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let qkv = self.fused_qkv(Pass::Decode, layer, &x, &rope);
+            let mut o = vec![0f32; tokens.len() * hq * d];
+            o.par_chunks_mut(hq * d).zip(qkv.par_chunks(width)).zip(caches.par_iter_mut()).zip(positions).for_each(
+                |(((o, row), cache), &position)| {
+                    let (q, kv_new) = row.split_at(hq * d);
+                    let lc = &mut cache.layers[l];
+                    lc.push(&kv_new[..hk * d], &kv_new[hk * d..2 * hk * d], position);
+                    lc.attend(q, position, &heads, o);
+                },
+            );
+            self.apply_output_and_mlp(Pass::Decode, layer, &mut x, &o);
+        }
+        self.logits_of(&x).chunks_exact(s.vocab_size).map(<[f32]>::to_vec).collect()
+    }
+}
+
+/// Bytes of host memory available now: Linux's MemAvailable, else (another OS, no /proc) 4 GiB.
+pub fn available_memory() -> usize {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib =
+        meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse().ok());
+    kib.map_or(4 << 30, |k: usize| k * 1024)
 }
 
 /// A sequence's original positions and their RoPE table.
@@ -246,7 +300,7 @@ impl Ops for Model {
     const HOST_SELECTION: bool = true;
 
     fn spec(&self) -> &ModelSpec {
-        &self.spec
+        Model::spec(self)
     }
 
     fn reserve(&self, _: usize, _: usize) -> Result<()> {
@@ -263,7 +317,7 @@ impl Ops for Model {
 
     fn qkv(&self, layer: usize, x: &Vec<f32>, pos: &Positions) -> Result<Qkv> {
         let s = &self.spec;
-        let fused = self.fused_qkv(&self.layers[layer], x, &pos.rope);
+        let fused = self.fused_qkv(Pass::Prefill, &self.layers[layer], x, &pos.rope);
         let (q, k, v) = split_heads(&fused, pos.pos.len(), s.num_heads, s.num_kv_heads, s.head_dim);
         Ok(Qkv { q, k, v })
     }
@@ -289,7 +343,7 @@ impl Ops for Model {
         if last_row_only {
             x.drain(..x.len() - e);
         }
-        self.apply_output_and_mlp(&self.layers[layer], x, &o);
+        self.apply_output_and_mlp(Pass::Prefill, &self.layers[layer], x, &o);
         Ok(())
     }
 

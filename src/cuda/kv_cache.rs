@@ -45,6 +45,16 @@ struct DecodeState {
 }
 
 impl Model {
+    /// One decode step of several requests, each on its own lane: their logits, in order.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        tokens.iter().zip(positions).zip(caches.iter_mut()).map(|((&t, &p), c)| self.decode(t, p, c)).collect()
+    }
+
     /// One decode step: token and position to the device, the step (eager the first time, then
     /// captured once and replayed), and its logits back.
     pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {

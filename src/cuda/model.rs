@@ -148,6 +148,15 @@ impl Model {
         library::ensure_cublas()
     }
 
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> usize {
+        self.ctx.mem_get_info().map_or(0, |(free, _)| free)
+    }
+
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }

@@ -333,11 +333,17 @@ impl Ops for LaneModel<'_> {
 }
 
 impl Model {
-    /// Prefills `tokens` under every policy on a new lane ([`crate::prefill::prefill_many`]); the
+    /// Prefills `tokens` under every policy on a new lane ([`crate::prefill::prefill_pausing`]); the
     /// caches decode on that lane.
-    pub fn prefill_many(&self, tokens: &[u32], policies: &[Policy], reserve: usize) -> Result<Vec<Prefill<KvCache>>> {
+    pub fn prefill_pausing(
+        &self,
+        tokens: &[u32],
+        policies: &[Policy],
+        reserve: usize,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Prefill<KvCache>>> {
         let lane = self.request()?;
-        Ok(prefill::prefill_many(&lane, tokens, policies, reserve)?
+        Ok(prefill::prefill_pausing(&lane, tokens, policies, reserve, pause)?
             .into_iter()
             .map(|p| p.map_cache(|layers| lane.cache(layers)))
             .collect())

@@ -45,12 +45,13 @@ pub const API_MAJOR: u32 = 1;
 pub const API_MINOR: u32 = 19;
 
 // TRITONSERVER_Error_Code
-pub const ERROR_INTERNAL: u32 = 1;
 pub const ERROR_INVALID_ARG: u32 = 3;
+pub const ERROR_UNAVAILABLE: u32 = 4;
 pub const ERROR_UNSUPPORTED: u32 = 5;
 
 // TRITONSERVER_LogLevel
 pub const LOG_INFO: u32 = 0;
+pub const LOG_WARN: u32 = 1;
 pub const LOG_ERROR: u32 = 2;
 
 // TRITONSERVER_DataType

@@ -1,44 +1,39 @@
 //! `libtriton_fastkv.so`: a Triton Inference Server backend (TRITONBACKEND API 1.19) serving fastkv
-//! engines. One engine is opened per model and shared by all its instances; `Execute` only copies
-//! each request's inputs and queues it, and a bounded pool of workers generates and streams the
-//! responses (decoupled mode), stopping when the client cancels or goes away.
+//! engines. One engine is opened per model and shared by all its instances, with one batching engine
+//! ([`fastkv::scheduler`]) over it: `Execute` only copies each request's inputs and submits it, and
+//! the scheduler decodes every running request in one batched step, streaming the responses
+//! (decoupled mode) and stopping a request when its client cancels or goes away.
 //!
 //! Layout: [`ffi`] declares the C API, [`server`] wraps it safely, [`params`] turns request tensors
-//! into a [`fastkv::Request`], [`stop`] handles stop strings; the entry points are below.
+//! into a [`fastkv::Request`]; the entry points are below.
 
 mod ffi;
 mod params;
 mod server;
-mod stop;
 
 use std::ffi::c_void;
 use std::ops::ControlFlow;
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::time::Duration;
 
-use fastkv::{Device, Engine, Policy};
+use fastkv::scheduler::{Config, Event, Scheduler, Unobserved};
+use fastkv::{Device, Engine, Output, Policy};
 
 use params::Job;
 use server::{log, Factory, ModelInfo, Value};
 
-/// What every worker of a model shares.
-struct Shared {
+/// A model's state: its name, its batching engine and the policy of its parameters.
+struct ModelState {
     name: String,
-    engine: Engine,
+    scheduler: Scheduler,
     /// The engine's default policy with the model's parameters applied.
     policy: Policy,
 }
 
-/// A model's state: its engine and the queue of its workers. Dropping it drains the queue and
-/// waits for the workers.
-struct ModelState {
-    shared: Arc<Shared>,
-    queue: Option<mpsc::Sender<(Factory, Job)>>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-/// Requests generated at once when the model has no `max_concurrency` parameter.
-const DEFAULT_CONCURRENCY: usize = 8;
+/// Requests decoding at once when the model has no `max_concurrency` parameter.
+const DEFAULT_CONCURRENCY: usize = 16;
+/// How long a model being unloaded lets its requests finish before cancelling them.
+const DRAIN: Duration = Duration::from_secs(30);
 
 impl ModelState {
     fn new(info: ModelInfo) -> Result<Self, String> {
@@ -50,7 +45,7 @@ impl ModelState {
             .map_err(|e| format!("engine {} on {device}: {e}", engine_dir.display()))?;
         let policy = params::apply(&params::overrides_from_config(&info.config)?, engine.default_policy(), &engine)
             .map_err(|e| format!("default compression policy: {e}"))?;
-        let workers = match param("max_concurrency") {
+        let max_running = match param("max_concurrency") {
             None => DEFAULT_CONCURRENCY,
             Some(s) => s
                 .trim()
@@ -59,23 +54,22 @@ impl ModelState {
                 .filter(|&n| n > 0)
                 .ok_or(format!("parameter max_concurrency: {s:?} is not a positive integer"))?,
         };
-        log(ffi::LOG_INFO, &format!("fastkv model {}: engine {} ({workers} workers)", info.name, engine_dir.display()));
-        let shared = Arc::new(Shared { name: info.name, engine, policy });
-        let (tx, rx) = mpsc::channel::<(Factory, Job)>();
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..workers)
-            .map(|_| {
-                let (shared, rx) = (shared.clone(), rx.clone());
-                std::thread::spawn(move || loop {
-                    let next = rx.lock().map_err(|_| ()).and_then(|q| q.recv().map_err(|_| ()));
-                    match next {
-                        Ok((factory, job)) => serve(&shared, &factory, job),
-                        Err(()) => break,
-                    }
-                })
-            })
-            .collect();
-        Ok(ModelState { shared, queue: Some(tx), workers })
+        let mut config = Config { max_running, ..Config::for_engine(&engine) };
+        if let Some(s) = param("kv_cache_memory") {
+            config.kv_cache_memory =
+                s.trim().parse().map_err(|_| format!("parameter kv_cache_memory: {s:?} is not a number of bytes"))?;
+        }
+        log(
+            ffi::LOG_INFO,
+            &format!(
+                "fastkv model {}: engine {} ({max_running} requests at once, {:.0} MB of KV cache)",
+                info.name,
+                engine_dir.display(),
+                config.kv_cache_memory as f64 / 1e6
+            ),
+        );
+        let scheduler = Scheduler::start(Arc::new(engine), config, Arc::new(Unobserved));
+        Ok(ModelState { name: info.name, scheduler, policy })
     }
 }
 
@@ -94,72 +88,91 @@ fn device(config: &serde_json::Value) -> Result<Device, String> {
 
 impl Drop for ModelState {
     fn drop(&mut self) {
-        self.queue.take();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        if !self.scheduler.drain(DRAIN) {
+            log(
+                ffi::LOG_WARN,
+                &format!("fastkv model {}: requests still running after {DRAIN:?} were cancelled", self.name),
+            );
         }
     }
 }
 
-/// Generates one request, streaming per token when asked; always ends with a final flag.
-fn serve(shared: &Shared, factory: &Factory, job: Job) {
-    let Job { request, stops, stream } = job;
-    let mut text = stop::StopText::new(stops);
-    let mut send_failed = None;
-    let mut tokens = 0usize;
-    let result = shared.engine.generate(&request, |token| {
-        if factory.is_cancelled() {
-            return ControlFlow::Break(());
-        }
-        tokens += 1;
-        let (piece, stopped) = text.push(&token.text);
-        if stream && !piece.is_empty() {
-            if let Err(e) = factory.send(&[("text_output", Value::Text(&piece))], false) {
-                send_failed = Some(e);
-                return ControlFlow::Break(());
+/// Submits one request: its responses — one per token when streaming, then a final one with the
+/// rest of the text, the finish reason and the metrics — go out from the scheduler's thread.
+fn submit(state: &ModelState, factory: Factory, job: Job) {
+    let Job { request, stream } = job;
+    let name = state.name.clone();
+    let factory = Arc::new(factory);
+    let mine = factory.clone();
+    let mut sent = 0usize;
+    let sink = move |event: Event| -> ControlFlow<()> {
+        match event {
+            Event::Token(token) => {
+                if factory.is_cancelled() {
+                    log(ffi::LOG_INFO, &format!("fastkv model {name}: the client cancelled a request"));
+                    return ControlFlow::Break(());
+                }
+                if stream && !token.text.is_empty() {
+                    if let Err(e) = factory.send(&[("text_output", Value::Text(&token.text))], false) {
+                        log(ffi::LOG_INFO, &format!("fastkv model {name}: a response failed ({e}); cancelling"));
+                        return ControlFlow::Break(());
+                    }
+                    sent += token.text.len();
+                }
+                ControlFlow::Continue(())
             }
-        }
-        if stopped {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
-    if factory.is_cancelled() || send_failed.is_some() {
-        let why = send_failed.map_or("the client cancelled".to_string(), |e| format!("a response failed: {e}"));
-        log(ffi::LOG_INFO, &format!("fastkv model {}: request cancelled after {tokens} tokens ({why})", shared.name));
-        factory.finish();
-        return;
-    }
-    match result {
-        Err(e) => factory.send_error(ffi::ERROR_INVALID_ARG, &e.to_string()),
-        Ok(out) => {
-            let rest = text.rest();
-            let m = &out.metrics;
-            let finish = if text.text().len() < out.text.len() { "stop" } else { finish_reason(&out) };
-            let outputs = [
-                ("text_output", Value::Text(if stream { &rest } else { text.text() })),
-                ("finish_reason", Value::Text(finish)),
-                ("prompt_tokens", Value::I64(m.prompt_tokens as i64)),
-                ("generated_tokens", Value::I64(m.generated_tokens as i64)),
-                ("ttft_s", Value::F64(m.ttft_s)),
-                ("prefill_tokens_per_s", Value::F64(m.prefill_tokens_per_s)),
-                ("decode_tokens_per_s", Value::F64(m.decode_tokens_per_s)),
-                ("kv_cache_bytes", Value::I64(m.kv_cache_bytes as i64)),
-            ];
-            if let Err(e) = factory.send(&outputs, true) {
-                log(ffi::LOG_ERROR, &format!("fastkv model {}: cannot send the final response: {e}", shared.name));
+            Event::Done(out) if out.finish_reason == fastkv::FinishReason::Cancelled => {
                 factory.finish();
+                ControlFlow::Break(())
+            }
+            Event::Done(out) => {
+                let text = if stream { &out.text[sent.min(out.text.len())..] } else { &out.text[..] };
+                if let Err(e) = factory.send(&final_outputs(text, &out), true) {
+                    log(ffi::LOG_ERROR, &format!("fastkv model {name}: cannot send the final response: {e}"));
+                    factory.finish();
+                }
+                ControlFlow::Break(())
+            }
+            Event::Failed(fastkv::Error::Cancelled) => {
+                factory.finish();
+                ControlFlow::Break(())
+            }
+            Event::Failed(e) => {
+                factory.send_error(ffi::ERROR_INVALID_ARG, &e.to_string());
+                ControlFlow::Break(())
             }
         }
+    };
+    if let Err(e) = state.scheduler.submit(request, sink) {
+        // A refused request never reaches the sink: it is answered here.
+        let code = match e {
+            fastkv::Error::QueueFull { .. } | fastkv::Error::ShuttingDown => ffi::ERROR_UNAVAILABLE,
+            _ => ffi::ERROR_INVALID_ARG,
+        };
+        mine.send_error(code, &e.to_string());
     }
 }
 
-fn finish_reason(out: &fastkv::Output) -> &'static str {
+fn final_outputs<'a>(text: &'a str, out: &Output) -> [(&'static str, Value<'a>); 8] {
+    let m = &out.metrics;
+    [
+        ("text_output", Value::Text(text)),
+        ("finish_reason", Value::Text(finish_reason(out))),
+        ("prompt_tokens", Value::I64(m.prompt_tokens as i64)),
+        ("generated_tokens", Value::I64(m.generated_tokens as i64)),
+        ("ttft_s", Value::F64(m.ttft_s)),
+        ("prefill_tokens_per_s", Value::F64(m.prefill_tokens_per_s)),
+        ("decode_tokens_per_s", Value::F64(m.decode_tokens_per_s)),
+        ("kv_cache_bytes", Value::I64(m.kv_cache_bytes as i64)),
+    ]
+}
+
+fn finish_reason(out: &Output) -> &'static str {
     match out.finish_reason {
         fastkv::FinishReason::Eos => "eos",
         fastkv::FinishReason::Length => "length",
-        fastkv::FinishReason::Cancelled => "stop",
+        fastkv::FinishReason::Stop => "stop",
+        fastkv::FinishReason::Cancelled => "cancelled",
     }
 }
 
@@ -251,16 +264,11 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
                 continue;
             }
         };
-        let job = params::parse(|name| server::input(req, name), &state.shared.engine, &state.shared.policy);
+        let job = params::parse(|name| server::input(req, name), state.scheduler.engine(), &state.policy);
         server::release(req);
-        match (job, &state.queue) {
-            (Err(e), _) => factory.send_error(ffi::ERROR_INVALID_ARG, &e),
-            (Ok(job), Some(queue)) => {
-                if let Err(mpsc::SendError((factory, _))) = queue.send((factory, job)) {
-                    factory.send_error(ffi::ERROR_INTERNAL, "the model is shutting down");
-                }
-            }
-            (Ok(_), None) => factory.send_error(ffi::ERROR_INTERNAL, "the model is shutting down"),
+        match job {
+            Err(e) => factory.send_error(ffi::ERROR_INVALID_ARG, &e),
+            Ok(job) => submit(state, factory, job),
         }
     }
     std::ptr::null_mut()

@@ -8,7 +8,6 @@ use crate::server::Tensor;
 /// What one request asks for.
 pub struct Job {
     pub request: Request,
-    pub stops: Vec<String>,
     /// One response per token (`stream: true`) or one with the whole text.
     pub stream: bool,
 }
@@ -92,10 +91,9 @@ pub fn parse(
         ..Overrides::default()
     };
     request.policy = Some(apply(&overrides, *policy, engine)?);
-    let stops = get("stop")?.map(|t| strings("stop", &t)).transpose()?.unwrap_or_default();
-    let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+    request.stop = get("stop")?.map(|t| strings("stop", &t)).transpose()?.unwrap_or_default();
     let stream = scalar(&get, "stream", ffi::TYPE_BOOL)?.is_some_and(|x| x != 0.0);
-    Ok(Job { request, stops, stream })
+    Ok(Job { request, stream })
 }
 
 /// The elements of a BYTES tensor (each a 4-byte little-endian length and UTF-8 bytes).

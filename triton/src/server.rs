@@ -128,8 +128,11 @@ pub enum Value<'a> {
 /// Sends any number of responses for one request, from any thread; deleted on drop.
 pub struct Factory(*mut ffi::ResponseFactory);
 
-// SAFETY: Triton's response factories may be used from any thread; each is owned by one job.
+// SAFETY: Triton's response factories may be used from any thread. Each belongs to one request:
+// its sink on the scheduler's thread uses it, or — when the request is refused before the sink ever
+// runs — the thread that submitted it; never both at once.
 unsafe impl Send for Factory {}
+unsafe impl Sync for Factory {}
 
 impl Factory {
     /// # Safety

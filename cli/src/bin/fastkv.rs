@@ -339,6 +339,14 @@ struct BenchArgs {
     /// Also draw median TTFT per length and method to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead of one request at a time: submit this many requests at once to the batching engine
+    /// (one run per value, per length and method; each request decodes exactly --new-tokens) and
+    /// report output and batched-decode tokens/s, TTFT and inter-token latency percentiles, and how
+    /// many such requests the cache memory holds.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    #[command(flatten)]
+    scheduler: fastkv_cli::SchedulerArgs,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -432,6 +440,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let engine = args.device.open(&args.engine)?;
     let text = std::fs::read_to_string(&args.prompt_file)
         .with_context(|| format!("{}: cannot read prompt file", args.prompt_file.display()))?;
+    if !args.concurrency.is_empty() {
+        return bench_concurrency(args, engine, &text);
+    }
     let cfg = fastkv::bench::BenchConfig {
         lengths: args.lengths.clone(),
         contenders: args.methods.contenders(&engine, &[Method::Full, Method::Fastkv])?,
@@ -458,6 +469,35 @@ fn bench(args: &BenchArgs) -> Result<()> {
             })
             .collect();
         fastkv_cli::plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
+    }
+    Ok(())
+}
+
+fn bench_concurrency(args: &BenchArgs, engine: Engine, text: &str) -> Result<()> {
+    if args.concurrency.contains(&0) {
+        anyhow::bail!("invalid --concurrency: every value must be at least 1");
+    }
+    let contenders = args.methods.contenders(&engine, &[Method::Full, Method::Fastkv])?;
+    let scheduler = args.scheduler.config(&engine)?;
+    let engine = std::sync::Arc::new(engine);
+    let mut rows = Vec::new();
+    for &length in &args.lengths {
+        let cfg = fastkv::bench::ConcurrencyConfig {
+            length,
+            contenders: contenders.clone(),
+            concurrency: args.concurrency.clone(),
+            new_tokens: args.new_tokens,
+            scheduler,
+        };
+        rows.extend(fastkv::bench::concurrency(&engine, text, &cfg, &Bars::new())?);
+    }
+    if args.device.device == fastkv::Device::Cpu {
+        println!("cpu path: {}", fastkv::cpu::isa::describe());
+    }
+    println!("KV cache memory: {:.1} MB", scheduler.kv_cache_memory as f64 / 1e6);
+    print!("{}", fastkv::bench::format_concurrency(&rows));
+    if let Some(path) = &args.json {
+        write_json(path, &rows)?;
     }
     Ok(())
 }
