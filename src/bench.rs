@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -322,6 +322,117 @@ pub fn concurrency(
     }
     progress.end();
     Ok(rows)
+}
+
+/// `fastkv bench --concurrency C --arrivals K`: what new long prompts do to running streams.
+pub struct ArrivalsConfig {
+    /// The running streams: how many, of what prompt length.
+    pub streams: usize,
+    pub length: usize,
+    /// The prompts that arrive while they run: how many, of what length (submitted together).
+    pub arrivals: usize,
+    pub arrival_length: usize,
+    pub policy: Policy,
+    pub method: String,
+    /// How long the streams are measured before the arrivals.
+    pub baseline: Duration,
+    pub scheduler: Config,
+}
+
+/// The running streams' inter-token latency without and with arrivals.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArrivalsRow {
+    pub method: String,
+    pub streams: usize,
+    pub prompt_tokens: usize,
+    pub arrivals: usize,
+    pub arrival_tokens: usize,
+    /// Gaps between the streams' tokens before the arrivals, and while the arrivals were prefilled
+    /// (from their submission until the last one's first token).
+    pub itl_without_s: Percentiles,
+    pub itl_with_s: Percentiles,
+    pub p99_ratio: f64,
+    pub arrival_ttft_s: Percentiles,
+}
+
+/// Runs [`ArrivalsConfig`]: the streams start, are measured for `baseline`, then the arrivals are
+/// submitted together and the streams measured until the last arrival's first token.
+pub fn arrivals(engine: &Arc<Engine>, text: &str, cfg: &ArrivalsConfig) -> Result<ArrivalsRow> {
+    use std::sync::Mutex;
+    let ids = engine.text.encode(text, false)?;
+    if ids.is_empty() {
+        return Err(Error::invalid("prompt_file", "the text has no tokens"));
+    }
+    let prompt = |n: usize| -> Vec<u32> { ids.iter().copied().cycle().take(n).collect() };
+    let scheduler = Scheduler::start(engine.clone(), cfg.scheduler, Arc::new(Unobserved));
+    let request = |n: usize, new: usize| {
+        let mut req = Request::new(Prompt::Tokens(prompt(n)));
+        req.max_new_tokens = new;
+        req.policy = Some(cfg.policy);
+        req.ignore_eos = true;
+        req
+    };
+    // Each stream's token times, recorded by a reader thread as the tokens arrive.
+    let times: Vec<Arc<Mutex<Vec<Instant>>>> = (0..cfg.streams).map(|_| Arc::default()).collect();
+    let max_new = engine.spec().max_position_embeddings.saturating_sub(cfg.length).max(1);
+    let streams: Vec<crate::scheduler::Stream> =
+        (0..cfg.streams).map(|_| scheduler.submit_stream(request(cfg.length, max_new))).collect::<Result<_>>()?;
+    let tickets: Vec<_> = streams.iter().map(|s| s.ticket().clone()).collect();
+    let readers: Vec<_> = streams
+        .into_iter()
+        .zip(&times)
+        .map(|(stream, t)| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for event in stream {
+                    if let Event::Token(_) = event {
+                        t.lock().unwrap().push(Instant::now());
+                    }
+                }
+            })
+        })
+        .collect();
+    let all_started = || times.iter().all(|t| !t.lock().unwrap().is_empty());
+    while !all_started() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let gaps = |from: Instant, to: Instant| -> Vec<f64> {
+        times
+            .iter()
+            .flat_map(|t| {
+                let t = t.lock().unwrap();
+                t.windows(2)
+                    .filter(|w| w[0] >= from && w[1] <= to)
+                    .map(|w| (w[1] - w[0]).as_secs_f64())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let quiet = Instant::now();
+    std::thread::sleep(cfg.baseline);
+    let busy = Instant::now();
+    let arrivals: Vec<_> =
+        (0..cfg.arrivals).map(|_| scheduler.submit_stream(request(cfg.arrival_length, 1))).collect::<Result<_>>()?;
+    let mut ttft = Vec::new();
+    for stream in arrivals {
+        let out = stream.finish()?;
+        ttft.push(out.metrics.ttft_s);
+    }
+    let done = Instant::now();
+    tickets.iter().for_each(|t| t.cancel());
+    readers.into_iter().for_each(|r| r.join().expect("a stream reader panicked"));
+    let (without, with) = (Percentiles::of(gaps(quiet, busy)), Percentiles::of(gaps(busy, done)));
+    Ok(ArrivalsRow {
+        method: cfg.method.clone(),
+        streams: cfg.streams,
+        prompt_tokens: cfg.length,
+        arrivals: cfg.arrivals,
+        arrival_tokens: cfg.arrival_length,
+        p99_ratio: with.p99 / without.p99,
+        itl_without_s: without,
+        itl_with_s: with,
+        arrival_ttft_s: Percentiles::of(ttft),
+    })
 }
 
 /// The table `fastkv bench --concurrency` prints.

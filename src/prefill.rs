@@ -51,13 +51,34 @@ pub trait Ops {
     fn reserve(&self, prompt_len: usize, cache_entries: usize) -> Result<()>;
     fn embed(&self, tokens: &[u32]) -> Result<Self::Hidden>;
     fn positions(&self, positions: &[u32]) -> Result<Self::Positions>;
-    /// RMSNorm, the q|k|v projection (+ bias, q/k norm) and RoPE at the rows' positions.
-    fn qkv(&self, layer: usize, x: &Self::Hidden, pos: &Self::Positions) -> Result<Self::Qkv>;
+    /// RMSNorm, the q|k|v projection (+ bias, q/k norm) and RoPE at the rows' positions. A backend
+    /// that projects the rows in pieces calls `pause` between them ([`prefill_pausing`]).
+    fn qkv(
+        &self,
+        layer: usize,
+        x: &Self::Hidden,
+        pos: &Self::Positions,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Self::Qkv>;
     /// Causal attention over the layer's full K/V; with `last_row_only`, of the last row alone.
-    fn attention(&self, qkv: &Self::Qkv, pos: &Self::Positions, last_row_only: bool) -> Result<Self::Attention>;
+    /// `pause` as in [`Ops::qkv`].
+    fn attention(
+        &self,
+        qkv: &Self::Qkv,
+        pos: &Self::Positions,
+        last_row_only: bool,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Self::Attention>;
     /// `x += o·Woᵀ; x += MLP(RMSNorm(x))`. With `last_row_only`, `x` keeps only its last row first.
-    fn output_and_mlp(&self, layer: usize, x: &mut Self::Hidden, o: Self::Attention, last_row_only: bool)
-        -> Result<()>;
+    /// `pause` as in [`Ops::qkv`].
+    fn output_and_mlp(
+        &self,
+        layer: usize,
+        x: &mut Self::Hidden,
+        o: Self::Attention,
+        last_row_only: bool,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()>;
     /// Logits of the last row of `x` (final norm and LM head).
     fn logits(&self, x: &Self::Hidden) -> Result<Vec<f32>>;
 
@@ -146,9 +167,9 @@ pub fn prefill_many<O: Ops>(
 }
 
 /// [`prefill_many`], calling `pause` between the pieces of every layer (its q|k|v, its attention,
-/// its output and MLP): a batching engine runs the decode steps of other requests there, so a long
-/// prefill does not stall them for longer than one piece; an error from `pause` (the request was
-/// cancelled) ends the prefill with it.
+/// its output and MLP, and on the CPU blocks of rows within those): a batching engine runs the decode
+/// steps of other requests there, so a long prefill does not stall them for longer than one piece;
+/// an error from `pause` (the request was cancelled) ends the prefill with it.
 pub fn prefill_pausing<O: Ops>(
     ops: &O,
     tokens: &[u32],
@@ -386,7 +407,7 @@ fn run_layers<'a, O: Ops>(
         let last_layer = layer + 1 == n_layers;
         let mut next = Vec::with_capacity(streams.len());
         for Stream { mut x, pos, seq, runs: ids } in streams {
-            let qkv = ops.qkv(layer, &x, &pos)?;
+            let qkv = ops.qkv(layer, &x, &pos, &mut *pause)?;
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
             clock.paused(ops, &mut *pause)?;
@@ -397,7 +418,7 @@ fn run_layers<'a, O: Ops>(
             let leaving = |r: usize| runs[r].filter.is_some() && layer == runs[r].policy.filter_layer();
             let o = match ids.iter().all(|&r| leaving(r)) {
                 true => None,
-                false => Some(ops.attention(&qkv, &pos, last_layer)?),
+                false => Some(ops.attention(&qkv, &pos, last_layer, &mut *pause)?),
             };
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.attention_s += shared);
@@ -446,8 +467,9 @@ fn run_layers<'a, O: Ops>(
                 runs[r].profile.selection_s += clock.lap(ops)?;
             }
             drop(qkv);
+            clock.paused(ops, &mut *pause)?;
             let Some(o) = o else { continue }; // only GemFilter runs, which left at this layer
-            ops.output_and_mlp(layer, &mut x, o, last_layer)?;
+            ops.output_and_mlp(layer, &mut x, o, last_layer, &mut *pause)?;
             let shared = clock.lap(ops)?;
             ids.iter().for_each(|&r| runs[r].profile.projections_s += shared);
             clock.paused(ops, &mut *pause)?;

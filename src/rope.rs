@@ -76,9 +76,10 @@ pub struct RopeTable {
 impl RopeTable {
     /// Rotates `n_heads` consecutive heads starting at column `offset` of every row of `x` (rows
     /// `row_stride` apart), in the rotate-half convention of HF Llama.
-    pub fn apply(&self, x: &mut [f32], row_stride: usize, offset: usize, n_heads: usize) {
+    pub fn apply(&self, x: &mut [f32], row_stride: usize, first_row: usize, offset: usize, n_heads: usize) {
         let (half, dim) = (self.half, 2 * self.half);
         x.par_chunks_mut(row_stride).enumerate().for_each(|(row, xs)| {
+            let row = first_row + row;
             let (cos, sin) = (&self.cos[row * half..][..half], &self.sin[row * half..][..half]);
             for head in xs[offset..offset + n_heads * dim].chunks_exact_mut(dim) {
                 let (a, b) = head.split_at_mut(half);

@@ -462,14 +462,19 @@ impl<'s> Loop<'s> {
         let started = Instant::now();
         let cancel = s.cancel.clone();
         let prefill = {
+            // The piece that just ended predicts the next: the running requests get their step
+            // before a piece would take the prefill past its slice, not after.
+            let mut piece_start = Instant::now();
             let mut pause = || -> Result<()> {
                 if cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
                 let slice = shared.config.prefill_slice.unwrap_or(self.step_time.max(MIN_PREFILL_SLICE));
-                if !self.running.is_empty() && self.last_step.elapsed() >= slice {
+                let piece = piece_start.elapsed();
+                if !self.running.is_empty() && self.last_step.elapsed() + piece >= slice {
                     self.step();
                 }
+                piece_start = Instant::now();
                 Ok(())
             };
             engine.backend.prefill_pausing(&s.prompt.ids, &s.policy, s.prompt.max_new, &mut pause)

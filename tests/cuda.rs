@@ -282,7 +282,7 @@ fn check_rope<T: Half>(dev: &Gpu, seed: u64) {
     let mut pos: Vec<u32> = (0..300).map(|_| rng.random_range(0..131072)).collect();
     pos.sort_unstable(); // ascending, non-contiguous: positions after TSP
     let (x, mut want) = random::<T>(&mut rng, pos.len() * stride, 2.0);
-    rope.table(&pos).apply(&mut want, stride, 0, heads);
+    rope.table(&pos).apply(&mut want, stride, 0, 0, heads);
     let mut x_dev = dev.upload(&x).unwrap();
     let (pos_dev, freq_dev) = (dev.upload(&pos).unwrap(), dev.upload(rope.inv_freq()).unwrap());
     dev.rope(&mut x_dev, stride, heads, d, &pos_dev, &freq_dev).unwrap();

@@ -29,8 +29,12 @@ use kernels::{rms_norm, rms_norm_row, swiglu};
 use kv_cache::LayerCache;
 use linear::Linear;
 
-/// Rows of the MLP computed at once, bounding its 2·I-wide scratch for long prompts.
-const MLP_CHUNK: usize = 512;
+/// Rows a prefill projects at once (q|k|v, output and MLP): bounds the MLP's 2·I-wide scratch for
+/// long prompts, and a pausing prefill pauses between them.
+const PREFILL_ROWS: usize = 512;
+/// Query rows of prefill attention between the pauses of a pausing prefill (a multiple of the tile
+/// attention's 32-row blocks; the result is the same as in one piece).
+const ATTENTION_ROWS: usize = 256;
 
 /// Which products a pass runs: a prefill's GEMMs, or a decode step's [`gemv`] products, whose
 /// every row is computed the same whatever else is in the batch.
@@ -158,53 +162,74 @@ impl Model {
         x
     }
 
-    /// q|k|v rows (`[m, qkv_rows]`) of `x`, biased, q/k-normed and rotated.
-    fn fused_qkv(&self, pass: Pass, layer: &Layer, x: &[f32], rope: &RopeTable) -> Vec<f32> {
+    /// q|k|v rows (`[m, qkv_rows]`) of `x`, biased, q/k-normed and rotated by `rope` (from its row
+    /// `first_row`), [`PREFILL_ROWS`] rows at a time with `pause` between them.
+    fn fused_qkv(
+        &self,
+        pass: Pass,
+        layer: &Layer,
+        x: &[f32],
+        (rope, first_row): (&RopeTable, usize),
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let s = &self.spec;
-        let (m, width) = (x.len() / s.hidden_size, s.qkv_rows());
-        let mut h = vec![0f32; x.len()];
-        rms_norm(x, &layer.attn_norm, s.rms_norm_eps, &mut h);
-        let mut qkv = vec![0f32; m * width];
-        layer.wqkv.apply(pass, &h, m, &mut qkv);
-        if let Some(b) = &layer.bqkv {
-            qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
-        }
+        let (e, width) = (s.hidden_size, s.qkv_rows());
         let (hq, hk, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            qkv.par_chunks_mut(width).for_each_init(
-                || vec![0f32; d],
-                |tmp, row| {
-                    for (head, chunk) in row[..(hq + hk) * d].chunks_exact_mut(d).enumerate() {
-                        tmp.copy_from_slice(chunk);
-                        rms_norm_row(tmp, if head < hq { qn } else { kn }, s.rms_norm_eps, chunk);
-                    }
-                },
-            );
+        let mut qkv = vec![0f32; x.len() / e * width];
+        let mut h = vec![0f32; x.len().min(PREFILL_ROWS * e)];
+        for (c, (x, qkv)) in x.chunks(PREFILL_ROWS * e).zip(qkv.chunks_mut(PREFILL_ROWS * width)).enumerate() {
+            let (m, h) = (x.len() / e, &mut h[..x.len()]);
+            rms_norm(x, &layer.attn_norm, s.rms_norm_eps, h);
+            layer.wqkv.apply(pass, h, m, qkv);
+            if let Some(b) = &layer.bqkv {
+                qkv.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+            }
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                qkv.par_chunks_mut(width).for_each_init(
+                    || vec![0f32; d],
+                    |tmp, row| {
+                        for (head, chunk) in row[..(hq + hk) * d].chunks_exact_mut(d).enumerate() {
+                            tmp.copy_from_slice(chunk);
+                            rms_norm_row(tmp, if head < hq { qn } else { kn }, s.rms_norm_eps, chunk);
+                        }
+                    },
+                );
+            }
+            let row = first_row + c * PREFILL_ROWS;
+            rope.apply(qkv, width, row, 0, hq);
+            rope.apply(qkv, width, row, hq * d, hk);
+            pause()?;
         }
-        rope.apply(&mut qkv, width, 0, hq);
-        rope.apply(&mut qkv, width, hq * d, hk);
-        qkv
+        Ok(qkv)
     }
 
-    /// x += o·Woᵀ; x += MLP(RMSNorm(x)), in row chunks whose scratch is allocated once.
-    fn apply_output_and_mlp(&self, pass: Pass, layer: &Layer, x: &mut [f32], o: &[f32]) {
+    /// x += o·Woᵀ; x += MLP(RMSNorm(x)), [`PREFILL_ROWS`] rows at a time (the scratch allocated
+    /// once), with `pause` between them.
+    fn apply_output_and_mlp(
+        &self,
+        pass: Pass,
+        layer: &Layer,
+        x: &mut [f32],
+        o: &[f32],
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         let s = &self.spec;
-        let (e, inter) = (s.hidden_size, s.intermediate_size);
-        let m = x.len() / e;
-        let mut y = vec![0f32; m * e];
-        layer.wo.apply(pass, o, m, &mut y);
-        x.par_iter_mut().zip(&y).for_each(|(x, y)| *x += y);
-        let rows = m.min(MLP_CHUNK);
-        let (mut h, mut gu, mut act) = (y, vec![0f32; rows * 2 * inter], vec![0f32; rows * inter]);
-        for chunk in x.chunks_mut(MLP_CHUNK * e) {
+        let (e, inter, hd) = (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim);
+        let rows = (x.len() / e).min(PREFILL_ROWS);
+        let (mut h, mut gu, mut act) = (vec![0f32; rows * e], vec![0f32; rows * 2 * inter], vec![0f32; rows * inter]);
+        for (chunk, o) in x.chunks_mut(PREFILL_ROWS * e).zip(o.chunks(PREFILL_ROWS * hd)) {
             let rows = chunk.len() / e;
             let (h, gu, act) = (&mut h[..chunk.len()], &mut gu[..rows * 2 * inter], &mut act[..rows * inter]);
+            layer.wo.apply(pass, o, rows, h);
+            chunk.par_iter_mut().zip(&*h).for_each(|(x, y)| *x += y);
             rms_norm(chunk, &layer.mlp_norm, s.rms_norm_eps, h);
             layer.w_gate_up.apply(pass, h, rows, gu);
             swiglu(gu, inter, act);
             layer.w_down.apply(pass, act, rows, h);
             chunk.par_iter_mut().zip(&*h).for_each(|(x, y)| *x += y);
+            pause()?;
         }
+        Ok(())
     }
 
     /// Final norm and LM head of each hidden row of `x` (`[m, E]`): `[m, V]` logits, computed with
@@ -249,7 +274,7 @@ impl Model {
         let mut x = self.embed_rows(tokens);
         let rope = self.rope.table(positions);
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = self.fused_qkv(Pass::Decode, layer, &x, &rope);
+            let qkv = self.fused_qkv(Pass::Decode, layer, &x, (&rope, 0), &mut || Ok(())).expect("no pause to fail");
             let mut o = vec![0f32; tokens.len() * hq * d];
             o.par_chunks_mut(hq * d).zip(qkv.par_chunks(width)).zip(caches.par_iter_mut()).zip(positions).for_each(
                 |(((o, row), cache), &position)| {
@@ -259,7 +284,7 @@ impl Model {
                     lc.attend(q, position, &heads, o);
                 },
             );
-            self.apply_output_and_mlp(Pass::Decode, layer, &mut x, &o);
+            self.apply_output_and_mlp(Pass::Decode, layer, &mut x, &o, &mut || Ok(())).expect("no pause to fail");
         }
         self.logits_of(&x).chunks_exact(s.vocab_size).map(<[f32]>::to_vec).collect()
     }
@@ -315,36 +340,61 @@ impl Ops for Model {
         Ok(Positions { pos: positions.to_vec(), rope: self.rope.table(positions) })
     }
 
-    fn qkv(&self, layer: usize, x: &Vec<f32>, pos: &Positions) -> Result<Qkv> {
+    fn qkv(&self, layer: usize, x: &Vec<f32>, pos: &Positions, pause: &mut dyn FnMut() -> Result<()>) -> Result<Qkv> {
         let s = &self.spec;
-        let fused = self.fused_qkv(Pass::Prefill, &self.layers[layer], x, &pos.rope);
+        let fused = self.fused_qkv(Pass::Prefill, &self.layers[layer], x, (&pos.rope, 0), pause)?;
         let (q, k, v) = split_heads(&fused, pos.pos.len(), s.num_heads, s.num_kv_heads, s.head_dim);
         Ok(Qkv { q, k, v })
     }
 
-    fn attention(&self, qkv: &Qkv, pos: &Positions, last_row_only: bool) -> Result<Vec<f32>> {
+    fn attention(
+        &self,
+        qkv: &Qkv,
+        pos: &Positions,
+        last_row_only: bool,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let (hq, hk, d) = (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim);
         let (positions, seq) = (&pos.pos, pos.pos.len());
         let first = if last_row_only { seq - 1 } else { 0 };
-        let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
-        let kv = KvView { k: &qkv.k, v: &qkv.v, pos: &all_pos, len: seq, stride: seq };
         let mut o = vec![0f32; (seq - first) * hq * d];
+        let heads = self.heads();
         match self.tiles {
             Some(kernel) if !last_row_only => {
-                tile_attention::attention(kernel, &qkv.q, &qkv.k, &qkv.v, positions, &self.heads(), &mut o)
+                let packed = tile_attention::pack(&qkv.k, &qkv.v, seq, &heads);
+                for start in (0..seq).step_by(ATTENTION_ROWS) {
+                    let rows = start..(start + ATTENTION_ROWS).min(seq);
+                    tile_attention::attend(kernel, &packed, &qkv.q, positions, &heads, rows, &mut o);
+                    pause()?;
+                }
             }
-            _ => attention(&qkv.q[first * hq * d..], &positions[first..], first, &kv, &self.heads(), &mut o),
+            _ => {
+                let all_pos: Vec<u32> = (0..hk).flat_map(|_| positions.iter().copied()).collect();
+                let kv = KvView { k: &qkv.k, v: &qkv.v, pos: &all_pos, len: seq, stride: seq };
+                for start in (first..seq).step_by(ATTENTION_ROWS) {
+                    let end = (start + ATTENTION_ROWS).min(seq);
+                    let out = &mut o[(start - first) * hq * d..(end - first) * hq * d];
+                    attention(&qkv.q[start * hq * d..end * hq * d], &positions[start..end], start, &kv, &heads, out);
+                    pause()?;
+                }
+            }
         }
         Ok(o)
     }
 
-    fn output_and_mlp(&self, layer: usize, x: &mut Vec<f32>, o: Vec<f32>, last_row_only: bool) -> Result<()> {
+    fn output_and_mlp(
+        &self,
+        layer: usize,
+        x: &mut Vec<f32>,
+        o: Vec<f32>,
+        last_row_only: bool,
+        pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         let e = self.spec.hidden_size;
         if last_row_only {
             x.drain(..x.len() - e);
         }
-        self.apply_output_and_mlp(Pass::Prefill, &self.layers[layer], x, &o);
-        Ok(())
+        self.apply_output_and_mlp(Pass::Prefill, &self.layers[layer], x, &o, pause)
     }
 
     fn logits(&self, x: &Vec<f32>) -> Result<Vec<f32>> {

@@ -8,6 +8,8 @@
 //! query block reads them in the kernels' layout. Work is split by (32 query rows, KV head): the query
 //! heads of a GQA group share every key tile while it is in cache.
 
+use std::ops::Range;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -18,35 +20,63 @@ use super::kernels::to_bf16;
 /// Keys per softmax tile: eight 32-key kernel blocks (four measured slower).
 const KEY_TILE: usize = 8 * BLOCK;
 
+/// Every KV head's keys and values in the kernels' layout: keys as a B operand (keys are its
+/// columns), values transposed into one (head dimensions are its columns, key pairs its k).
+pub struct Packed(Vec<(PackedB, PackedB)>);
+
+/// Packs `k`, `v` (`[Hk, S, D]` head-major) once for every query block of a layer.
+pub fn pack(k: &[f32], v: &[f32], seq: usize, heads: &Heads) -> Packed {
+    let d = heads.head_dim;
+    Packed(
+        (0..heads.n_kv_heads)
+            .into_par_iter()
+            .map(|g| {
+                let (k, v) = (&k[g * seq * d..(g + 1) * seq * d], &v[g * seq * d..(g + 1) * seq * d]);
+                let keys = PackedB::from_rows(seq, d, |j, row| to_bf16(&k[j * d..(j + 1) * d], row));
+                let values = PackedB::from_rows(d, seq, |j, row| {
+                    row.iter_mut().zip(v[j..].iter().step_by(d)).for_each(|(o, &x)| *o = bf16::from_f32(x))
+                });
+                (keys, values)
+            })
+            .collect(),
+    )
+}
+
 /// `out[i, h·D..] = softmax(q_i·Kᵀ/√D) V` over keys `0..=i` (and within the sliding window by
 /// `pos`), for `q` `[S, H·D]` token-major and `k`, `v` `[Hk, S, D]` head-major.
 pub fn attention(kernel: Kernel, q: &[f32], k: &[f32], v: &[f32], pos: &[u32], heads: &Heads, out: &mut [f32]) {
+    attend(kernel, &pack(k, v, pos.len(), heads), q, pos, heads, 0..pos.len(), out)
+}
+
+/// [`attention`] of the query rows `rows` alone (`rows.start` a multiple of 32) over the packed keys
+/// and values: a prefill can take a layer's attention a block of rows at a time. `out` is the whole
+/// `[S, H·D]`; only the rows asked for are written, each exactly as a whole call writes it.
+pub fn attend(
+    kernel: Kernel,
+    packed: &Packed,
+    q: &[f32],
+    pos: &[u32],
+    heads: &Heads,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
     let (h, hk, d, seq) = (heads.n_heads, heads.n_kv_heads, heads.head_dim, pos.len());
-    let packed: Vec<(PackedB, PackedB)> = (0..hk)
-        .into_par_iter()
-        .map(|g| {
-            let (k, v) = (&k[g * seq * d..(g + 1) * seq * d], &v[g * seq * d..(g + 1) * seq * d]);
-            let keys = PackedB::from_rows(seq, d, |j, row| to_bf16(&k[j * d..(j + 1) * d], row));
-            let values = PackedB::from_rows(d, seq, |j, row| {
-                row.iter_mut().zip(v[j..].iter().step_by(d)).for_each(|(o, &x)| *o = bf16::from_f32(x))
-            });
-            (keys, values)
-        })
-        .collect();
+    debug_assert!(rows.start.is_multiple_of(BLOCK) && rows.end <= seq);
     // Later query blocks see more keys: start them first so the pool ends evenly.
-    let (blocks, group, dp) = (seq.div_ceil(BLOCK), h / hk, d.div_ceil(TILE_K) * TILE_K);
-    let tasks: Vec<(usize, usize)> = (0..blocks).rev().flat_map(|b| (0..hk).map(move |g| (b, g))).collect();
+    let (group, dp) = (h / hk, d.div_ceil(TILE_K) * TILE_K);
+    let tasks: Vec<(usize, usize)> =
+        (rows.start / BLOCK..rows.end.div_ceil(BLOCK)).rev().flat_map(|b| (0..hk).map(move |g| (b, g))).collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(b, g)| {
-            let (keys, values) = &packed[g];
+            let (keys, values) = &packed.0[g];
             Block { kernel, q, pos, heads, keys, values, first_head: g * group, i0: b * BLOCK }.run()
         })
         .collect();
     for (&(b, g), acc) in tasks.iter().zip(&results) {
         for (k, acc) in acc.chunks_exact(BLOCK * dp).enumerate() {
             let head = g * group + k;
-            for (r, row) in acc.chunks_exact(dp).take(seq - b * BLOCK).enumerate() {
+            for (r, row) in acc.chunks_exact(dp).take(rows.end.min(seq) - b * BLOCK).enumerate() {
                 out[((b * BLOCK + r) * h + head) * d..][..d].copy_from_slice(&row[..d]);
             }
         }

@@ -140,7 +140,7 @@ impl Ops for LaneModel<'_> {
         Ok(Positions { pos: self.dev().upload(positions)?, len: positions.len() })
     }
 
-    fn qkv(&self, layer: usize, x: &Hidden, pos: &Positions) -> Result<Qkv> {
+    fn qkv(&self, layer: usize, x: &Hidden, pos: &Positions, _pause: &mut dyn FnMut() -> Result<()>) -> Result<Qkv> {
         let s = &self.model.spec;
         let dev = self.dev();
         let mut h = dev.zeros::<bf16>(x.rows * s.hidden_size)?;
@@ -149,7 +149,14 @@ impl Ops for LaneModel<'_> {
         Ok(Qkv { rows, seq: x.rows })
     }
 
-    fn attention(&self, qkv: &Qkv, pos: &Positions, last_row_only: bool) -> Result<Attention> {
+    /// One launch: `pause` runs between the driver's pieces (a GPU prefill is short).
+    fn attention(
+        &self,
+        qkv: &Qkv,
+        pos: &Positions,
+        last_row_only: bool,
+        _pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Attention> {
         let s = &self.model.spec;
         let (hq, d, seq) = (s.num_heads, s.head_dim, qkv.seq);
         let dev = self.dev();
@@ -168,7 +175,14 @@ impl Ops for LaneModel<'_> {
         Ok(Attention { o, lse })
     }
 
-    fn output_and_mlp(&self, layer: usize, x: &mut Hidden, o: Attention, last_row_only: bool) -> Result<()> {
+    fn output_and_mlp(
+        &self,
+        layer: usize,
+        x: &mut Hidden,
+        o: Attention,
+        last_row_only: bool,
+        _pause: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         let e = self.model.spec.hidden_size;
         if last_row_only && x.rows > 1 {
             let mut last = self.dev().zeros::<f32>(e)?;

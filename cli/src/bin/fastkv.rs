@@ -345,6 +345,13 @@ struct BenchArgs {
     /// many such requests the cache memory holds.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
+    /// With --concurrency C: while C streams of --lengths tokens decode, submit this many prompts of
+    /// --arrival-tokens at once and compare the streams' inter-token latency with and without them.
+    #[arg(long, requires = "concurrency")]
+    arrivals: Option<usize>,
+    /// Prompt length of the --arrivals.
+    #[arg(long, default_value_t = 4096)]
+    arrival_tokens: usize,
     #[command(flatten)]
     scheduler: fastkv_cli::SchedulerArgs,
     #[command(flatten)]
@@ -480,6 +487,42 @@ fn bench_concurrency(args: &BenchArgs, engine: Engine, text: &str) -> Result<()>
     let contenders = args.methods.contenders(&engine, &[Method::Full, Method::Fastkv])?;
     let scheduler = args.scheduler.config(&engine)?;
     let engine = std::sync::Arc::new(engine);
+    if let Some(arrivals) = args.arrivals {
+        let mut rows = Vec::new();
+        for c in &contenders {
+            for (&streams, &length) in args.concurrency.iter().zip(args.lengths.iter().cycle()) {
+                let cfg = fastkv::bench::ArrivalsConfig {
+                    streams,
+                    length,
+                    arrivals,
+                    arrival_length: args.arrival_tokens,
+                    policy: c.policy,
+                    method: c.name.clone(),
+                    baseline: std::time::Duration::from_secs(3),
+                    scheduler,
+                };
+                let r = fastkv::bench::arrivals(&engine, text, &cfg)?;
+                println!(
+                    "{}: {streams} streams of {length} tokens; {arrivals} prompts of {} tokens arrive: stream ITL p50/p99 \
+                     {:.1}/{:.1} ms without, {:.1}/{:.1} ms with ({:.2}× p99); arrivals' TTFT p50/max {:.2}/{:.2} s",
+                    r.method,
+                    r.arrival_tokens,
+                    1e3 * r.itl_without_s.p50,
+                    1e3 * r.itl_without_s.p99,
+                    1e3 * r.itl_with_s.p50,
+                    1e3 * r.itl_with_s.p99,
+                    r.p99_ratio,
+                    r.arrival_ttft_s.p50,
+                    r.arrival_ttft_s.max,
+                );
+                rows.push(r);
+            }
+        }
+        if let Some(path) = &args.json {
+            write_json(path, &rows)?;
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for &length in &args.lengths {
         let cfg = fastkv::bench::ConcurrencyConfig {
