@@ -104,18 +104,21 @@ fn submit(state: &ModelState, factory: Factory, job: Job) {
     let name = state.name.clone();
     let factory = Arc::new(factory);
     let mine = factory.clone();
-    let mut sent = 0usize;
+    let (mut sent, mut tokens) = (0usize, 0usize);
     let sink = move |event: Event| -> ControlFlow<()> {
         match event {
             Event::Token(token) => {
+                tokens += 1;
+                let cancelled = |why: &str| {
+                    log(ffi::LOG_INFO, &format!("fastkv model {name}: request cancelled after {tokens} tokens ({why})"));
+                    ControlFlow::Break(())
+                };
                 if factory.is_cancelled() {
-                    log(ffi::LOG_INFO, &format!("fastkv model {name}: the client cancelled a request"));
-                    return ControlFlow::Break(());
+                    return cancelled("the client cancelled");
                 }
                 if stream && !token.text.is_empty() {
                     if let Err(e) = factory.send(&[("text_output", Value::Text(&token.text))], false) {
-                        log(ffi::LOG_INFO, &format!("fastkv model {name}: a response failed ({e}); cancelling"));
-                        return ControlFlow::Break(());
+                        return cancelled(&format!("a response failed: {e}"));
                     }
                     sent += token.text.len();
                 }
