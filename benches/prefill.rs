@@ -89,7 +89,7 @@ fn engine_dir(dtype: DType) -> PathBuf {
             output: engine.clone(),
             dtype,
             force: true,
-            tsp_layer: None,
+            policy: Default::default(),
             calibrate: fastkv::builder::Calibrate::Never,
         },
         &fastkv::progress::Silent,

@@ -196,6 +196,9 @@ pub struct ConcurrencyRow {
     pub decode_tokens_per_s: f64,
     /// Requests per decode step, on average.
     pub mean_batch: f64,
+    /// Weight bytes the decode steps read per second (each step reads every weight once): against
+    /// the memory bandwidth, how close decode runs to its bound.
+    pub weight_gb_per_s: f64,
     pub ttft_s: Percentiles,
     /// Gaps between consecutive tokens of a request, over all requests.
     pub itl_s: Percentiles,
@@ -312,6 +315,11 @@ pub fn concurrency(
                 output_tokens_per_s: generated as f64 / wall_s,
                 decode_tokens_per_s: if decode_s > 0.0 { decoded / decode_s } else { 0.0 },
                 mean_batch: decoded / steps,
+                weight_gb_per_s: if decode_s > 0.0 {
+                    steps * (engine.spec().decode_weights() * engine.manifest.dtype.size()) as f64 / decode_s / 1e9
+                } else {
+                    0.0
+                },
                 ttft_s: Percentiles::of(ttft),
                 itl_s: Percentiles::of(itl),
                 kv_bytes_per_request: per_request,
@@ -452,13 +460,14 @@ pub fn format_concurrency(rows: &[ConcurrencyRow]) -> String {
     );
     for r in rows {
         out += &format!(
-            "{:<12} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.1} {:>8.2} / {:>6.2} {:>8.1} / {:>6.1} {:>9.1} {:>8}\n",
+            "{:<12} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.1} {:>8.1} {:>8.2} / {:>6.2} {:>8.1} / {:>6.1} {:>9.1} {:>8}\n",
             r.method,
             r.prompt_tokens,
             r.concurrency,
             r.output_tokens_per_s,
             r.decode_tokens_per_s,
             r.mean_batch,
+            r.weight_gb_per_s,
             r.ttft_s.p50,
             r.ttft_s.p99,
             1e3 * r.itl_s.p50,

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::calibrate::{self, Probes};
+use crate::calibrate::{self, Grid, Probes};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Engine, FileEntry, Manifest, FORMAT_NAME, FORMAT_VERSION, TOKENIZER, WEIGHTS};
 use crate::error::{Error, Result};
-use crate::policy::Policy;
+use crate::policy::{Overrides, Policy};
 use crate::progress::Progress;
 use crate::random_weights::RandomWeights;
 use crate::spec::{Arch, ModelSpec};
@@ -24,19 +24,21 @@ pub struct BuildOptions {
     pub dtype: DType,
     /// Replace an existing output directory.
     pub force: bool,
-    /// FastKV's default TSP layer ℓ* for this engine; `None`: the preset's, else calibrated or N/2 − 1.
-    pub tsp_layer: Option<usize>,
+    /// The engine's default policy as far as the build fixes it (`--tsp-layer`, `--retain-rate`,
+    /// `--min-prompt-len`, …), applied to the preset's or FastKV's defaults; calibration chooses
+    /// only what is not fixed, and a fixed ℓ* skips it.
+    pub policy: Overrides,
     pub calibrate: Calibrate,
 }
 
-/// Whether a build chooses ℓ* by [`crate::calibrate`].
+/// Whether a build chooses its budget and ℓ* by [`crate::calibrate`].
 #[derive(Clone, Debug)]
 pub enum Calibrate {
-    /// Keep the preset's ℓ*, else the N/2 − 1 rule.
+    /// Keep the preset's policy, else FastKV's defaults (ℓ* = N/2 − 1).
     Never,
-    /// Calibrate unless a preset matches or `tsp_layer` is given, and the probes' essays exist.
+    /// Calibrate unless a preset matches or ℓ* is fixed, and the probes' essays exist.
     Auto(Probes),
-    /// Calibrate even over a preset (not over `tsp_layer`).
+    /// Calibrate even over a preset (not over a fixed ℓ*).
     Always(Probes),
 }
 
@@ -88,21 +90,26 @@ pub fn default_policy(spec: &ModelSpec) -> (Policy, Option<String>) {
 
 pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manifest> {
     let ckpt = Checkpoint::open(&opts.checkpoint)?;
-    let (mut fastkv, mut preset) = default_policy(&ckpt.spec);
-    if let Some(layer) = opts.tsp_layer {
-        fastkv.tsp_layer = layer;
-        preset = None;
-        fastkv.validate(&ckpt.spec)?;
+    if opts.policy.head_scores.is_some() {
+        return Err(Error::invalid(
+            "head_scores",
+            "an engine does not store HeadKV's scores: pass --head-scores when running it",
+        ));
     }
+    let (base, preset) = default_policy(&ckpt.spec);
+    let fastkv = opts.policy.apply(base, &ckpt.spec)?;
+    let preset = preset.filter(|_| fastkv == base);
+    let fixed_layer = opts.policy.tsp_layer.is_some();
     let probes = match &opts.calibrate {
-        Calibrate::Always(p) if opts.tsp_layer.is_none() => Some(p),
-        Calibrate::Auto(p) if opts.tsp_layer.is_none() && preset.is_none() && p.haystack.exists() => Some(p),
+        Calibrate::Always(p) if !fixed_layer => Some(p),
+        Calibrate::Auto(p) if !fixed_layer && preset.is_none() && p.haystack.exists() => Some(p),
         _ => None,
     };
+    let grid = Grid::unless_fixed(&opts.policy, &fastkv);
     atomically(&opts.output, opts.force, |tmp| {
         let mut manifest = write_engine(&ckpt, opts, (fastkv, preset), tmp, progress)?;
         if let Some(probes) = probes {
-            let calibration = calibrate::calibrate(&Engine::open(tmp)?, probes, progress)?;
+            let calibration = calibrate::calibrate(&Engine::open(tmp)?, probes, &grid, progress)?;
             manifest.set_calibration(calibration);
             manifest.write(tmp)?;
         }

@@ -1,6 +1,7 @@
-//! Calibration of FastKV's TSP layer ℓ* (and TSP rate t) for one model. The paper's authors choose ℓ*
-//! by hand per model; on small models the heads that retrieve sit late, and the N/2 − 1 rule drops
-//! what they would have found. Calibration measures it instead:
+//! Calibration of FastKV's KV budget (retain rate r), TSP layer ℓ* and TSP rate t for one model. The
+//! paper's authors choose ℓ* by hand per model and r = 0.1 for all; on small models the heads that
+//! retrieve sit late, and at r = 0.1 SmolLM2-135M loses three quarters of its answers whatever
+//! the method. Calibration measures both instead:
 //!
 //! Probes are essays with four synthetic facts (random names and numbers, never an evaluation's
 //! needle) and a question about one of them. One full prefill per probe yields the rows TSP would
@@ -16,9 +17,13 @@
 //! an answer scores the share of "first and second" it gets right before its first wrong
 //! character, so an answer that stops after the first code counts less than half.
 //!
-//! **Criterion**: the fastest verified candidate whose answers score at most [`TOLERANCE`] below
-//! SnapKV-GQA's — TSP then loses nothing the KV budget has not already lost, within the probes'
-//! noise; if none does, the one that answers best.
+//! **The budget first**: full KV and SnapKV-GQA at every retain rate of the [`Grid`] answer the
+//! probes' questions (one shared prefill, batched decode steps); r is the smallest whose answers
+//! score at most [`TOLERANCE`] below full KV's (else the best answering).
+//!
+//! **Then ℓ* and t at that r**: the fastest verified candidate whose answers score at most
+//! [`TOLERANCE`] below SnapKV-GQA's — TSP then loses nothing the KV budget has not already lost,
+//! within the probes' noise; if none does, the one that answers best.
 
 use std::path::PathBuf;
 
@@ -26,11 +31,12 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::engine::{Calibration, Candidate, Engine, Verified};
+use crate::engine::{BudgetScore, Calibration, Candidate, Engine, Verified};
 use crate::error::{Error, Result};
 use crate::eval::haystack::Haystack;
 use crate::eval::Sample;
-use crate::policy::{Budget, Method, Policy};
+use crate::policy::{Budget, Method, Overrides, Policy};
+use crate::prefill::cache_bytes_bound;
 use crate::progress::Progress;
 use crate::session::{Prompt, Request};
 use crate::spec::ModelSpec;
@@ -39,14 +45,50 @@ use crate::spec::ModelSpec;
 /// deeper layers can answer from needs nearly every token (one lost in a hundred; at 95 %, SmolLM2's
 /// choice lost half its needles).
 pub const MIN_RECALL: f64 = 0.99;
-/// TSP rates tried beside the engine's own (rate mode only).
+/// TSP rates t tried (rate mode only).
 pub const TSP_RATES: [f64; 4] = [0.05, 0.1, 0.2, 0.3];
+/// Retain rates r tried for the KV budget (rate mode only): from the paper's 0.1 down to half of
+/// it, and up to half the prompt for models that need it.
+pub const RETAIN_RATES: [f64; 6] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5];
 /// Candidates whose answers are checked: each costs its layers after ℓ* on the propagated tokens
 /// and a few decoded tokens per probe, the shared full prefill is paid once.
 pub const VERIFIED: usize = 8;
-/// How far below SnapKV-GQA's answer score a candidate may fall (eight probes tell 1–2 points
-/// from noise no better; it is also the evaluation's bar against SnapKV-GQA).
+/// How far below full KV's answer score a budget, and below SnapKV-GQA's a TSP candidate, may fall
+/// (eight probes tell 1–2 points from noise no better; it is also the evaluation's bar).
 pub const TOLERANCE: f64 = 0.05;
+
+/// The rates calibration chooses among, in rate mode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    pub retain_rates: Vec<f64>,
+    pub tsp_rates: Vec<f64>,
+}
+
+impl Default for Grid {
+    fn default() -> Self {
+        Grid { retain_rates: RETAIN_RATES.to_vec(), tsp_rates: TSP_RATES.to_vec() }
+    }
+}
+
+impl Grid {
+    /// The default grid without what `fixed` (a build's policy flags) fixes: a retain rate or KV
+    /// budget fixes r, a TSP rate or length fixes t; `policy` is the policy with them applied.
+    pub fn unless_fixed(fixed: &Overrides, policy: &Policy) -> Grid {
+        let (r, t) = match policy.budget {
+            Budget::Rate { retain_rate, tsp_rate } => (retain_rate, tsp_rate),
+            Budget::Absolute { .. } => return Grid { retain_rates: vec![], tsp_rates: vec![] },
+        };
+        let grid = Grid::default();
+        Grid {
+            retain_rates: if fixed.retain_rate.is_some() || fixed.kv_budget.is_some() {
+                vec![r]
+            } else {
+                grid.retain_rates
+            },
+            tsp_rates: if fixed.tsp_rate.is_some() || fixed.tsp_len.is_some() { vec![t] } else { grid.tsp_rates },
+        }
+    }
+}
 
 /// What to probe with.
 #[derive(Clone, Debug)]
@@ -165,8 +207,9 @@ fn find(engine: &Engine, prompt: &[u32], sentence: &str) -> Result<Vec<u32>> {
     Ok((at..at + ids.len()).map(|p| p as u32).collect())
 }
 
-/// Runs the probes on `engine` and chooses ℓ* and the TSP budget by the module's criterion.
-pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) -> Result<Calibration> {
+/// Runs the probes on `engine` and chooses the KV budget, ℓ* and the TSP budget by the module's
+/// criterion, over `grid` (an engine with absolute budgets keeps them and chooses ℓ* only).
+pub fn calibrate(engine: &Engine, probes_cfg: &Probes, grid: &Grid, progress: &dyn Progress) -> Result<Calibration> {
     let spec = engine.spec();
     let n = spec.num_layers;
     if n < 2 {
@@ -175,23 +218,93 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) 
     if probes_cfg.count == 0 {
         return Err(Error::invalid("probes", "calibration needs at least one probe"));
     }
+    let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
     let tokens = probes_cfg.tokens.min(spec.max_position_embeddings);
+    if tokens < base.floor.prompt_len {
+        return Err(Error::invalid(
+            "probe_tokens",
+            format!(
+                "{tokens}-token probes are below the engine's min_prompt_len ({}): nothing would be compressed",
+                base.floor.prompt_len
+            ),
+        ));
+    }
+    // (retain rates, TSP rates) of rate mode; an absolute budget is the only candidate.
+    let (retain_rates, tsp_rates) = match base.budget {
+        Budget::Rate { retain_rate, tsp_rate } => {
+            let or = |v: &[f64], x: f64| if v.is_empty() { vec![x] } else { v.to_vec() };
+            (or(&grid.retain_rates, retain_rate), or(&grid.tsp_rates, tsp_rate))
+        }
+        Budget::Absolute { .. } => (vec![], vec![]),
+    };
+    let with_r = |budget: Budget, r: Option<f64>| match (budget, r) {
+        (Budget::Rate { tsp_rate, .. }, Some(retain_rate)) => Budget::Rate { tsp_rate, retain_rate },
+        (b, _) => b,
+    };
     let haystack = Haystack::load(&probes_cfg.haystack, engine, tokens)?;
     let probes = probes(engine, &haystack, probes_cfg.count, tokens, probes_cfg.seed)?;
-    let base = Policy { method: Method::Fastkv, ..engine.default_policy() };
-    let budgets: Vec<Budget> = match base.budget {
-        Budget::Rate { retain_rate, .. } => {
-            TSP_RATES.iter().map(|&tsp_rate| Budget::Rate { tsp_rate, retain_rate }).collect()
+    let runs_per_probe = 3 * probes.len() as u64;
+    progress.begin("calibrating (probe runs)", runs_per_probe, false);
+    let step = |what: &str, i: usize| progress.advance(1, &format!("probe {}/{}: {what}", i + 1, probes.len()));
+    let answers = |what: &str, runs: &[Policy]| -> Result<Vec<f64>> {
+        let mut sums = vec![0.0; runs.len()];
+        for (i, probe) in probes.iter().enumerate() {
+            let mut req = Request::new(Prompt::Tokens(probe.sample.prompt.clone()));
+            req.max_new_tokens = probe.sample.max_new_tokens;
+            for (sum, out) in sums.iter_mut().zip(engine.generate_each(&req, runs)?) {
+                *sum += answer_score(&out.text, &probe.sample.answers[0]);
+            }
+            step(what, i);
         }
+        Ok(sums.iter().map(|s| round(s / probes.len() as f64)).collect())
+    };
+
+    // The budget: full KV and SnapKV-GQA at every retain rate.
+    let snapkv = |r: Option<f64>| Policy { method: Method::SnapkvGqa, budget: with_r(base.budget, r), ..base };
+    let rates: Vec<Option<f64>> =
+        if retain_rates.is_empty() { vec![None] } else { retain_rates.iter().map(|&r| Some(r)).collect() };
+    let mut runs = vec![Policy { method: Method::Full, ..base }];
+    runs.extend(rates.iter().map(|&r| snapkv(r)));
+    let scores = answers("budget", &runs)?;
+    let (full_score, snapkv_scores) = (scores[0], &scores[1..]);
+    let best = snapkv_scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let pick_r = snapkv_scores
+        .iter()
+        .position(|&s| s >= full_score - TOLERANCE)
+        .unwrap_or_else(|| snapkv_scores.iter().position(|&s| s == best).expect("one rate at least"));
+    let (retain, snapkv_gqa_score) = (rates[pick_r], snapkv_scores[pick_r]);
+    let kv_fraction = |p: &Policy| {
+        let element = engine.backend.kv_element_bytes();
+        let full = Policy { method: Method::Full, ..*p };
+        round(
+            cache_bytes_bound(spec, p, tokens, 0, element) as f64
+                / cache_bytes_bound(spec, &full, tokens, 0, element) as f64,
+        )
+    };
+    let budgets: Vec<BudgetScore> = rates
+        .iter()
+        .zip(snapkv_scores)
+        .filter_map(|(&r, &score)| {
+            r.map(|retain_rate| BudgetScore {
+                retain_rate,
+                snapkv_gqa_score: score,
+                kv_fraction: kv_fraction(&snapkv(Some(retain_rate))),
+            })
+        })
+        .collect();
+
+    // ℓ* and t at that budget: recall of every candidate, then the answers of the fastest.
+    let candidate_budgets: Vec<Budget> = match base.budget {
+        Budget::Rate { .. } => tsp_rates
+            .iter()
+            .map(|&tsp_rate| Budget::Rate { tsp_rate, retain_rate: retain.expect("rate mode has rates") })
+            .collect(),
         absolute => vec![absolute],
     };
-    let policies: Vec<Policy> = budgets
+    let policies: Vec<Policy> = candidate_budgets
         .iter()
         .flat_map(|&budget| (0..n - 1).map(move |tsp_layer| Policy { tsp_layer, budget, ..base }))
         .collect();
-
-    progress.begin("calibrating ℓ* (probe runs)", 2 * probes.len() as u64, false);
-    let step = |what: &str, i: usize| progress.advance(1, &format!("probe {}/{}: {what}", i + 1, probes.len()));
     let mut recall_sums = vec![0.0; policies.len()];
     for (i, probe) in probes.iter().enumerate() {
         let kept = engine.backend.tsp_selections(&probe.sample.prompt, &policies)?;
@@ -204,9 +317,6 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) 
         }
         step("recall", i);
     }
-
-    // Four decimals: evidence to read, and values that survive engine.json's round trip exactly.
-    let round = |x: f64| (x * 1e4).round() / 1e4;
     let recall: Vec<f64> = recall_sums.iter().map(|s| round(s / probes.len() as f64)).collect();
     let speedup = |i: usize| ideal_speedup(spec, &policies[i], tokens);
     let qualifies = |i: usize| recall[i] >= MIN_RECALL;
@@ -218,30 +328,19 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) 
         order.sort_by(|&a, &b| recall[b].total_cmp(&recall[a]).then(speedup(b).total_cmp(&speedup(a))));
     }
     order.truncate(VERIFIED);
-
-    let references = [Policy { method: Method::Full, ..base }, Policy { method: Method::SnapkvGqa, ..base }];
-    let runs: Vec<Policy> = references.into_iter().chain(order.iter().map(|&i| policies[i])).collect();
-    let mut answer_sums = vec![0.0; runs.len()];
-    for (i, probe) in probes.iter().enumerate() {
-        let mut req = Request::new(Prompt::Tokens(probe.sample.prompt.clone()));
-        req.max_new_tokens = probe.sample.max_new_tokens;
-        for (sum, out) in answer_sums.iter_mut().zip(engine.generate_each(&req, &runs)?) {
-            *sum += answer_score(&out.text, &probe.sample.answers[0]);
-        }
-        step("answers", i);
-    }
+    let runs: Vec<Policy> = order.iter().map(|&i| policies[i]).collect();
+    let scores = answers("TSP", &runs)?;
     progress.end();
-    let scores: Vec<f64> = answer_sums.iter().map(|s| round(s / probes.len() as f64)).collect();
     let verified: Vec<Verified> = order
         .iter()
-        .zip(&scores[2..])
+        .zip(&scores)
         .map(|(&i, &score)| Verified { tsp_layer: policies[i].tsp_layer, budget: policies[i].budget, score })
         .collect();
     // The first (fastest) that answers about as well as SnapKV-GQA; else the first of the best answering.
     let best = verified.iter().map(|v| v.score).fold(f64::NEG_INFINITY, f64::max);
     let pick = verified
         .iter()
-        .position(|v| v.score >= scores[1] - TOLERANCE)
+        .position(|v| v.score >= snapkv_gqa_score - TOLERANCE)
         .unwrap_or_else(|| verified.iter().position(|v| v.score == best).expect("at least one candidate is verified"));
     let chosen = policies[order[pick]];
     Ok(Calibration {
@@ -251,16 +350,23 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, progress: &dyn Progress) 
         probes: probes.len(),
         probe_tokens: tokens,
         seed: probes_cfg.seed,
-        candidates: budgets
+        candidates: candidate_budgets
             .iter()
             .zip(recall.chunks(n - 1))
             .map(|(&budget, r)| Candidate { budget, recall: r.to_vec() })
             .collect(),
         ideal_speedup: round(speedup(order[pick])),
-        full_score: scores[0],
-        snapkv_gqa_score: scores[1],
+        kv_fraction: kv_fraction(&chosen),
+        full_score,
+        snapkv_gqa_score,
+        budgets,
         verified,
     })
+}
+
+/// Four decimals: evidence to read, and values that survive engine.json's round trip exactly.
+fn round(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
 }
 
 /// Full-KV over FastKV prefill FLOPs of a `tokens`-token prompt under `policy`: TSP's ideal speed-up.

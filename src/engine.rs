@@ -163,12 +163,18 @@ pub struct Calibration {
     pub candidates: Vec<Candidate>,
     /// Full-KV over FastKV prefill FLOPs at the chosen ℓ* and budget, at the probes' length.
     pub ideal_speedup: f64,
+    /// The share of full KV's cache the chosen policy keeps at the probes' length.
+    #[serde(default)]
+    pub kv_fraction: f64,
     /// Mean [`crate::calibrate::answer_score`] of full KV's greedy answers to the probes' questions.
     #[serde(default)]
     pub full_score: f64,
-    /// The same for SnapKV-GQA at the engine's KV budget, the bar a candidate must reach.
+    /// The same for SnapKV-GQA at the chosen KV budget, the bar a candidate must reach.
     #[serde(default)]
     pub snapkv_gqa_score: f64,
+    /// The KV budget's trade-off: SnapKV-GQA's answers at every retain rate tried.
+    #[serde(default)]
+    pub budgets: Vec<BudgetScore>,
     /// The candidates whose answers were checked, in the order they were preferred.
     #[serde(default)]
     pub verified: Vec<Verified>,
@@ -179,6 +185,15 @@ impl Calibration {
     pub fn chosen_score(&self) -> f64 {
         self.verified.iter().find(|v| (v.tsp_layer, v.budget) == (self.tsp_layer, self.budget)).map_or(0.0, |v| v.score)
     }
+}
+
+/// SnapKV-GQA (FastKV without TSP) at one retain rate: its mean answer score on the probes and the
+/// share of full KV's cache it keeps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetScore {
+    pub retain_rate: f64,
+    pub snapkv_gqa_score: f64,
+    pub kv_fraction: f64,
 }
 
 /// One candidate's mean [`crate::calibrate::answer_score`] on the probes' questions.

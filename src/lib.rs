@@ -12,7 +12,8 @@
 //!   versioned engine format and [`Engine::open_on`]; [`random_weights`]: engines of a real model's
 //!   shape whose weights are generated from a seed when opened.
 //! - [`policy`]: full, FastKV or a baseline (docs/method.md §12), budgets and gates per layer, and the
-//!   one override rule every front end uses ([`Overrides`]); [`select`]: the host reference of the
+//!   one override rule every front end uses ([`Overrides`]), budgets as exact [`fraction`]s, and the
+//!   [`Floor`] below which nothing is compressed; [`select`]: the host reference of the
 //!   selection math (window scores, pooling, group sums, top-k, TSP indices) that the CPU backend
 //!   uses and every accelerator kernel is tested against.
 //! - **Where TSP is decided**: [`prefill`], the backend-neutral driver — per layer and policy, what is
@@ -58,6 +59,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fraction;
 pub mod gguf;
 pub mod hostmath;
 pub mod onnx;
@@ -81,6 +83,7 @@ pub mod trt;
 pub use backend::Device;
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use policy::{Budget, Method, Overrides, Policy};
+pub use policy::{Budget, Floor, Method, Overrides, Policy};
 pub use sampling::Sampling;
 pub use session::{FinishReason, Logprob, Metrics, Output, Prompt, Request, Token};
+pub use text::Message;

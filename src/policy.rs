@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fraction::Fraction;
 use crate::select::Pool;
 use crate::spec::ModelSpec;
 
@@ -144,6 +145,30 @@ pub const DEFAULT_RETAIN_RATE: f64 = 0.1;
 pub const DEFAULT_KV_BUDGET: usize = 512;
 pub const DEFAULT_TSP_LEN: usize = 2048;
 
+/// Where compression stops paying: a prompt shorter than `prompt_len` tokens is kept whole in
+/// every layer (no selection, no TSP), and no layer keeps fewer than `kv_budget` entries per cache
+/// head nor propagates fewer tokens. Without it a 48-token prompt at r = 0.1 keeps a handful of
+/// entries and decodes nonsense; a server gets short prompts all the time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    pub prompt_len: usize,
+    pub kv_budget: usize,
+}
+
+impl Floor {
+    /// fastkv's default: below 1K tokens prefill is cheap and the cache small, and 128 entries keep
+    /// the answers of every model we measured (docs/configuration.md).
+    pub const DEFAULT: Floor = Floor { prompt_len: 1024, kv_budget: 128 };
+    /// The paper's budgets as published, which the reference implementations compute.
+    pub const NONE: Floor = Floor { prompt_len: 0, kv_budget: 0 };
+}
+
+impl Default for Floor {
+    fn default() -> Self {
+        Floor::DEFAULT
+    }
+}
+
 /// A complete per-request compression policy.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -156,6 +181,9 @@ pub struct Policy {
     /// K: the pooling kernel (odd).
     pub kernel: usize,
     pub pool: Pool,
+    /// Engines built before floors existed get [`Floor::DEFAULT`].
+    #[serde(default)]
+    pub floor: Floor,
     #[serde(default)]
     pub params: Params,
 }
@@ -231,7 +259,8 @@ impl HeadScores {
 }
 
 impl Policy {
-    /// FastKV's defaults for a model: ℓ* = N/2 − 1, t = 0.2, r = 0.1, W = 8, K = 7, maxpool.
+    /// FastKV's defaults for a model: ℓ* = N/2 − 1, t = 0.2, r = 0.1, W = 8, K = 7, maxpool, and
+    /// fastkv's [`Floor::DEFAULT`] (the paper's budgets with [`Floor::NONE`]).
     pub fn fastkv_default(spec: &ModelSpec) -> Self {
         Policy {
             method: Method::Fastkv,
@@ -240,8 +269,15 @@ impl Policy {
             window: 8,
             kernel: 7,
             pool: Pool::Max,
+            floor: Floor::DEFAULT,
             params: Params::default(),
         }
+    }
+
+    /// Whether this policy changes anything for a `prompt_len`-token prompt: a compressing method,
+    /// and a prompt no shorter than the floor.
+    pub fn compresses(&self, prompt_len: usize) -> bool {
+        self.method != Method::Full && prompt_len >= self.floor.prompt_len
     }
 
     /// Rejects values no prompt could make sense of, naming the flag.
@@ -326,25 +362,28 @@ impl Policy {
         Ok(())
     }
 
-    /// T for a prompt of `prompt_len` tokens, never below the window.
+    /// T for a prompt of `prompt_len` tokens, never below the window or the floor.
     pub fn tsp_len(&self, prompt_len: usize) -> usize {
         let t = match self.budget {
-            Budget::Rate { tsp_rate, .. } => (prompt_len as f64 * tsp_rate) as usize,
+            Budget::Rate { tsp_rate, .. } => Fraction::nearest(tsp_rate).floor_mul(prompt_len),
             Budget::Absolute { tsp_len, .. } => tsp_len,
         };
-        t.max(self.window)
+        t.max(self.window).max(self.floor.kv_budget)
     }
 
-    /// C of `layer` before the gate (docs/method.md §4), as the paper's code computes it. Only FastKV rescales
-    /// the rate after ℓ*; the other methods keep ⌊L·r⌋ (or `kv_budget`) in every layer.
+    /// C of `layer` before the gate (docs/method.md §4), never below the floor; rates are exact
+    /// fractions ([`Fraction`]). Only FastKV rescales the rate after ℓ*; the other methods keep ⌊L·r⌋
+    /// (or `kv_budget`) in every layer.
     pub fn kv_budget(&self, layer: usize, prompt_len: usize) -> usize {
-        match self.budget {
+        let c = match self.budget {
             Budget::Rate { tsp_rate, retain_rate } if self.method == Method::Fastkv && layer > self.tsp_layer => {
-                (self.tsp_len(prompt_len) as f64 * (retain_rate / tsp_rate)) as usize
+                let ratio = Fraction::nearest(retain_rate).over(Fraction::nearest(tsp_rate));
+                ratio.floor_mul(self.tsp_len(prompt_len))
             }
-            Budget::Rate { retain_rate, .. } => (prompt_len as f64 * retain_rate) as usize,
+            Budget::Rate { retain_rate, .. } => Fraction::nearest(retain_rate).floor_mul(prompt_len),
             Budget::Absolute { kv_budget, .. } => kv_budget,
-        }
+        };
+        c.max(self.floor.kv_budget)
     }
 
     /// PyramidKV's C of `layer` in a model of `num_layers`: with B' = C − W, the scored budget falls
@@ -428,8 +467,12 @@ impl Policy {
     /// prompt, with the gates of docs/method.md §8: a sequence shorter than C (or no longer than W) is stored
     /// whole and never propagates; TSP fires only for FastKV at ℓ* and only if it shrinks the
     /// sequence. GemFilter and PyramidInfer cache whole sequences (they shrink what enters a layer).
+    /// A prompt below the floor is whole everywhere.
     pub fn plan(&self, layer: usize, num_layers: usize, prompt_len: usize, seq_len: usize) -> LayerPlan {
         let whole = LayerPlan { kv_budget: None, tsp_len: None };
+        if !self.compresses(prompt_len) {
+            return whole;
+        }
         let c = match self.method {
             Method::Full | Method::Gemfilter | Method::Pyramidinfer => return whole,
             Method::Pyramidkv => self.pyramid_budget(layer, num_layers, prompt_len),
@@ -445,10 +488,12 @@ impl Policy {
 }
 
 /// Changes to a policy that a request asks for — CLI flags (the struct is the CLI's flag group),
-/// Triton parameters, `fastkv eval`'s contenders — merged by one rule, [`Overrides::apply`], so every
-/// front end gives the same policy for the same request. Unset fields keep the base policy's value.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Triton parameters, the `fastkv` object of a `fastkv serve` request body (the struct's fields),
+/// `fastkv eval`'s contenders — merged by one rule, [`Overrides::apply`], so every front end gives
+/// the same policy for the same request. Unset fields keep the base policy's value.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// Compression method; the baselines take their budget from --retain-rate / --kv-budget.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
@@ -480,8 +525,18 @@ pub struct Overrides {
     /// Pooling of window scores before the group sum.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub pool: Option<Pool>,
-    /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}.
+    /// Prompts shorter than this many tokens are not compressed at all (0: every prompt is)
+    /// [default: the engine's, 1024 unless built otherwise].
     #[cfg_attr(feature = "clap", arg(long))]
+    pub min_prompt_len: Option<usize>,
+    /// No layer keeps fewer KV entries per cache head, nor TSP fewer tokens [default: the
+    /// engine's, 128 unless built otherwise].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub min_kv_budget: Option<usize>,
+    /// HeadKV: JSON file of per-head scores, {"layer-head": [scores…]}. Never read from a request
+    /// body: a server's clients name no files on its machine.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(skip)]
     pub head_scores: Option<PathBuf>,
     /// GemFilter: the layer whose last-query scores select the tokens [default: ℓ*].
     #[cfg_attr(feature = "clap", arg(long))]
@@ -556,6 +611,10 @@ impl Overrides {
             window: self.window.unwrap_or(base.window),
             kernel: self.kernel.unwrap_or(base.kernel),
             pool: self.pool.unwrap_or(base.pool),
+            floor: Floor {
+                prompt_len: self.min_prompt_len.unwrap_or(base.floor.prompt_len),
+                kv_budget: self.min_kv_budget.unwrap_or(base.floor.kv_budget),
+            },
             params,
         };
         policy.validate(spec)?;

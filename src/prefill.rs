@@ -182,7 +182,7 @@ pub fn prefill_pausing<O: Ops>(
     }
     let filter_k = |p: &Policy| {
         let k = p.kv_budget(0, tokens.len()).max(1);
-        (p.method == Method::Gemfilter && k < tokens.len()).then_some(k)
+        (p.method == Method::Gemfilter && p.compresses(tokens.len()) && k < tokens.len()).then_some(k)
     };
     let entries: usize = policies.iter().map(|p| planned_cache_entries(ops.spec(), p, tokens.len(), reserve)).sum();
     ops.reserve(tokens.len(), entries)?;
@@ -523,7 +523,7 @@ fn choose<O: Ops>(ops: &O, step: &LayerStep, qkv: &O::Qkv, attention: &O::Attent
     let host = || ops.host_qk(qkv).expect("checked: this method needs host selection");
     if policy.method == Method::Pyramidinfer {
         let recent = policy.recent_len(prompt_len);
-        if last_layer || seq <= recent {
+        if last_layer || seq <= recent || !policy.compresses(prompt_len) {
             return Ok(all);
         }
         let (q, k) = host();
@@ -600,17 +600,23 @@ fn gemfilter_select(spec: &ModelSpec, q: &[f32], keys: &[f32], seq: usize, k: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Budget;
+    use crate::policy::{Budget, Floor};
 
     #[test]
     fn planned_cache_entries_follow_the_budgets_and_tsp() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/config.json");
         let spec = ModelSpec::from_hf_config(&path).unwrap(); // 4 layers
-        let fastkv = Policy { tsp_layer: 1, ..Policy::fastkv_default(&spec) }; // t = 0.2, r = 0.1
-                                                                               // Layers 0–1: C = 100 of L = 1000; TSP keeps T = 200; layers 2–3: C = ⌊200 · 0.1/0.2⌋ = 100.
+        let fastkv = Policy { tsp_layer: 1, floor: Floor::NONE, ..Policy::fastkv_default(&spec) }; // t = 0.2, r = 0.1
+                                                                                                   // Layers 0–1: C = 100 of L = 1000; TSP keeps T = 200; layers 2–3: C = ⌊200 · 0.1/0.2⌋ = 100.
         assert_eq!(planned_cache_entries(&spec, &fastkv, 1000, 5), 4 * (100 + 5));
         let full = Policy { method: Method::Full, ..fastkv };
         assert_eq!(planned_cache_entries(&spec, &full, 1000, 5), 4 * (1000 + 5));
+        // The default floor: below 1024 tokens nothing is compressed; above, no layer keeps fewer
+        // than 128 entries (⌊1100 · 0.1⌋ = 110 → 128; T = 220).
+        let floored = Policy { floor: Floor::DEFAULT, ..fastkv };
+        assert_eq!(planned_cache_entries(&spec, &floored, 1000, 5), 4 * (1000 + 5));
+        assert_eq!(planned_cache_entries(&spec, &floored, 1100, 0), 4 * 128);
+        assert_eq!(planned_cache_entries(&spec, &floored, 4000, 0), 4 * 400);
         // A prompt shorter than the budget keeps everything (docs/method.md §8.1).
         let absolute = Policy { budget: Budget::Absolute { kv_budget: 64, tsp_len: 16 }, ..fastkv };
         assert_eq!(planned_cache_entries(&spec, &absolute, 40, 0), 4 * 40);

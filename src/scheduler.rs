@@ -65,7 +65,8 @@ impl Config {
 #[derive(Debug)]
 pub enum Event {
     Token(Token),
-    Done(Output),
+    /// Boxed: tokens are most of the events, and stay small.
+    Done(Box<Output>),
     Failed(Error),
 }
 
@@ -89,6 +90,8 @@ pub trait Observer: Send + Sync {
     fn next_token(&self, _itl_s: f64) {}
     /// A request ended, `e2e_s` after it was submitted.
     fn finished(&self, _output: &Output, _e2e_s: f64) {}
+    /// A request ended in `error` — [`Error::Cancelled`] for one cancelled before its first token.
+    fn failed(&self, _error: &Error) {}
 }
 
 /// An observer that keeps nothing.
@@ -99,6 +102,7 @@ impl Observer for Unobserved {}
 /// The engine's state and totals so far.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Stats {
+    /// Requests prefilling or decoding.
     pub running: usize,
     pub waiting: usize,
     /// Bytes set aside for the caches of the running requests (their reserve for new tokens too).
@@ -117,6 +121,7 @@ pub struct Stats {
     pub decoded_tokens: u64,
     pub decode_seconds: f64,
     pub requests_finished: u64,
+    /// Requests that ended in an error, those cancelled before their first token included.
     pub requests_failed: u64,
 }
 
@@ -156,7 +161,7 @@ impl Stream {
         for event in self.events.iter() {
             match event {
                 Event::Token(_) => {}
-                Event::Done(out) => return Ok(out),
+                Event::Done(out) => return Ok(*out),
                 Event::Failed(e) => return Err(e),
             }
         }
@@ -212,6 +217,13 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends a request in `error`: counted, observed, sent.
+    fn fail(&self, sink: &mut dyn Sink, error: Error) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.observer.failed(&error);
+        let _ = sink.send(Event::Failed(error));
     }
 }
 
@@ -415,7 +427,7 @@ impl<'s> Loop<'s> {
         }
         let mut queue = self.shared.lock();
         for mut s in queue.waiting.drain(..) {
-            let _ = s.sink.send(Event::Failed(Error::ShuttingDown));
+            self.shared.fail(&mut *s.sink, Error::ShuttingDown);
         }
     }
 
@@ -430,7 +442,7 @@ impl<'s> Loop<'s> {
         queue.waiting.retain_mut(|s| {
             let cancelled = s.cancel.load(Ordering::Relaxed);
             if cancelled {
-                let _ = s.sink.send(Event::Failed(Error::Cancelled));
+                shared.fail(&mut *s.sink, Error::Cancelled);
             }
             !cancelled
         });
@@ -458,7 +470,9 @@ impl<'s> Loop<'s> {
     fn admit(&mut self, mut s: Submission) {
         let shared = self.shared;
         let engine: &'s Engine = &shared.engine;
+        // Running from here: a drain waits for a request in its prefill as for one decoding.
         shared.reserved.fetch_add(s.bytes, Ordering::Relaxed);
+        shared.running.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let cancel = s.cancel.clone();
         let prefill = {
@@ -490,8 +504,8 @@ impl<'s> Loop<'s> {
             Ok(g) => g,
             Err(e) => {
                 shared.reserved.fetch_sub(s.bytes, Ordering::Relaxed);
-                shared.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = s.sink.send(Event::Failed(e));
+                shared.running.fetch_sub(1, Ordering::Relaxed);
+                shared.fail(&mut *s.sink, e);
                 return;
             }
         };
@@ -502,7 +516,6 @@ impl<'s> Loop<'s> {
         let held = cache.bytes();
         shared.held.fetch_add(held, Ordering::Relaxed);
         shared.full.fetch_add(full, Ordering::Relaxed);
-        shared.running.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut r = Running {
             gen,
@@ -604,15 +617,12 @@ impl<'s> Loop<'s> {
         shared.full.fetch_sub(full, Ordering::Relaxed);
         shared.running.fetch_sub(1, Ordering::Relaxed);
         match error {
-            Some(e) => {
-                shared.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = sink.send(Event::Failed(e));
-            }
+            Some(e) => shared.fail(&mut *sink, e),
             None => {
                 let output = gen.finish();
                 shared.finished.fetch_add(1, Ordering::Relaxed);
                 shared.observer.finished(&output, arrived.elapsed().as_secs_f64());
-                let _ = sink.send(Event::Done(output));
+                let _ = sink.send(Event::Done(Box::new(output)));
             }
         }
         shared.wake.notify_all();

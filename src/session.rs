@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::KvCache;
+use crate::backend::{KvCache, Step};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::policy::{Method, Policy};
 use crate::prefill::Prefill;
 use crate::sampling::{Sampler, Sampling};
 use crate::stop::StopText;
-use crate::text::Detokenizer;
+use crate::text::{Detokenizer, Message};
 
 /// What to complete.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,8 @@ pub enum Prompt {
     Text(String),
     /// One user message, wrapped in the engine's chat template.
     Chat(String),
+    /// A conversation, rendered by the engine's chat template with the assistant's turn to come.
+    Messages(Vec<Message>),
     /// Token ids as they are.
     Tokens(Vec<u32>),
 }
@@ -180,28 +182,40 @@ impl Engine {
     }
 
     /// Runs `req` under each of `policies` (its own policy is ignored) with one shared prefill
-    /// ([`crate::backend::Backend::prefill_many`]), so comparing methods on one prompt costs little more
-    /// than its longest prefill. The outputs equal separate [`Engine::generate`] calls', except
-    /// that every TTFT counts the whole shared prefill.
+    /// ([`crate::backend::Backend::prefill_many`]) and batched decode steps
+    /// ([`crate::backend::Backend::decode_batch`]), so comparing methods on one prompt costs little
+    /// more than its longest prefill and one generation. The outputs equal separate
+    /// [`Engine::generate`] calls', except that every TTFT counts the whole shared prefill.
     pub fn generate_each(&self, req: &Request, policies: &[Policy]) -> Result<Vec<Output>> {
         let start = Instant::now();
         let prompt = self.prepare(req)?;
         let prefills = self.backend.prefill_many(&prompt.ids, policies, prompt.max_new)?;
         let prefill_s = start.elapsed().as_secs_f64();
-        policies
+        let mut runs = policies
             .iter()
             .zip(prefills)
-            .map(|(&policy, prefill)| {
-                let (mut gen, mut cache) =
-                    Generation::new(self, req, policy, prompt.clone(), prefill, (start, prefill_s))?;
-                while gen.sample()?.is_some() {
-                    if let Some((id, position)) = gen.to_decode() {
-                        gen.accept(self.backend.decode(id, position, &mut cache)?);
-                    }
+            .map(|(&policy, prefill)| Generation::new(self, req, policy, prompt.clone(), prefill, (start, prefill_s)))
+            .collect::<Result<Vec<_>>>()?;
+        loop {
+            let mut decoding = Vec::new();
+            let mut steps = Vec::new();
+            for (i, (gen, cache)) in runs.iter_mut().enumerate() {
+                gen.sample()?;
+                if let Some((token, position)) = gen.to_decode() {
+                    decoding.push(i);
+                    steps.push(Step { token, position, cache });
                 }
-                Ok(gen.finish())
-            })
-            .collect()
+            }
+            if steps.is_empty() {
+                break;
+            }
+            let logits = self.backend.decode_batch(&mut steps)?;
+            drop(steps);
+            for (i, logits) in decoding.into_iter().zip(logits) {
+                runs[i].0.accept(logits);
+            }
+        }
+        Ok(runs.into_iter().map(|(gen, _)| gen.finish()).collect())
     }
 
     /// Checks `req`'s sampling and tokenizes its prompt (its policies are checked where every
@@ -231,6 +245,11 @@ impl Engine {
             }
             Prompt::Chat(m) => {
                 let rendered = self.text.chat_prompt(m)?;
+                fits(&rendered)?;
+                self.text.encode_chat(&rendered)?
+            }
+            Prompt::Messages(m) => {
+                let rendered = self.text.chat_messages(m)?;
                 fits(&rendered)?;
                 self.text.encode_chat(&rendered)?
             }

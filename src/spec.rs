@@ -196,6 +196,13 @@ impl ModelSpec {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     }
 
+    /// Weights a decode step reads: every layer's projections and the LM head (the embedding table
+    /// gives one row per token).
+    pub fn decode_weights(&self) -> usize {
+        let (e, h, d, i) = (self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size);
+        self.num_layers * (e * self.qkv_rows() + h * d * e + 3 * e * i) + self.vocab_size * e
+    }
+
     /// GEMM + causal attention FLOPs of a prefill whose layer `l` sees `seq_lens[l]` tokens: what
     /// an ideal speed-up of TSP is the ratio of.
     pub fn prefill_flops(&self, seq_lens: &[usize]) -> f64 {

@@ -51,6 +51,12 @@ impl TextCodec {
     /// The prompt for a single user turn with the generation prompt appended, as
     /// `tokenizer.apply_chat_template(..., add_generation_prompt=True)` renders it.
     pub fn chat_prompt(&self, user_message: &str) -> Result<String> {
+        self.chat_messages(&[Message { role: "user".into(), content: user_message.into() }])
+    }
+
+    /// A conversation rendered by the chat template, with the generation prompt appended (the
+    /// assistant's next turn), as `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.
+    pub fn chat_messages(&self, messages: &[Message]) -> Result<String> {
         let template = self
             .info
             .chat_template
@@ -66,12 +72,13 @@ impl TextCodec {
         let bad = |e: minijinja::Error| Error::invalid("chat", format!("chat template failed: {e}"));
         env.add_template("chat", template).map_err(bad)?;
         let ctx = minijinja::context! {
-            messages => vec![minijinja::context! { role => "user", content => user_message }],
+            messages => messages.iter().map(|m| minijinja::context! { role => &m.role, content => &m.content }).collect::<Vec<_>>(),
             add_generation_prompt => true,
             bos_token => self.info.bos_token.clone().unwrap_or_default(),
             eos_token => self.info.eos_token.clone().unwrap_or_default(),
         };
-        let mut out = BoundedWriter { buf: Vec::new(), limit: user_message.len() + TEMPLATE_OUTPUT };
+        let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        let mut out = BoundedWriter { buf: Vec::new(), limit: input + TEMPLATE_OUTPUT };
         match env.get_template("chat").and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ())) {
             Ok(_) => String::from_utf8(out.buf).map_err(|_| Error::invalid("chat", "chat template rendered invalid UTF-8")),
             Err(_) if out.buf.len() == out.limit => Err(Error::invalid(
@@ -90,6 +97,13 @@ impl TextCodec {
     pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
         self.encode(rendered, false)
     }
+}
+
+/// One turn of a conversation: `role` is `system`, `user`, `assistant` (or what the template knows).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
 }
 
 /// The most input bytes one token can stand for, where the tokenizer's configuration bounds it:

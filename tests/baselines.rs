@@ -14,7 +14,7 @@ use fastkv::cpu::kv_cache::LayerCache;
 use fastkv::policy::{pyramid_keep_ratio, HeadScores, Params};
 use fastkv::select::*;
 use fastkv::tensors::DType;
-use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
+use fastkv::{Budget, Engine, Floor, Method, Policy, Prompt, Request};
 
 fn policy(method: Method, kv_budget: usize, params: Params) -> Policy {
     Policy {
@@ -24,6 +24,7 @@ fn policy(method: Method, kv_budget: usize, params: Params) -> Policy {
         window: 8,
         kernel: 7,
         pool: Pool::Max,
+        floor: Floor::NONE,
         params,
     }
 }

@@ -62,7 +62,7 @@ fn collect(stream: fastkv::scheduler::Stream) -> (Vec<u32>, Vec<f32>, Output) {
                 ids.push(t.id);
                 logprobs.extend(t.logprob.map(|l| l.logprob));
             }
-            Event::Done(out) => return (ids, logprobs, out),
+            Event::Done(out) => return (ids, logprobs, *out),
             Event::Failed(e) => panic!("a request failed: {e}"),
         }
     }
@@ -268,6 +268,10 @@ fn draining_finishes_running_requests_and_refuses_new_ones() {
     let mut req = Request::new(Prompt::Tokens(ids));
     req.max_new_tokens = 8;
     let stream = scheduler.submit_stream(req.clone()).unwrap();
+    // Drained as soon as it left the queue: in its prefill, it is running too.
+    while scheduler.stats().waiting > 0 {
+        std::thread::yield_now();
+    }
     assert!(scheduler.drain(Duration::from_secs(60)), "the running request finished in time");
     assert_eq!(stream.finish().unwrap().token_ids, alone(&engine, &req).token_ids);
     assert!(matches!(scheduler.submit_stream(req), Err(Error::ShuttingDown)));

@@ -22,7 +22,7 @@ fn build_with(calibrate: Calibrate, output: &Path) -> fastkv::engine::Manifest {
             output: output.into(),
             dtype: DType::F32,
             force: false,
-            tsp_layer: None,
+            policy: common::paper(),
             calibrate,
         },
         &fastkv::progress::Silent,
@@ -105,6 +105,70 @@ fn calibration_is_deterministic_and_becomes_the_engine_default() {
     let first_good = c.verified.iter().position(|v| v.score >= c.snapkv_gqa_score - calibrate::TOLERANCE);
     assert_eq!(Some(pick), first_good.or(c.verified.iter().position(|v| v.score == best)));
     assert!([c.full_score, c.snapkv_gqa_score].iter().all(|s| (0.0..=1.0).contains(s)));
+    // The budget: every retain rate tried, the smallest within the tolerance of full KV chosen (else
+    // the best answering), its SnapKV-GQA score the bar above.
+    let rates: Vec<f64> = c.budgets.iter().map(|b| b.retain_rate).collect();
+    assert_eq!(rates, calibrate::RETAIN_RATES);
+    let fastkv::Budget::Rate { retain_rate, .. } = c.budget else { panic!("rate mode") };
+    let best = c.budgets.iter().map(|b| b.snapkv_gqa_score).fold(0.0, f64::max);
+    let expected = c
+        .budgets
+        .iter()
+        .find(|b| b.snapkv_gqa_score >= c.full_score - calibrate::TOLERANCE)
+        .or(c.budgets.iter().find(|b| b.snapkv_gqa_score == best))
+        .unwrap();
+    assert_eq!((retain_rate, c.snapkv_gqa_score), (expected.retain_rate, expected.snapkv_gqa_score));
+    assert!(c
+        .verified
+        .iter()
+        .all(|v| matches!(v.budget, fastkv::Budget::Rate { retain_rate: r, .. } if r == retain_rate)));
+    // KV kept grows with r (the window and the rounding aside).
+    assert!(c.budgets.windows(2).all(|w| w[0].kv_fraction <= w[1].kv_fraction), "{:?}", c.budgets);
+    assert!(c.kv_fraction > 0.0 && c.kv_fraction < 1.0);
+}
+
+#[test]
+fn a_fixed_budget_is_not_calibrated() {
+    let Some(essays) = essays() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let fixed = fastkv::Overrides { retain_rate: Some(0.25), tsp_rate: Some(0.3), ..common::paper() };
+    let m = build(
+        &BuildOptions {
+            checkpoint: fixture("llama"),
+            output: tmp.path().join("e"),
+            dtype: DType::F32,
+            force: false,
+            policy: fixed,
+            calibrate: Calibrate::Always(small_probes(essays)),
+        },
+        &fastkv::progress::Silent,
+    )
+    .unwrap();
+    let c = m.calibration.expect("ℓ* is still calibrated");
+    assert_eq!(c.budget, fastkv::Budget::Rate { tsp_rate: 0.3, retain_rate: 0.25 });
+    assert_eq!(c.budgets.len(), 1);
+    assert_eq!(c.candidates.len(), 1);
+    assert_eq!(m.fastkv.budget, c.budget);
+}
+
+#[test]
+fn probes_shorter_than_the_floor_are_refused() {
+    let Some(essays) = essays() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let err = build(
+        &BuildOptions {
+            checkpoint: fixture("llama"),
+            output: tmp.path().join("e"),
+            dtype: DType::F32,
+            force: false,
+            policy: fastkv::Overrides::default(),
+            calibrate: Calibrate::Always(small_probes(essays)),
+        },
+        &fastkv::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("min_prompt_len"), "{err}");
+    assert!(!tmp.path().join("e").exists(), "nothing is left behind");
 }
 
 #[test]

@@ -134,3 +134,42 @@ fn decode_appends_at_positions_after_the_prompt() {
         }
     }
 }
+
+/// fastkv's floor: a short prompt — what a server gets all the time — is not compressed, so the
+/// engine's default FastKV answers as full KV does; the paper's budgets without the floor (r = 0.1
+/// of 48 tokens is a handful of entries) do not.
+#[test]
+fn default_fastkv_equals_full_kv_on_short_prompts() {
+    let Some(model) = resource(root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf"), "scripts/models.sh")
+    else {
+        return;
+    };
+    let Some(essays) = essays() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("engine");
+    let options = fastkv::builder::BuildOptions {
+        checkpoint: model,
+        output: dir.clone(),
+        dtype: DType::Bf16,
+        force: false,
+        policy: fastkv::Overrides::default(),
+        calibrate: fastkv::builder::Calibrate::Never,
+    };
+    fastkv::builder::build(&options, &fastkv::progress::Silent).unwrap();
+    let engine = Engine::open(&dir).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(&essays).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let ids = engine.encode(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let default = engine.default_policy();
+    assert_eq!(default.floor, fastkv::Floor::DEFAULT);
+    let mut paper_differs = false;
+    for n in [16, 48, 100, 256] {
+        let full = run(&engine, &ids[..n], engine.full_policy(), 16);
+        let fastkv = run(&engine, &ids[..n], default, 16);
+        assert_eq!(fastkv.token_ids, full.token_ids, "{n}-token prompt");
+        assert_eq!(fastkv.metrics.kv_cache_bytes, full.metrics.kv_cache_bytes, "{n}-token prompt");
+        let paper = run(&engine, &ids[..n], Policy { floor: fastkv::Floor::NONE, ..default }, 16);
+        paper_differs |= paper.token_ids != full.token_ids;
+    }
+    assert!(paper_differs, "without the floor, r = 0.1 changes some short prompt's answer");
+}

@@ -107,7 +107,7 @@ fn build_error(bytes: &[u8]) -> String {
         output: tmp.path().join("engine"),
         dtype: DType::F32,
         force: false,
-        tsp_layer: None,
+        policy: Default::default(),
         calibrate: fastkv::builder::Calibrate::Never,
     };
     let err = match build(&opts, &fastkv::progress::Silent) {

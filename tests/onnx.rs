@@ -135,6 +135,25 @@ fn lowered_graphs_match_the_cpu_engine_with_avg_pooling_and_other_budgets() {
     lowered_matches_cpu("qwen2, avg pooling", &engine, &prompt[..450]);
 }
 
+/// Every budget calibration may choose (its grid of retain rates × TSP rates) exports, and the
+/// graph computes the CPU engine's budgets, selections and tokens — r = 0.1, t = 0.3 among them,
+/// whose r/t is no f64 a graph can hold.
+#[test]
+fn every_budget_calibration_may_choose_exports_and_matches_the_cpu_engine() {
+    let Some(_) = onnx_deps() else { return };
+    let prompt = expected("llama").prompts.into_iter().max_by_key(|p| p.ids.len()).unwrap().ids;
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let base = Manifest::read(&engine).unwrap();
+    for retain_rate in fastkv::calibrate::RETAIN_RATES {
+        for tsp_rate in fastkv::calibrate::TSP_RATES {
+            let mut manifest = base.clone();
+            manifest.fastkv.budget = Budget::Rate { tsp_rate, retain_rate };
+            std::fs::write(engine.join("engine.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+            lowered_matches_cpu(&format!("r = {retain_rate}, t = {tsp_rate}"), &engine, &prompt[..600]);
+        }
+    }
+}
+
 #[test]
 fn lowered_graphs_match_the_cpu_engine_on_smollm2() {
     let Some(_) = onnx_deps() else { return };

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use fastkv::policy::{Budget, Method, Params, Policy};
+use fastkv::policy::{Budget, Floor, Method, Params, Policy};
 use fastkv::select::Pool;
 use fastkv::trt::{DataType, Field, FieldValue, Phase, TensorDesc, TensorRt};
 
@@ -229,6 +229,7 @@ fn top_k_width_is_the_policy_budget_of_the_input_length() {
             window,
             kernel: 7,
             pool: Pool::Max,
+            floor: Floor::NONE,
             params: Params::default(),
         };
         let f = fields(&[("rate_num", num), ("rate_den", den), ("window", window as i32)]);

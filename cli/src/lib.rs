@@ -1,5 +1,6 @@
-//! What the fastkv command-line tools share: progress bars ([`Bars`]), charts ([`plot`]) and errors
-//! in the tools' words ([`message`]). The tools are thin: every decision is the library's.
+//! What the fastkv command-line tools share: progress bars ([`Bars`]), charts ([`plot`]), policies
+//! and calibrations in words ([`describe`], [`calibration_summary`]) and errors in the tools' words
+//! ([`message`]). The tools are thin: every decision is the library's.
 
 pub mod plot;
 
@@ -7,9 +8,10 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use clap::Args;
+use fastkv::engine::Calibration;
 use fastkv::progress::Progress;
 use fastkv::scheduler::Config;
-use fastkv::Engine;
+use fastkv::{Budget, Engine, Method, Policy};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The batching engine's limits (`fastkv serve`, `fastkv bench --concurrency`).
@@ -128,4 +130,42 @@ pub fn message(e: &anyhow::Error) -> String {
         parts.push(cause.to_string());
     }
     parts.join(": ")
+}
+
+/// A policy in one line: its method and budgets, and the floor below which it compresses nothing.
+pub fn describe(p: &Policy) -> String {
+    let budget = match (p.method, p.budget) {
+        (Method::Full, _) => return "full KV".into(),
+        (Method::Fastkv, Budget::Rate { tsp_rate, retain_rate }) => {
+            format!("r = {retain_rate}, ℓ* = {}, t = {tsp_rate}", p.tsp_layer)
+        }
+        (Method::Fastkv, Budget::Absolute { kv_budget, tsp_len }) => {
+            format!("C = {kv_budget}, ℓ* = {}, T = {tsp_len}", p.tsp_layer)
+        }
+        (_, Budget::Rate { retain_rate, .. }) => format!("r = {retain_rate}"),
+        (_, Budget::Absolute { kv_budget, .. }) => format!("C = {kv_budget}"),
+    };
+    format!(
+        "{} ({budget}; prompts under {} tokens kept whole, at least {} entries per head)",
+        p.method.name(),
+        p.floor.prompt_len,
+        p.floor.kv_budget
+    )
+}
+
+/// What a calibration chose and what it gave up, in one line.
+pub fn calibration_summary(c: &Calibration) -> String {
+    let r = match c.budget {
+        Budget::Rate { retain_rate, tsp_rate } => format!("r = {retain_rate}, ℓ* = {}, t = {tsp_rate}", c.tsp_layer),
+        Budget::Absolute { kv_budget, tsp_len } => format!("C = {kv_budget}, ℓ* = {}, T = {tsp_len}", c.tsp_layer),
+    };
+    format!(
+        "calibrated {r}: keeps {:.0} % of the KV cache, ideal prefill speed-up {:.2}×; probe answers {:.0} % \
+         (full KV {:.0} %, SnapKV-GQA at this budget {:.0} %)",
+        100.0 * c.kv_fraction,
+        c.ideal_speedup,
+        100.0 * c.chosen_score(),
+        100.0 * c.full_score,
+        100.0 * c.snapkv_gqa_score
+    )
 }

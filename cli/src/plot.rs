@@ -1,4 +1,5 @@
-//! Charts for people: the `fastkv bench` TTFT bars and the `fastkv eval` score heat maps, written as SVG or PNG
+//! Charts for people: the `fastkv bench` TTFT bars, the `fastkv eval` score heat maps and the
+//! `fastkv calibrate` trade-off lines, written as SVG or PNG
 //! (plotters). Text is laid out with a TrueType font: DejaVu Sans from the system, or the file in `FASTKV_FONT`.
 
 use std::path::{Path, PathBuf};
@@ -138,6 +139,38 @@ pub fn grouped_bars(
                 .map(|(g, name)| Text::new(name.clone(), ((g * slots) as f64 + 0.5, top * 0.97), ("sans-serif", 14))),
         )?;
         chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).draw()?;
+    })
+}
+
+/// Lines with their points marked: one series per name, `(x, y)` points in x order (a series of
+/// one point is a marker).
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = || series.iter().flat_map(|(_, p)| p.iter().copied());
+    let x_max = points().map(|p| p.0).fold(0.0, f64::max) * 1.05;
+    let y_max = points().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+    on_canvas!(path, (720, 480), |root| {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max.max(1e-9), 0.0..y_max)?;
+        chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw()?;
+        for (i, (name, p)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            chart.draw_series(p.iter().map(|&xy| Circle::new(xy, 4, color.filled())))?;
+        }
+        chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).border_style(BLACK).draw()?;
     })
 }
 

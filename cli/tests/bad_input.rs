@@ -304,7 +304,8 @@ fn tsp_layer_flag_sets_the_engine_default_and_is_checked() {
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "build left files behind");
     let good = build("2");
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
-    assert!(String::from_utf8_lossy(&good.stdout).contains("ℓ* = 2 (--tsp-layer)"));
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(stdout.contains("ℓ* = 2, t = 0.2") && stdout.contains("not calibrated (--tsp-layer"), "{stdout}");
     assert_eq!(Engine::open(tmp.path().join("engine")).unwrap().default_policy().tsp_layer, 2);
 }
 
@@ -440,7 +441,7 @@ fn gguf_fused_parts_with_a_wrong_split_but_the_right_total_are_refused() {
             output: engine.clone(),
             dtype: DType::F32,
             force: false,
-            tsp_layer: None,
+            policy: Default::default(),
             calibrate: fastkv::builder::Calibrate::Never,
         },
         &fastkv::progress::Silent,

@@ -87,7 +87,7 @@ fn calibrate_command_writes_engine_json_only_without_dry_run() {
         "{stderr}"
     );
     let dry = run(&["--dry-run"]);
-    assert!(dry.contains("chosen: ℓ* = ") && dry.contains("recall"), "{dry}");
+    assert!(dry.contains("calibrated r = ") && dry.contains("recall") && dry.contains("SnapKV-GQA"), "{dry}");
     assert_eq!(std::fs::read(&manifest).unwrap(), before, "--dry-run leaves engine.json alone");
     let wet = run(&[]);
     assert!(wet.contains("wrote "), "{wet}");

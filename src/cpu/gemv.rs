@@ -348,8 +348,8 @@ unsafe fn pairs<const XR: usize, const WR: usize>(x: *const bf16, k: usize, w: &
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             let xv: __m512bh = match mask {
-                u32::MAX => std::mem::transmute(_mm512_loadu_ps(x.add(r * k + i).cast())),
-                _ => std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x.add(r * k + i).cast())),
+                u32::MAX => std::mem::transmute::<__m512, __m512bh>(_mm512_loadu_ps(x.add(r * k + i).cast())),
+                _ => std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, x.add(r * k + i).cast())),
             };
             for j in 0..WR {
                 acc[j] = _mm512_dpbf16_ps(acc[j], xv, std::mem::transmute::<__m512, __m512bh>(wv[j]));

@@ -21,6 +21,7 @@ use super::proto::{FLOAT, INT64};
 use super::{attr, attr_ints, AttentionMode, Dim, FastKvOp, Flavour, Graph, PoolAttr};
 use crate::engine::{Manifest, WEIGHTS};
 use crate::error::{Error, Result};
+use crate::fraction::Fraction;
 use crate::policy::{Budget, LayerPlan, Method, Policy};
 use crate::rope::Rope;
 use crate::select::Pool;
@@ -90,7 +91,7 @@ pub struct Budgets {
 
 impl Budgets {
     /// Refuses policies the graph cannot express: anything but FastKV in rate mode, TSP at the last
-    /// layer, rates that are no fraction with a denominator ≤ 10⁶.
+    /// layer.
     pub fn new(policy: &Policy, spec: &ModelSpec) -> Result<Self> {
         let Budget::Rate { tsp_rate, retain_rate } = policy.budget else {
             return Err(invalid(
@@ -112,27 +113,25 @@ impl Budgets {
                 n_layers - 1
             )));
         }
-        let frac = |name: &str, x: f64| {
-            fraction(x).ok_or_else(|| invalid(format!("{name} {x} is no fraction with a denominator up to 10^6")))
-        };
-        let retain = frac("retain_rate", retain_rate)?;
-        let tsp = frac("tsp_rate", tsp_rate)?;
-        let post_tsp = frac("retain_rate / tsp_rate", retain_rate / tsp_rate)?;
+        // The policy's own fractions: the graph computes the CPU engine's integers.
+        let (r, t) = (Fraction::nearest(retain_rate), Fraction::nearest(tsp_rate));
+        let pair = |f: Fraction| (f.num as i64, f.den as i64);
+        let (retain, tsp, post_tsp) = (pair(r), pair(t), pair(r.over(t)));
         let (w, star) = (policy.window, policy.tsp_layer);
+        // The rows a layer of `seq` keeps under `plan`: a budget of at least `seq` keeps them all, in
+        // order, as the graph's top-k of every row does.
+        let kept = |plan: LayerPlan, seq: usize| (plan.kv_budget.map_or(seq, |c| c.min(seq)), plan.tsp_len);
         let supported = |l: usize| {
             let c = budget(l, retain, w);
             let t = policy.tsp_len(l);
             let c_post = budget(t, post_tsp, w);
-            let before = LayerPlan { kv_budget: Some(c), tsp_len: None };
-            let at = LayerPlan { kv_budget: Some(c), tsp_len: Some(t) };
-            let after = LayerPlan { kv_budget: Some(c_post), tsp_len: None };
             c > w
                 && t == budget(l, tsp, w)
                 && t > w
                 && c_post > w
-                && (star == 0 || policy.plan(0, n_layers, l, l) == before)
-                && policy.plan(star, n_layers, l, l) == at
-                && policy.plan(star + 1, n_layers, l, t) == after
+                && (star == 0 || kept(policy.plan(0, n_layers, l, l), l) == (c, None))
+                && policy.plan(star, n_layers, l, l) == LayerPlan { kv_budget: Some(c), tsp_len: Some(t) }
+                && kept(policy.plan(star + 1, n_layers, l, t), t) == (c_post, None)
         };
         let max = spec.max_position_embeddings;
         let min = (1..=max).rev().find(|&l| !supported(l)).map_or(1, |l| l + 1);
@@ -149,14 +148,6 @@ impl Budgets {
 /// clamp(⌊s·num/den⌋, window, s): what [`super::ops::TOP_K`] keeps of `s` rows.
 fn budget(s: usize, (num, den): (i64, i64), window: usize) -> usize {
     ((s as i64 * num / den) as usize).max(window).min(s)
-}
-
-/// `x` as num/den with the smallest den ≤ 10⁶ whose quotient is exactly `x` in f64.
-fn fraction(x: f64) -> Option<(i64, i64)> {
-    (1..=1_000_000i64).find_map(|den| {
-        let num = (x * den as f64).round() as i64;
-        (num > 0 && num as f64 / den as f64 == x).then_some((num, den))
-    })
 }
 
 /// One weight in [`WEIGHTS_FILE`].

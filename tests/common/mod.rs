@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::tensors::DType;
+use fastkv::Overrides;
 use serde::Deserialize;
 
 pub const FIXTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
@@ -48,7 +49,14 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
-/// Builds `checkpoint` into `<tmp>/engine` and returns the temp dir (kept alive by the caller).
+/// The paper's budgets exactly, without fastkv's [`fastkv::Floor`]: what the reference
+/// implementations compute, and what the test engines default to.
+pub fn paper() -> Overrides {
+    Overrides { min_prompt_len: Some(0), min_kv_budget: Some(0), ..Overrides::default() }
+}
+
+/// Builds `checkpoint` into `<tmp>/engine` with the [`paper`]'s budgets and returns the temp dir
+/// (kept alive by the caller).
 pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("engine");
@@ -58,7 +66,7 @@ pub fn build_engine(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, Path
             output: output.clone(),
             dtype,
             force: false,
-            tsp_layer: None,
+            policy: paper(),
             calibrate: Calibrate::Never,
         },
         &fastkv::progress::Silent,

@@ -75,7 +75,7 @@ fn main() {
             output: engine.clone(),
             dtype,
             force: false,
-            tsp_layer: None,
+            policy: Default::default(),
             calibrate: fastkv::builder::Calibrate::Never,
         };
         build(&opts, &fastkv::progress::Silent).unwrap_or_else(|e| panic!("building {}: {e}", checkpoint.display()));

@@ -110,7 +110,10 @@ fn submit(state: &ModelState, factory: Factory, job: Job) {
             Event::Token(token) => {
                 tokens += 1;
                 let cancelled = |why: &str| {
-                    log(ffi::LOG_INFO, &format!("fastkv model {name}: request cancelled after {tokens} tokens ({why})"));
+                    log(
+                        ffi::LOG_INFO,
+                        &format!("fastkv model {name}: request cancelled after {tokens} tokens ({why})"),
+                    );
                     ControlFlow::Break(())
                 };
                 if factory.is_cancelled() {

@@ -13,7 +13,7 @@ pub struct Job {
 }
 
 /// The model parameters that set the compression policy (strings in config.pbtxt): `method`,
-/// `tsp_rate`, `retain_rate`, `kv_budget`, `tsp_len`, `tsp_layer`.
+/// `tsp_rate`, `retain_rate`, `kv_budget`, `tsp_len`, `tsp_layer`, `min_prompt_len`, `min_kv_budget`.
 pub fn overrides_from_config(config: &serde_json::Value) -> Result<Overrides, String> {
     let param = |name: &str| config["parameters"][name]["string_value"].as_str().filter(|s| !s.is_empty());
     let num = |name: &str| -> Result<Option<f64>, String> {
@@ -29,6 +29,8 @@ pub fn overrides_from_config(config: &serde_json::Value) -> Result<Overrides, St
         kv_budget: int("kv_budget")?,
         tsp_len: int("tsp_len")?,
         tsp_layer: int("tsp_layer")?,
+        min_prompt_len: int("min_prompt_len")?,
+        min_kv_budget: int("min_kv_budget")?,
         ..Overrides::default()
     })
 }
@@ -88,6 +90,8 @@ pub fn parse(
         kv_budget: int("kv_budget")?,
         tsp_len: int("tsp_len")?,
         tsp_layer: int("tsp_layer")?,
+        min_prompt_len: int("min_prompt_len")?,
+        min_kv_budget: int("min_kv_budget")?,
         ..Overrides::default()
     };
     request.policy = Some(apply(&overrides, *policy, engine)?);
@@ -195,7 +199,7 @@ mod tests {
             output: dir.clone(),
             dtype: DType::F32,
             force: false,
-            tsp_layer: None,
+            policy: Default::default(),
             calibrate: fastkv::builder::Calibrate::Never,
         };
         build(&options, &fastkv::progress::Silent).unwrap();

@@ -9,7 +9,8 @@ use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::calibrate::Probes;
 use fastkv::progress::{Progress, Silent};
 use fastkv::tensors::DType;
-use fastkv_cli::Bars;
+use fastkv::Overrides;
+use fastkv_cli::{calibration_summary, describe, Bars};
 
 /// Compile a HuggingFace checkpoint (Llama 3.x, Mistral family, Qwen2/2.5, Qwen3) or a GGUF file
 /// (llama and qwen2 archs) into a fastkv engine directory: engine.json (versioned manifest with
@@ -60,16 +61,18 @@ struct Args {
     /// Replace the output directory if it exists.
     #[arg(long)]
     force: bool,
-    /// FastKV's default TSP layer ℓ* (0-based) stored in the engine. Default: the model's preset
-    /// (engines/*.json), else calibrated on the model (see --calibrate), else N/2 − 1.
-    #[arg(long)]
-    tsp_layer: Option<usize>,
-    /// Choose ℓ* and the TSP rate by calibration (as `fastkv calibrate` does: probes of --haystack
-    /// essays with synthetic facts; about a minute per 100M parameters on 2 cores with AMX) even when a preset
-    /// matches. Without this flag, engines with no preset are calibrated when the essays exist.
+    /// The engine's default policy: the model's preset (engines/*.json), else FastKV's defaults, with
+    /// these flags applied; calibration chooses what they leave open (--retain-rate / --kv-budget fix
+    /// the KV budget, --tsp-rate the TSP rate; --tsp-layer fixes ℓ* and skips calibration).
+    #[command(flatten, next_help_heading = "Default policy")]
+    policy: Overrides,
+    /// Choose the KV budget, ℓ* and the TSP rate by calibration (as `fastkv calibrate` does: probes
+    /// of --haystack essays with synthetic facts; about two minutes per 100M parameters on 2 cores)
+    /// even when a preset matches. Without this flag, engines with no preset are calibrated when the
+    /// essays exist.
     #[arg(long, conflicts_with_all = ["tsp_layer", "no_calibrate"])]
     calibrate: bool,
-    /// Never calibrate: the preset's ℓ*, else the N/2 − 1 rule.
+    /// Never calibrate: the preset's policy, else FastKV's defaults (r = 0.1, t = 0.2, ℓ* = N/2 − 1).
     #[arg(long)]
     no_calibrate: bool,
     /// Essays for the calibration probes (a folder of .txt files; scripts/models.sh installs these).
@@ -139,7 +142,7 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
         output,
         dtype: args.dtype,
         force: args.force,
-        tsp_layer: args.tsp_layer,
+        policy: args.policy.clone(),
         calibrate: match (args.calibrate, args.no_calibrate) {
             (true, _) => Calibrate::Always(Probes::new(args.haystack.clone())),
             (false, true) => Calibrate::Never,
@@ -151,31 +154,25 @@ fn build_engine(args: &Args, checkpoint: PathBuf, output: PathBuf) -> fastkv::Re
     if !args.quiet {
         let weights = &m.files["weights.safetensors"];
         println!(
-            "built {} ({:?}, {} layers, {} MB {:?} weights, FastKV ℓ* = {} ({})) from {}",
+            "built {} ({:?}, {} layers, {} MB {:?} weights) from {}\ndefault policy: {}\n{}",
             opts.output.display(),
             m.model.arch,
             m.model.num_layers,
             weights.bytes / 1_000_000,
             m.dtype,
-            m.fastkv.tsp_layer,
-            match (&m.calibration, &m.preset, args.tsp_layer) {
-                (_, _, Some(_)) => "--tsp-layer".to_string(),
-                (Some(c), _, None) => format!(
-                    "calibrated: recall ≥ {:.0} % of the probe facts, answers {:.0} % (SnapKV-GQA {:.0} %), \
-                     ideal prefill speed-up {:.2}×",
-                    100.0 * c.min_recall,
-                    100.0 * c.chosen_score(),
-                    100.0 * c.snapkv_gqa_score,
-                    c.ideal_speedup
-                ),
-                (None, Some(name), None) => format!("{name} preset"),
-                (None, None, None) if args.no_calibrate => "N/2 − 1 rule".to_string(),
-                (None, None, None) => format!(
-                    "N/2 − 1 rule; no essays at {} to calibrate with: run scripts/models.sh",
+            m.source,
+            describe(&m.fastkv),
+            match (&m.calibration, &m.preset) {
+                (Some(c), _) => calibration_summary(c),
+                (None, Some(name)) => format!("from the {name} preset"),
+                (None, None) if args.policy.tsp_layer.is_some() || args.no_calibrate => {
+                    "not calibrated (--tsp-layer / --no-calibrate)".to_string()
+                }
+                (None, None) => format!(
+                    "not calibrated: no essays at {} to calibrate with (run scripts/models.sh)",
                     args.haystack.display()
                 ),
             },
-            m.source
         );
     }
     Ok(opts.output)

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fastkv::eval::Contender;
 use fastkv::{Device, Engine, Method, Overrides, Prompt, Request, Sampling};
-use fastkv_cli::Bars;
+use fastkv_cli::{calibration_summary, describe, plot, Bars};
 
 /// Run LLM engines with FastKV (Token-Selective Propagation + GQA-aware KV compression).
 #[derive(Parser)]
@@ -27,6 +27,12 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt, streaming text to stdout.
     Run(Box<RunArgs>),
+    /// Serve the engine over HTTP with the OpenAI API — /v1/chat/completions and /v1/completions,
+    /// streamed or not, /v1/models, /health, /metrics (Prometheus), /openapi.json — on the batching
+    /// engine: every running request shares each decode step, and each request may set its own
+    /// compression policy (the `fastkv` object of its body). SIGTERM or Ctrl-C stops accepting
+    /// requests and lets running ones finish (--shutdown-timeout).
+    Serve(Box<ServeArgs>),
     /// Time TTFT, prefill and decode speed, KV-cache size and peak memory of several methods side by side.
     Bench(Box<BenchArgs>),
     /// Score compression methods on long-context retrieval tasks.
@@ -93,6 +99,39 @@ impl DeviceArg {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// Engine directory written by fastkv-build.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1/* (also from FASTKV_API_KEY).
+    #[arg(long, env = "FASTKV_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model name clients send in `model` [default: the engine directory's name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// `max_tokens` of a request that sends none. Each request sets aside KV cache for its new
+    /// tokens, so this bounds what a request without a limit reserves.
+    #[arg(long, default_value_t = 512)]
+    default_max_tokens: usize,
+    /// Largest request body accepted (bytes; K, M, G suffixes); larger ones get 413.
+    #[arg(long, default_value = "16M", value_parser = fastkv_cli::parse_bytes)]
+    max_body_bytes: usize,
+    /// Seconds running requests may take to finish after SIGTERM / Ctrl-C before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    #[command(flatten)]
+    scheduler: fastkv_cli::SchedulerArgs,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
 struct NeedleArgs {
     /// Engine directory written by fastkv-build.
     #[arg(long)]
@@ -127,6 +166,15 @@ struct CalibrateArgs {
     /// Seed of the probes' facts (same seed, same probes, same choice).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Retain rates r to choose the KV budget from (comma-separated; one value fixes it).
+    #[arg(long, value_delimiter = ',', default_values_t = fastkv::calibrate::RETAIN_RATES)]
+    retain_rates: Vec<f64>,
+    /// TSP rates t to choose from (comma-separated; one value fixes it).
+    #[arg(long, value_delimiter = ',', default_values_t = fastkv::calibrate::TSP_RATES)]
+    tsp_rates: Vec<f64>,
+    /// Also draw the budget's trade-off (answer score against the KV cache kept) as SVG or PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Print the evidence and the choice without changing engine.json.
     #[arg(long)]
     dry_run: bool,
@@ -203,6 +251,29 @@ fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(args: &ServeArgs) -> Result<()> {
+    if args.scheduler.max_running == 0 {
+        anyhow::bail!("invalid --max-running: must be at least 1");
+    }
+    let options = fastkv_server::Options {
+        engine: args.engine.clone(),
+        device: args.device.device,
+        host: args.host.clone(),
+        port: args.port,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        served_model_name: args.served_model_name.clone(),
+        kv_cache_memory: args.scheduler.kv_cache_memory,
+        max_waiting: args.scheduler.max_waiting,
+        max_running: args.scheduler.max_running,
+        prefill_slice: args.scheduler.prefill_slice_ms.map(std::time::Duration::from_millis),
+        default_max_tokens: args.default_max_tokens,
+        max_body_bytes: args.max_body_bytes,
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(fastkv_server::serve(options))
+}
+
 fn needle(args: &NeedleArgs) -> Result<()> {
     use fastkv::eval::{haystack::Haystack, niah};
     let engine = args.device.open(&args.engine)?;
@@ -213,14 +284,18 @@ fn needle(args: &NeedleArgs) -> Result<()> {
     println!("{} prompt tokens; hidden at depth {}: \"{}\"", sample.prompt.len(), args.depth, needle.sentence);
     println!("Q: {}\n", needle.question);
     let fastkv = engine.default_policy();
-    let origin = match &engine.manifest.calibration {
-        Some(_) => "calibrated",
-        None if engine.manifest.preset.is_some() => "preset",
-        None => "N/2 − 1 rule",
+    let origin = match (&engine.manifest.calibration, &engine.manifest.preset) {
+        (Some(c), _) => calibration_summary(c),
+        (None, Some(name)) => format!("from the {name} preset"),
+        (None, None) => "FastKV's defaults, not calibrated".into(),
     };
-    for (name, policy) in
-        [(format!("FastKV (ℓ* = {}, {origin})", fastkv.tsp_layer), fastkv), ("full KV".into(), engine.full_policy())]
-    {
+    println!("FastKV policy: {}\n  {origin}\n", describe(&fastkv));
+    // A first prefill on cold caches (weights paged in, threads started) would count against the
+    // method that runs first: warm up on the prompt's first 512 tokens.
+    let mut warm = Request::new(Prompt::Tokens(sample.prompt[..sample.prompt.len().min(512)].to_vec()));
+    warm.max_new_tokens = 1;
+    engine.generate(&warm, |_| ControlFlow::Continue(()))?;
+    for (name, policy) in [("FastKV", fastkv), ("full KV", engine.full_policy())] {
         let mut req = Request::new(Prompt::Tokens(sample.prompt.clone()));
         req.max_new_tokens = sample.max_new_tokens;
         req.policy = Some(policy);
@@ -241,17 +316,38 @@ fn needle(args: &NeedleArgs) -> Result<()> {
 }
 
 fn calibrate(args: &CalibrateArgs) -> Result<()> {
-    use fastkv::calibrate::{self, Probes};
+    use fastkv::calibrate::{self, Grid, Probes};
+    if let Some(path) = &args.plot {
+        plot::check_path(path)?;
+    }
     let engine = args.device.open(&args.engine)?;
     let probes =
         Probes { haystack: args.haystack.clone(), count: args.probes, tokens: args.probe_tokens, seed: args.seed };
-    let c = calibrate::calibrate(&engine, &probes, &Bars::new())?;
+    let grid = Grid { retain_rates: args.retain_rates.clone(), tsp_rates: args.tsp_rates.clone() };
+    let c = calibrate::calibrate(&engine, &probes, &grid, &Bars::new())?;
     let spec = engine.spec();
     let before = engine.default_policy();
-    print!(
-        "recall of the probe facts' tokens after TSP (ideal prefill speed-up) at {} tokens, {} probes\nlayer",
-        c.probe_tokens, c.probes
+    println!(
+        "the KV budget on {} probes of {} tokens (answers: share of the code right, greedy; full KV {:.1} %)",
+        c.probes,
+        c.probe_tokens,
+        100.0 * c.full_score
     );
+    println!("  retain r  KV kept  SnapKV-GQA");
+    let chosen_r = match c.budget {
+        fastkv::Budget::Rate { retain_rate, .. } => Some(retain_rate),
+        fastkv::Budget::Absolute { .. } => None,
+    };
+    for b in &c.budgets {
+        let mark = if Some(b.retain_rate) == chosen_r { '*' } else { ' ' };
+        println!(
+            "  {mark}{:>7}  {:>5.1} %  {:>8.1} %",
+            b.retain_rate,
+            100.0 * b.kv_fraction,
+            100.0 * b.snapkv_gqa_score
+        );
+    }
+    print!("\nrecall of the probe facts' tokens after TSP (ideal prefill speed-up) at that budget\nlayer");
     for cand in &c.candidates {
         print!("  {:>18}", budget_name(&cand.budget));
     }
@@ -266,27 +362,34 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
         }
         println!();
     }
-    println!(
-        "answers to the probes' questions (share of the code right, greedy): full KV {:.1} %, snapkv-gqa {:.1} %",
-        100.0 * c.full_score,
-        100.0 * c.snapkv_gqa_score
-    );
+    println!("\nanswers of the fastest candidates (SnapKV-GQA at that budget {:.1} %)", 100.0 * c.snapkv_gqa_score);
     for v in &c.verified {
         let policy = fastkv::Policy { tsp_layer: v.tsp_layer, budget: v.budget, ..before };
         let speedup = calibrate::ideal_speedup(spec, &policy, c.probe_tokens);
         println!("  ℓ = {:>2}, {:<8} ({speedup:.2}×): {:.1} %", v.tsp_layer, budget_name(&v.budget), 100.0 * v.score);
     }
     println!(
-        "chosen: ℓ* = {}, {} (criterion: of the {} fastest with recall ≥ {:.0} %, the fastest that answers at \
-         most {:.0} points below snapkv-gqa, else the best answering); was ℓ* = {}, {}",
-        c.tsp_layer,
-        budget_name(&c.budget),
+        "\ncriterion: the smallest r whose SnapKV-GQA answers are at most {tol:.0} points below full KV's, then of \
+         the {} fastest (ℓ*, t) with recall ≥ {:.0} %, the fastest that answers at most {tol:.0} points below \
+         SnapKV-GQA's (else the best answering)\n{}\nwas: {}",
         calibrate::VERIFIED,
         100.0 * c.min_recall,
-        100.0 * calibrate::TOLERANCE,
-        before.tsp_layer,
-        budget_name(&before.budget)
+        calibration_summary(&c),
+        describe(&before),
+        tol = 100.0 * calibrate::TOLERANCE,
     );
+    if let Some(path) = &args.plot {
+        let series = |name: &str, points: Vec<(f64, f64)>| (name.to_string(), points);
+        let kv = |b: &fastkv::engine::BudgetScore| 100.0 * b.kv_fraction;
+        let lines = [
+            series("full KV", c.budgets.iter().map(|b| (kv(b), 100.0 * c.full_score)).collect()),
+            series("SnapKV-GQA", c.budgets.iter().map(|b| (kv(b), 100.0 * b.snapkv_gqa_score)).collect()),
+            series("FastKV (chosen)", vec![(100.0 * c.kv_fraction, 100.0 * c.chosen_score())]),
+        ];
+        let title = format!("{}: probe answers against the KV cache kept", args.engine.display());
+        plot::lines(path, &title, "KV cache kept (% of full)", "answer score (%)", &lines)?;
+        println!("wrote {}", path.display());
+    }
     if !args.dry_run {
         let mut manifest = engine.manifest.clone();
         manifest.set_calibration(c);
@@ -442,7 +545,7 @@ struct RulerArgs {
 
 fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.plot {
-        fastkv_cli::plot::check_path(path)?;
+        plot::check_path(path)?;
     }
     let engine = args.device.open(&args.engine)?;
     let text = std::fs::read_to_string(&args.prompt_file)
@@ -475,7 +578,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
                 args.lengths.iter().map(|l| ttft(l).unwrap_or(f64::NAN)).collect()
             })
             .collect();
-        fastkv_cli::plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
+        plot::grouped_bars(path, "time to first token", "TTFT (s)", &groups, &series, &values)?;
     }
     Ok(())
 }
@@ -552,7 +655,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
         EvalCommand::Ruler(a) => &a.common,
     };
     if let Some(path) = &common.plot {
-        fastkv_cli::plot::check_path(path)?;
+        plot::check_path(path)?;
     }
     let engine = common.device.open(&common.engine)?;
     let longest = common.lengths.iter().copied().max().unwrap_or(0);
@@ -582,7 +685,7 @@ fn eval(cmd: &EvalCommand) -> Result<()> {
         write_json(path, &scores)?;
     }
     if let Some(path) = &common.plot {
-        fastkv_cli::plot::heatmaps(path, "prompt tokens", x, &fastkv::eval::grids(&scores, y))?;
+        plot::heatmaps(path, "prompt tokens", x, &fastkv::eval::grids(&scores, y))?;
     }
     Ok(())
 }
@@ -599,6 +702,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
         Command::Eval(cmd) => eval(cmd),
         Command::Needle(args) => needle(args),
