@@ -98,7 +98,8 @@ pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manifest> {
     }
     let (base, preset) = default_policy(&ckpt.spec);
     let fastkv = opts.policy.apply(base, &ckpt.spec)?;
-    let preset = preset.filter(|_| fastkv == base);
+    // A preset stays the source while its ℓ* and budget stand (floors or a window change nothing).
+    let preset = preset.filter(|_| (fastkv.tsp_layer, fastkv.budget) == (base.tsp_layer, base.budget));
     let fixed_layer = opts.policy.tsp_layer.is_some();
     let probes = match &opts.calibrate {
         Calibrate::Always(p) if !fixed_layer => Some(p),

@@ -45,11 +45,12 @@ use crate::spec::ModelSpec;
 /// deeper layers can answer from needs nearly every token (one lost in a hundred; at 95 %, SmolLM2's
 /// choice lost half its needles).
 pub const MIN_RECALL: f64 = 0.99;
-/// TSP rates t tried (rate mode only).
-pub const TSP_RATES: [f64; 4] = [0.05, 0.1, 0.2, 0.3];
+/// TSP rates t tried (rate mode only): up to the largest retain rate, since layers after ℓ* keep
+/// at most the T tokens TSP passes them.
+pub const TSP_RATES: [f64; 6] = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7];
 /// Retain rates r tried for the KV budget (rate mode only): from the paper's 0.1 down to half of
-/// it, and up to half the prompt for models that need it.
-pub const RETAIN_RATES: [f64; 6] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5];
+/// it, and up to most of the prompt for models that need it (SmolLM2-135M does).
+pub const RETAIN_RATES: [f64; 7] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7];
 /// Candidates whose answers are checked: each costs its layers after ℓ* on the propagated tokens
 /// and a few decoded tokens per probe, the shared full prefill is paid once.
 pub const VERIFIED: usize = 8;
@@ -232,7 +233,11 @@ pub fn calibrate(engine: &Engine, probes_cfg: &Probes, grid: &Grid, progress: &d
     // (retain rates, TSP rates) of rate mode; an absolute budget is the only candidate.
     let (retain_rates, tsp_rates) = match base.budget {
         Budget::Rate { retain_rate, tsp_rate } => {
-            let or = |v: &[f64], x: f64| if v.is_empty() { vec![x] } else { v.to_vec() };
+            let or = |v: &[f64], x: f64| {
+                let mut v = if v.is_empty() { vec![x] } else { v.to_vec() };
+                v.sort_by(f64::total_cmp);
+                v
+            };
             (or(&grid.retain_rates, retain_rate), or(&grid.tsp_rates, tsp_rate))
         }
         Budget::Absolute { .. } => (vec![], vec![]),

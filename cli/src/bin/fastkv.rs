@@ -41,7 +41,7 @@ enum Command {
     /// Hide a sentence in a long document of essays and ask about it, once with the engine's FastKV
     /// policy and once with a full KV cache: both answers, their time to first token and KV size.
     Needle(Box<NeedleArgs>),
-    /// Choose FastKV's TSP layer ℓ* and TSP rate for an engine from probe prompts (essays with
+    /// Choose an engine's KV budget (retain rate), TSP layer ℓ* and TSP rate from probe prompts (essays with
     /// synthetic facts), print the per-layer evidence and store the choice in its engine.json.
     Calibrate(Box<CalibrateArgs>),
     /// Check an engine directory: manifest, file sizes and sha256 checksums.
