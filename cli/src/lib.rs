@@ -37,10 +37,16 @@ pub struct SchedulerArgs {
 }
 
 impl SchedulerArgs {
-    pub fn config(&self, engine: &Engine) -> anyhow::Result<Config> {
+    /// Refuses limits no engine could run under, naming the flag.
+    pub fn check(&self) -> anyhow::Result<()> {
         if self.max_running == 0 {
             anyhow::bail!("invalid --max-running: must be at least 1");
         }
+        Ok(())
+    }
+
+    pub fn config(&self, engine: &Engine) -> anyhow::Result<Config> {
+        self.check()?;
         let default = Config::for_engine(engine);
         Ok(Config {
             kv_cache_memory: self.kv_cache_memory.unwrap_or(default.kv_cache_memory),

@@ -36,14 +36,12 @@ pub enum Content {
 pub struct Part {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub text: Option<String>,
 }
 
 #[derive(Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default)]
     pub content: Option<Content>,
 }
 
@@ -61,27 +59,18 @@ pub enum PromptInput {
 #[derive(Deserialize)]
 pub struct Common {
     pub model: String,
-    #[serde(default)]
     pub max_tokens: Option<u64>,
-    #[serde(default)]
     pub temperature: Option<f32>,
-    #[serde(default)]
     pub top_p: Option<f32>,
-    #[serde(default)]
     pub n: Option<u64>,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
     pub stop: Option<Stop>,
-    #[serde(default)]
     pub seed: Option<u64>,
     /// Generate past end-of-sequence tokens (vLLM's extension; load generators send it).
     #[serde(default)]
     pub ignore_eos: bool,
     /// The compression policy: `method`, `tsp_layer`, `tsp_rate`, `retain_rate`, `kv_budget`, …
-    #[serde(default)]
     pub fastkv: Option<Overrides>,
 }
 
@@ -89,11 +78,8 @@ pub struct Common {
 #[derive(Deserialize)]
 pub struct ChatFields {
     pub messages: Vec<ChatMessage>,
-    #[serde(default)]
     pub max_completion_tokens: Option<u64>,
-    #[serde(default)]
     pub logprobs: Option<bool>,
-    #[serde(default)]
     pub top_logprobs: Option<u64>,
 }
 
@@ -102,9 +88,7 @@ pub struct ChatFields {
 pub struct CompletionFields {
     pub prompt: PromptInput,
     /// The log-probabilities of this many most likely tokens at each position (0–5).
-    #[serde(default)]
     pub logprobs: Option<u64>,
-    #[serde(default)]
     pub echo: Option<bool>,
 }
 

@@ -252,9 +252,7 @@ fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
-    if args.scheduler.max_running == 0 {
-        anyhow::bail!("invalid --max-running: must be at least 1");
-    }
+    args.scheduler.check()?;
     let options = fastkv_server::Options {
         engine: args.engine.clone(),
         device: args.device.device,
