@@ -70,6 +70,10 @@ pub struct Common {
     /// Generate past end-of-sequence tokens (vLLM's extension; load generators send it).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Each choice also carries the ids of its tokens (vLLM's extension; the Dynamo worker streams
+    /// them on, so its frontend detokenizes as it does for every engine).
+    #[serde(default)]
+    pub return_token_ids: bool,
     /// The compression policy: `method`, `tsp_layer`, `tsp_rate`, `retain_rate`, `kv_budget`, …
     pub fastkv: Option<Overrides>,
 }
@@ -141,6 +145,7 @@ pub struct Shape {
     pub include_usage: bool,
     /// Alternatives per token for the log-probabilities, when asked for.
     pub logprobs: Option<usize>,
+    pub token_ids: bool,
 }
 
 /// What the server fixes for every request.
@@ -205,6 +210,7 @@ impl Common {
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
             logprobs,
+            token_ids: self.return_token_ids,
         }
     }
 }

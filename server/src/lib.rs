@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fastkv::scheduler::{Config, Event, Scheduler, Ticket};
-use fastkv::{Device, Engine, Output};
+use fastkv::{Device, Engine, Output, Overrides};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -50,6 +50,9 @@ pub struct Options {
     pub api_key: Option<String>,
     /// The model name clients ask for (default: the engine directory's name).
     pub served_model_name: Option<String>,
+    /// The policy of requests without a `fastkv` object, over the engine's default; a request's own
+    /// object applies over it.
+    pub policy: Overrides,
     /// The batching engine's limits; `kv_cache_memory: None` takes half the memory free after loading.
     pub kv_cache_memory: Option<usize>,
     pub max_waiting: usize,
@@ -199,7 +202,8 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
 }
 
 fn load(app: &App, options: &Options) -> fastkv::Result<Scheduler> {
-    let engine = Engine::open_on(&options.engine, options.device)?;
+    let mut engine = Engine::open_on(&options.engine, options.device)?;
+    engine.manifest.fastkv = options.policy.apply(engine.default_policy(), engine.spec())?;
     let defaults = Config::for_engine(&engine);
     let config = Config {
         kv_cache_memory: options.kv_cache_memory.unwrap_or(defaults.kv_cache_memory),
@@ -335,7 +339,7 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Body, kind: Kind) -> 
                     logprobs.push((t.id, lp.clone()));
                 }
             }
-            Event::Done(out) => return Ok(Json(reply.whole(&out, &logprobs, shape.logprobs.is_some())).into_response()),
+            Event::Done(out) => return Ok(Json(reply.whole(&out, &logprobs, &shape)).into_response()),
             Event::Failed(e) => return Err(ApiError::from_library(&e, None)),
         }
     }
@@ -375,9 +379,9 @@ impl Reply {
     }
 
     /// The non-streamed response.
-    fn whole(&self, out: &Output, logprobs: &[(u32, fastkv::Logprob)], asked: bool) -> Value {
-        let lp = asked.then(|| self.logprobs(logprobs));
-        let choice = match self.kind {
+    fn whole(&self, out: &Output, logprobs: &[(u32, fastkv::Logprob)], shape: &Shape) -> Value {
+        let lp = shape.logprobs.is_some().then(|| self.logprobs(logprobs));
+        let mut choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": out.text },
@@ -391,6 +395,9 @@ impl Reply {
                 "finish_reason": api::finish_reason(out),
             }),
         };
+        if shape.token_ids {
+            choice["token_ids"] = json!(out.token_ids);
+        }
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = api::usage(out);
         v["fastkv"] = api::extension(out);
@@ -416,15 +423,19 @@ impl Reply {
         }
     }
 
-    /// A streamed chunk carrying `text` (and the logprobs of the token that released it).
-    fn chunk(&self, text: &str, logprobs: Option<Value>, finish: Option<&str>) -> Value {
-        let choice = match self.kind {
+    /// A streamed chunk carrying `text` (and the logprobs and, when asked, the id of the token that
+    /// released it).
+    fn chunk(&self, text: &str, logprobs: Option<Value>, ids: Option<&[u32]>, finish: Option<&str>) -> Value {
+        let mut choice = match self.kind {
             Kind::Chat => {
                 let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({ "content": text }) };
                 json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Completion => json!({ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish }),
         };
+        if let Some(ids) = ids {
+            choice["token_ids"] = json!(ids);
+        }
         self.envelope(true, json!([choice]))
     }
 }
@@ -462,15 +473,15 @@ fn stream(reply: Reply, shape: Shape, mut events: mpsc::UnboundedReceiver<Event>
             let chunk = match event {
                 Event::Token(t) => {
                     let lp = t.logprob.as_ref().map(|lp| reply.logprobs(&[(t.id, lp.clone())]));
-                    if t.text.is_empty() && lp.is_none() {
+                    if t.text.is_empty() && lp.is_none() && !shape.token_ids {
                         continue;
                     }
                     sent += t.text.len();
-                    reply.chunk(&t.text, lp, None)
+                    reply.chunk(&t.text, lp, shape.token_ids.then_some(&[t.id][..]), None)
                 }
                 Event::Done(out) => {
                     let rest = out.text.get(sent..).unwrap_or("");
-                    let mut last = reply.chunk(rest, None, Some(api::finish_reason(&out)));
+                    let mut last = reply.chunk(rest, None, shape.token_ids.then_some(&[][..]), Some(api::finish_reason(&out)));
                     last["fastkv"] = api::extension(&out);
                     if send(with_usage(last)).await.is_err() {
                         return;
@@ -509,6 +520,7 @@ mod tests {
             port: 0,
             api_key: Some("secret".into()),
             served_model_name: None,
+            policy: Overrides::default(),
             kv_cache_memory: None,
             max_waiting: 4,
             max_running: 4,

@@ -199,6 +199,21 @@ class OpenAIClient(unittest.TestCase):
         again = self.client.completions.create(model=MODEL, prompt=[1, 2, 3, 4, 5, 6, 7, 8], temperature=0, max_tokens=6)
         self.assertEqual(again.choices[0].text, ids.choices[0].text)
 
+    def test_return_token_ids_gives_the_generated_ids(self):
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+        ask = dict(model=MODEL, temperature=0, max_tokens=8, extra_body={"return_token_ids": True})
+        whole = self.client.completions.create(prompt=prompt, **ask).model_dump()
+        ids = whole["choices"][0]["token_ids"]
+        self.assertEqual(len(ids), whole["usage"]["completion_tokens"])
+        chunks = [c.model_dump() for c in self.client.completions.create(prompt=prompt, stream=True, **ask)]
+        self.assertEqual([i for c in chunks for i in c["choices"][0]["token_ids"]], ids)
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks), whole["choices"][0]["text"])
+        # They are the tokens the model chose: continuing the prompt plus the first gives the rest.
+        rest = self.client.completions.create(prompt=prompt + ids[:1], **{**ask, "max_tokens": 7}).model_dump()
+        self.assertEqual(rest["choices"][0]["token_ids"], ids[1:])
+        chat = self.client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **ask).model_dump()
+        self.assertEqual(len(chat["choices"][0]["token_ids"]), chat["usage"]["completion_tokens"])
+
     def test_max_completion_tokens_and_default_max_tokens(self):
         r = self.client.chat.completions.create(
             model=MODEL,
@@ -409,6 +424,26 @@ class FullQueue(unittest.TestCase):
             self.assertTrue(greedy(client, "hi", max_tokens=2).choices)
         finally:
             server.stop()
+
+
+class ServerPolicy(unittest.TestCase):
+    def test_policy_flags_set_the_default_a_request_object_overrides(self):
+        server = Server("--method", "full")
+        try:
+            client = server.client()
+            self.assertEqual(greedy(client, "hi", max_tokens=2).model_extra["fastkv"]["method"], "full")
+            own = greedy(client, "hi", max_tokens=2, extra_body={"fastkv": {"method": "snapkv-gqa"}})
+            self.assertEqual(own.model_extra["fastkv"]["method"], "snapkv-gqa")
+        finally:
+            server.stop()
+
+    def test_an_impossible_policy_flag_stops_the_server_naming_it(self):
+        proc = subprocess.run(
+            [CLI, "serve", "--engine", ENGINE, "--port", "0", "--tsp-layer", "999"],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("invalid --tsp-layer", proc.stderr)
 
 
 class Shutdown(unittest.TestCase):

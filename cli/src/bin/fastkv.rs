@@ -125,6 +125,9 @@ struct ServeArgs {
     /// Seconds running requests may take to finish after SIGTERM / Ctrl-C before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// The policy of requests that send no `fastkv` object (e.g. --method full), over the engine's.
+    #[command(flatten)]
+    policy: Overrides,
     #[command(flatten)]
     scheduler: fastkv_cli::SchedulerArgs,
     #[command(flatten)]
@@ -260,6 +263,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         port: args.port,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         served_model_name: args.served_model_name.clone(),
+        policy: args.policy.clone(),
         kv_cache_memory: args.scheduler.kv_cache_memory,
         max_waiting: args.scheduler.max_waiting,
         max_running: args.scheduler.max_running,
