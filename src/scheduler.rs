@@ -51,11 +51,34 @@ impl Config {
     /// Defaults for `engine`: for caches, half the memory its device has free now (after the
     /// weights); at most 64 requests running and 256 waiting; prefill and decode sharing the time.
     pub fn for_engine(engine: &Engine) -> Self {
+        Limits::default().config(engine)
+    }
+}
+
+/// A [`Config`] as a front end takes it (flags, options), before the engine is loaded: the cache
+/// memory may be left to the engine.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `None`: half the memory the engine's device has free after loading the weights.
+    pub kv_cache_memory: Option<usize>,
+    pub max_waiting: usize,
+    pub max_running: usize,
+    pub prefill_slice: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { kv_cache_memory: None, max_waiting: 256, max_running: 64, prefill_slice: None }
+    }
+}
+
+impl Limits {
+    pub fn config(&self, engine: &Engine) -> Config {
         Config {
-            kv_cache_memory: engine.backend.free_memory() / 2,
-            max_waiting: 256,
-            max_running: 64,
-            prefill_slice: None,
+            kv_cache_memory: self.kv_cache_memory.unwrap_or_else(|| engine.backend.free_memory() / 2),
+            max_waiting: self.max_waiting,
+            max_running: self.max_running,
+            prefill_slice: self.prefill_slice,
         }
     }
 }

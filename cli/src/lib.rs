@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use clap::Args;
 use fastkv::engine::Calibration;
 use fastkv::progress::Progress;
-use fastkv::scheduler::Config;
-use fastkv::{Budget, Engine, Method, Policy};
+use fastkv::scheduler::Limits;
+use fastkv::{Budget, Method, Policy};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The batching engine's limits (`fastkv serve`, `fastkv bench --concurrency`).
@@ -45,11 +45,11 @@ impl SchedulerArgs {
         Ok(())
     }
 
-    pub fn config(&self, engine: &Engine) -> anyhow::Result<Config> {
+    /// The limits these flags set, checked.
+    pub fn limits(&self) -> anyhow::Result<Limits> {
         self.check()?;
-        let default = Config::for_engine(engine);
-        Ok(Config {
-            kv_cache_memory: self.kv_cache_memory.unwrap_or(default.kv_cache_memory),
+        Ok(Limits {
+            kv_cache_memory: self.kv_cache_memory,
             max_waiting: self.max_waiting,
             max_running: self.max_running,
             prefill_slice: self.prefill_slice_ms.map(std::time::Duration::from_millis),

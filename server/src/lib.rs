@@ -30,7 +30,7 @@ use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fastkv::scheduler::{Config, Event, Scheduler, Ticket};
+use fastkv::scheduler::{Event, Scheduler, Ticket};
 use fastkv::{Device, Engine, Output, Overrides};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -53,11 +53,8 @@ pub struct Options {
     /// The policy of requests without a `fastkv` object, over the engine's default; a request's own
     /// object applies over it.
     pub policy: Overrides,
-    /// The batching engine's limits; `kv_cache_memory: None` takes half the memory free after loading.
-    pub kv_cache_memory: Option<usize>,
-    pub max_waiting: usize,
-    pub max_running: usize,
-    pub prefill_slice: Option<Duration>,
+    /// The batching engine's limits.
+    pub limits: fastkv::scheduler::Limits,
     /// `max_tokens` of a request that names none.
     pub default_max_tokens: usize,
     pub max_body_bytes: usize,
@@ -150,10 +147,13 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || match load(&app, &options) {
             Ok(s) => {
                 let c = s.config();
+                let device = match options.device {
+                    Device::Cpu => format!("cpu, path {}", fastkv::cpu::isa::describe()),
+                    d => d.to_string(),
+                };
                 eprintln!(
-                    "fastkv serve: ready ({} on {}, {:.0} MB of KV cache, {} requests at once)",
+                    "fastkv serve: ready ({} on {device}, {:.0} MB of KV cache, {} requests at once)",
                     app.model,
-                    options.device,
                     c.kv_cache_memory as f64 / 1e6,
                     c.max_running
                 );
@@ -204,13 +204,7 @@ pub async fn serve(options: Options) -> anyhow::Result<()> {
 fn load(app: &App, options: &Options) -> fastkv::Result<Scheduler> {
     let mut engine = Engine::open_on(&options.engine, options.device)?;
     engine.manifest.fastkv = options.policy.apply(engine.default_policy(), engine.spec())?;
-    let defaults = Config::for_engine(&engine);
-    let config = Config {
-        kv_cache_memory: options.kv_cache_memory.unwrap_or(defaults.kv_cache_memory),
-        max_waiting: options.max_waiting,
-        max_running: options.max_running,
-        prefill_slice: options.prefill_slice,
-    };
+    let config = options.limits.config(&engine);
     Ok(Scheduler::start(Arc::new(engine), config, app.metrics.clone()))
 }
 
@@ -481,7 +475,8 @@ fn stream(reply: Reply, shape: Shape, mut events: mpsc::UnboundedReceiver<Event>
                 }
                 Event::Done(out) => {
                     let rest = out.text.get(sent..).unwrap_or("");
-                    let mut last = reply.chunk(rest, None, shape.token_ids.then_some(&[][..]), Some(api::finish_reason(&out)));
+                    let mut last =
+                        reply.chunk(rest, None, shape.token_ids.then_some(&[][..]), Some(api::finish_reason(&out)));
                     last["fastkv"] = api::extension(&out);
                     if send(with_usage(last)).await.is_err() {
                         return;
@@ -521,10 +516,7 @@ mod tests {
             api_key: Some("secret".into()),
             served_model_name: None,
             policy: Overrides::default(),
-            kv_cache_memory: None,
-            max_waiting: 4,
-            max_running: 4,
-            prefill_slice: None,
+            limits: fastkv::scheduler::Limits { max_waiting: 4, max_running: 4, ..Default::default() },
             default_max_tokens: 16,
             max_body_bytes: 1024,
             shutdown_timeout: Duration::from_secs(1),

@@ -255,7 +255,6 @@ fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
-    args.scheduler.check()?;
     let options = fastkv_server::Options {
         engine: args.engine.clone(),
         device: args.device.device,
@@ -264,10 +263,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         served_model_name: args.served_model_name.clone(),
         policy: args.policy.clone(),
-        kv_cache_memory: args.scheduler.kv_cache_memory,
-        max_waiting: args.scheduler.max_waiting,
-        max_running: args.scheduler.max_running,
-        prefill_slice: args.scheduler.prefill_slice_ms.map(std::time::Duration::from_millis),
+        limits: args.scheduler.limits()?,
         default_max_tokens: args.default_max_tokens,
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
@@ -590,7 +586,7 @@ fn bench_concurrency(args: &BenchArgs, engine: Engine, text: &str) -> Result<()>
         anyhow::bail!("invalid --concurrency: every value must be at least 1");
     }
     let contenders = args.methods.contenders(&engine, &[Method::Full, Method::Fastkv])?;
-    let scheduler = args.scheduler.config(&engine)?;
+    let scheduler = args.scheduler.limits()?.config(&engine);
     let engine = std::sync::Arc::new(engine);
     if let Some(arrivals) = args.arrivals {
         let mut rows = Vec::new();
