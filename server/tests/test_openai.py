@@ -446,6 +446,28 @@ class ServerPolicy(unittest.TestCase):
         self.assertIn("invalid --tsp-layer", proc.stderr)
 
 
+class KeepAlive(unittest.TestCase):
+    def test_a_long_prefill_sends_comments_only_when_asked(self):
+        def lines_before_data(server):
+            body = {"model": MODEL, "prompt": list(range(100, 3100)), "max_tokens": 1, "stream": True}
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+            response = conn.getresponse()
+            lines = []
+            while not (line := response.readline()).startswith(b"data:"):
+                lines.append(line.strip())
+            conn.close()
+            return lines
+
+        for flag, comments in (("1", True), ("0", False)):
+            server = Server("--sse-keep-alive", flag)
+            try:
+                self.assertEqual(b":" in lines_before_data(server), comments, f"--sse-keep-alive {flag}")
+            finally:
+                server.stop()
+
+
 class Shutdown(unittest.TestCase):
     def test_sigterm_drains_running_requests_answers_503_and_exits_0(self):
         server = Server("--shutdown-timeout", "60")

@@ -125,6 +125,11 @@ struct ServeArgs {
     /// Seconds running requests may take to finish after SIGTERM / Ctrl-C before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Seconds of silence in a stream after which an SSE comment goes out, so that proxies keep a
+    /// long prefill's connection open (0: never). Some clients mis-parse comments: vLLM 0.32's
+    /// `vllm bench serve` loses the rest of a stream after one.
+    #[arg(long, default_value_t = 15)]
+    sse_keep_alive: u64,
     /// The policy of requests that send no `fastkv` object (e.g. --method full), over the engine's.
     #[command(flatten)]
     policy: Overrides,
@@ -267,6 +272,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         default_max_tokens: args.default_max_tokens,
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
+        keep_alive: (args.sse_keep_alive > 0).then(|| std::time::Duration::from_secs(args.sse_keep_alive)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(fastkv_server::serve(options))
