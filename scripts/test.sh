@@ -2,11 +2,11 @@
 # Runs every test from a fresh clone (what CI runs). Installs what the tests need — the real models and essays
 # (scripts/models.sh), onnx + onnxruntime (scripts/onnx-deps.sh), the CUDA compiler wheels so the kernels in plugin/ always compile, the TensorRT lean runtime
 # (its plugin registry works without a GPU), Triton Inference Server (triton/run-tests.sh), the official `openai` client
-# and schemathesis (server/run-tests.sh) — then runs the Rust tests
+# and schemathesis (server/run-tests.sh), NVIDIA Dynamo's frontend and runtime (dynamo/run-tests.sh) — then runs the Rust tests
 # with the `cuda` and `tensorrt` features (without a GPU each CUDA test prints "skipped: no CUDA device"; the TensorRT
 # plugin library is checked in the lean runtime's registry), builds the benchmarks with the same features (one build),
-# checks that the crate without features still builds, and tests the Triton backend and `fastkv serve` against real
-# servers on the bundled model. The Rust tests include the fuzz smoke run (tests/fuzz.rs, about a minute) on the seed corpora
+# checks that the crate without features still builds, and tests the Triton backend, `fastkv serve` and fastkv as a
+# Dynamo worker against real servers on the bundled model. The Rust tests include the fuzz smoke run (tests/fuzz.rs, about a minute) on the seed corpora
 # scripts/fuzz-corpus.sh writes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +30,4 @@ python3 scripts/gpu-check-report.py --expect-no-device target/gpu-check-dry-run
 cargo check --release --locked -p fastkv
 FASTKV_TRITON_CHECKPOINT=target/models/SmolLM2-135M-Instruct.Q4_1.gguf triton/run-tests.sh
 server/run-tests.sh
+dynamo/run-tests.sh
