@@ -39,8 +39,10 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 URL=$(grep -o 'http://[^,]*' "$LOG" | head -1)
+# One worker: with two, a CI run ended in hypothesis's source inspection with CPython 3.11's "SystemError: AST
+# constructor recursion depth mismatch" (ast.parse from two worker threads at once).
 timeout 600 python3 -m schemathesis.cli run "$URL/openapi.json" -H "Authorization: Bearer k" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
-  --max-examples 50 --seed 1 --workers 2
+  --max-examples 50 --seed 1 --workers 1
 kill -TERM $SERVER
 wait $SERVER
