@@ -15,19 +15,25 @@ use fastkv::eval::niah::Needle;
 use fastkv::tensors::DType;
 use fastkv::{Engine, Method, Policy, Prompt, Request};
 
+/// The fixture built into `output` under `policy`, calibrated as `calibrate` says.
+fn try_build(
+    policy: fastkv::Overrides,
+    calibrate: Calibrate,
+    output: &Path,
+) -> fastkv::Result<fastkv::engine::Manifest> {
+    let options = BuildOptions {
+        checkpoint: fixture("llama"),
+        output: output.into(),
+        dtype: DType::F32,
+        force: false,
+        policy,
+        calibrate,
+    };
+    build(&options, &fastkv::progress::Silent)
+}
+
 fn build_with(calibrate: Calibrate, output: &Path) -> fastkv::engine::Manifest {
-    build(
-        &BuildOptions {
-            checkpoint: fixture("llama"),
-            output: output.into(),
-            dtype: DType::F32,
-            force: false,
-            policy: common::paper(),
-            calibrate,
-        },
-        &fastkv::progress::Silent,
-    )
-    .unwrap()
+    try_build(common::paper(), calibrate, output).unwrap()
 }
 
 fn small_probes(essays: PathBuf) -> Probes {
@@ -132,18 +138,7 @@ fn a_fixed_budget_is_not_calibrated() {
     let Some(essays) = essays() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let fixed = fastkv::Overrides { retain_rate: Some(0.25), tsp_rate: Some(0.3), ..common::paper() };
-    let m = build(
-        &BuildOptions {
-            checkpoint: fixture("llama"),
-            output: tmp.path().join("e"),
-            dtype: DType::F32,
-            force: false,
-            policy: fixed,
-            calibrate: Calibrate::Always(small_probes(essays)),
-        },
-        &fastkv::progress::Silent,
-    )
-    .unwrap();
+    let m = try_build(fixed, Calibrate::Always(small_probes(essays)), &tmp.path().join("e")).unwrap();
     let c = m.calibration.expect("ℓ* is still calibrated");
     assert_eq!(c.budget, fastkv::Budget::Rate { tsp_rate: 0.3, retain_rate: 0.25 });
     assert_eq!(c.budgets.len(), 1);
@@ -155,18 +150,8 @@ fn a_fixed_budget_is_not_calibrated() {
 fn probes_shorter_than_the_floor_are_refused() {
     let Some(essays) = essays() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let err = build(
-        &BuildOptions {
-            checkpoint: fixture("llama"),
-            output: tmp.path().join("e"),
-            dtype: DType::F32,
-            force: false,
-            policy: fastkv::Overrides::default(),
-            calibrate: Calibrate::Always(small_probes(essays)),
-        },
-        &fastkv::progress::Silent,
-    )
-    .unwrap_err();
+    let always = Calibrate::Always(small_probes(essays));
+    let err = try_build(fastkv::Overrides::default(), always, &tmp.path().join("e")).unwrap_err();
     assert!(err.to_string().contains("min_prompt_len"), "{err}");
     assert!(!tmp.path().join("e").exists(), "nothing is left behind");
 }
