@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastkv::scheduler::{Config, Event, Scheduler, Unobserved};
+use fastkv::scheduler::{Event, Limits, Scheduler, Unobserved};
 use fastkv::{Device, Engine, Output, Policy};
 
 use params::Job;
@@ -54,11 +54,10 @@ impl ModelState {
                 .filter(|&n| n > 0)
                 .ok_or(format!("parameter max_concurrency: {s:?} is not a positive integer"))?,
         };
-        let mut config = Config { max_running, ..Config::for_engine(&engine) };
-        if let Some(s) = param("kv_cache_memory") {
-            config.kv_cache_memory =
-                s.trim().parse().map_err(|_| format!("parameter kv_cache_memory: {s:?} is not a number of bytes"))?;
-        }
+        let kv_cache_memory = param("kv_cache_memory")
+            .map(|s| s.trim().parse().map_err(|_| format!("parameter kv_cache_memory: {s:?} is not a number of bytes")))
+            .transpose()?;
+        let config = Limits { kv_cache_memory, max_running, ..Limits::default() }.config(&engine);
         log(
             ffi::LOG_INFO,
             &format!(
