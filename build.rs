@@ -16,7 +16,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=plugin");
     println!("cargo:rerun-if-changed=tensorrt");
-    println!("cargo:rerun-if-changed=src/trt/mod.rs");
+    println!("cargo:rerun-if-changed=src/trt/bridge.rs");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=TENSORRT_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -99,8 +99,12 @@ fn build_tensorrt(cuda_home: &Path, trt_headers: &Path, out: &Path, kernels: &Pa
     }
     println!("cargo:rustc-env=FASTKV_TRT_PLUGIN_LIB={}", lib.display());
 
-    let mut bridge = cxx_build::bridge("src/trt/mod.rs");
-    bridge.file("tensorrt/bridge.cpp").flag("-std=c++17").flag("-Wno-deprecated-declarations");
+    let mut bridge = cxx_build::bridge("src/trt/bridge.rs");
+    bridge
+        .file("tensorrt/bridge.cpp")
+        .file("tensorrt/builder.cpp")
+        .flag("-std=c++17")
+        .flag("-Wno-deprecated-declarations");
     for dir in &includes {
         bridge.flag("-isystem").flag(dir.to_str().expect("UTF-8 include path"));
     }

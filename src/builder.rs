@@ -146,6 +146,7 @@ pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: b
             source: format!("random weights of {} (seed {seed})", preset.name),
             random_weights: Some(RandomWeights { seed }),
             calibration: None,
+            tensorrt: None,
         };
         manifest.write(dir)?;
         Ok(manifest)
@@ -194,7 +195,7 @@ fn atomically(output: &Path, force: bool, write: impl FnOnce(&Path) -> Result<Ma
 
 /// A build's temporary output folder, removed when dropped: on every error return and while a
 /// panic unwinds. After the rename into place there is nothing left to remove.
-struct PartialDir(PathBuf);
+pub(crate) struct PartialDir(pub(crate) PathBuf);
 
 impl Drop for PartialDir {
     fn drop(&mut self) {
@@ -244,6 +245,7 @@ fn write_engine(
         source: ckpt.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         random_weights: None,
         calibration: None,
+        tensorrt: None,
     };
     manifest.write(dir)?;
     Ok(manifest)

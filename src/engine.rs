@@ -18,7 +18,7 @@ use crate::tokenizer_info::TokenizerInfo;
 
 pub const FORMAT_NAME: &str = "fastkv-engine";
 /// Major versions are incompatible; minor versions only add optional fields.
-pub const FORMAT_VERSION: (u32, u32) = (1, 2);
+pub const FORMAT_VERSION: (u32, u32) = (1, 3);
 pub const MANIFEST: &str = "engine.json";
 pub const WEIGHTS: &str = "weights.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
@@ -50,6 +50,9 @@ pub struct Manifest {
     /// How `fastkv calibrate` chose the default ℓ* and TSP budget, with its evidence (1.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+    /// The TensorRT plans `fastkv-build --target tensorrt` built, and for which TensorRT and GPU (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt: Option<crate::trt::plan::TensorRtRecord>,
 }
 
 impl Manifest {

@@ -25,8 +25,8 @@
 //! - [`cpu`]: the reference backend (tiled online-softmax attention, `gemm` matmuls); `cuda` (feature
 //!   `cuda`): the plugin/ kernels + cuBLAS; [`hostmath`]: the host GEMM both `select` and `cpu` use.
 //! - [`onnx`]: the network as ONNX (FastKV steps as TensorRT plugin nodes, or lowered to standard ops).
-//! - `trt` (feature `tensorrt`): TensorRT through a cxx bridge — runtime library opened by path, the
-//!   plugin library of tensorrt/ loaded into its registry, plugins created and inspected.
+//! - [`trt`]: TensorRT — the plans' profiles and engine.json record; with the feature `tensorrt`, a cxx
+//!   bridge (libraries opened by path) to the plugin registry and the builder of plans.
 //! - [`session`]: requests, streaming, sampling ([`sampling`]) and metrics; [`text`]: tokenizer,
 //!   chat template and streaming detokenization.
 //! - [`calibrate`], [`eval`], [`bench`]: choosing ℓ* and t, accuracy and speed measurements; long
@@ -77,7 +77,6 @@ pub mod stop;
 pub mod tensors;
 pub mod text;
 pub mod tokenizer_info;
-#[cfg(feature = "tensorrt")]
 pub mod trt;
 
 pub use backend::Device;

@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "fastkv/src/trt/mod.rs.h"
+#include "fastkv/src/trt/bridge.rs.h"
 
 namespace fastkv::trt {
 

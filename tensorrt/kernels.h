@@ -39,4 +39,20 @@ inline int decode_attention(const void* q, const void* k, const void* v, const u
                                  n_kv_heads, head_dim, dtype, stream);
 }
 
+// One decode step on a preallocated cache, in place: the new token's K/V (from the fused row qkv [(H + 2·Hk)·D],
+// q heads first) go to slot *len of k/v [Hk, capacity, D] with position *pos in cache_pos [Hk, capacity], *len grows
+// by one, then q attends over the *len entries (window > 0 also masks by positions). Nothing is read on the host, so
+// the step can be captured in a CUDA graph. workspace: cache_attention_workspace(H, capacity, D) floats.
+inline int64_t cache_attention_workspace(int n_heads, int capacity, int head_dim) {
+  return fastkv_decode_workspace(n_heads, capacity, head_dim);
+}
+inline int cache_attention(const void* qkv, void* k, void* v, uint32_t* cache_pos, uint32_t* len, int capacity,
+                           const uint32_t* pos, int window, void* out, float* workspace, int n_heads, int n_kv_heads,
+                           int head_dim, int dtype, cudaStream_t stream) {
+  if (int e = fastkv_kv_append(qkv, n_heads, n_kv_heads, head_dim, k, v, cache_pos, capacity, len, pos, dtype, stream))
+    return e;
+  return fastkv_decode_attention(qkv, k, v, cache_pos, len, capacity, pos, window, out, workspace, n_heads,
+                                 n_kv_heads, head_dim, dtype, stream);
+}
+
 }  // namespace fastkv_trt

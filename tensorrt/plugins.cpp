@@ -425,6 +425,92 @@ class Attention final : public CheckedPlugin {
   }
 };
 
+// Decode attention on a preallocated cache, updated in place (as TensorRT-LLM's and Edge-LLM's attention plugins
+// update theirs): qkv [1, (H + 2·Hk)·D] is the new token's q|k|v row after RoPE; its K/V go to slot cache_len of
+// k_cache / v_cache [Hk, C, D] with position pos in cache_pos [Hk, C] (int32), cache_len [1] (int32) grows by one,
+// and q attends over the cache_len entries → out [H, D]. The four cache inputs are written: they must be engine
+// inputs (bindings the runner owns), which TensorRT never copies or reuses. Their extents are the capacity C, not
+// the length, so shapes are fixed for a whole generation and the step is CUDA-graph capturable; a full cache drops
+// the new entry. sliding_window > 0 also hides entries with pos − cache_pos ≥ sliding_window.
+class CacheAttention final : public CheckedPlugin {
+ public:
+  enum { kHeads, kKvHeads, kHeadDim, kSlidingWindow };
+  static Schema const& schema() {
+    static Schema const s{
+        "FastKVCacheAttention",
+        {{"n_heads", 1, 4096}, {"n_kv_heads", 1, 4096}, {"head_dim", 8, 256}, {"sliding_window", 0, INT_MAX}}};
+    return s;
+  }
+  static std::string check(std::vector<int32_t> const& v) {
+    if (v[kHeads] % v[kKvHeads])
+      return "n_heads (" + std::to_string(v[kHeads]) + ") must be a multiple of n_kv_heads (" +
+             std::to_string(v[kKvHeads]) + ")";
+    if (!attention_head_dim_supported(v[kHeadDim]))
+      return "head_dim " + std::to_string(v[kHeadDim]) + " is not supported by the attention kernels";
+    if (v[kHeads] / v[kKvHeads] > 8) return "decode needs n_heads / n_kv_heads <= 8";
+    return "";
+  }
+  explicit CacheAttention(std::vector<int32_t> v) : CheckedPlugin(schema(), std::move(v)) {}
+  IPluginV3* clone() noexcept override { return copy_of(this); }
+  int32_t getNbOutputs() const noexcept override { return 1; }
+
+  bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
+    PluginTensorDesc const& d = io[pos].desc;
+    if (d.format != TensorFormat::kLINEAR) return false;
+    if (pos == 0) return is_activation(d.type);
+    if (pos >= 3 && pos <= 5) return d.type == DataType::kINT32;  // cache_pos, cache_len, pos
+    return d.type == io[0].desc.type;                              // k_cache, v_cache, out
+  }
+  int32_t getOutputDataTypes(DataType* out, int32_t nb_out, DataType const* in, int32_t nb_in) const noexcept override {
+    if (nb_in != 6 || nb_out != 1) return fail("takes six inputs (qkv, k_cache, v_cache, cache_pos, cache_len, pos)");
+    if (!is_activation(in[0]) || in[1] != in[0] || in[2] != in[0]) return fail("qkv and the caches must share f16 or bf16");
+    if (in[3] != DataType::kINT32 || in[4] != DataType::kINT32 || in[5] != DataType::kINT32)
+      return fail("cache_pos, cache_len and pos must be int32");
+    out[0] = in[0];
+    return 0;
+  }
+  int32_t getOutputShapes(DimsExprs const*, int32_t nb_in, DimsExprs const*, int32_t, DimsExprs* out, int32_t nb_out,
+                          IExprBuilder& b) noexcept override {
+    if (nb_in != 6 || nb_out != 1) return fail("takes six inputs (qkv, k_cache, v_cache, cache_pos, cache_len, pos)");
+    out[0].nbDims = 2;
+    out[0].d[0] = b.constant(field(kHeads));
+    out[0].d[1] = b.constant(field(kHeadDim));
+    return 0;
+  }
+  size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
+                          int32_t) const noexcept override {
+    return sizeof(float) * cache_attention_workspace(field(kHeads), static_cast<int>(in[1].max.d[1]), field(kHeadDim));
+  }
+  int32_t enqueue(PluginTensorDesc const* in_desc, PluginTensorDesc const*, void const* const* in, void* const* out,
+                  void* workspace, cudaStream_t stream) noexcept override {
+    int const capacity = static_cast<int>(in_desc[1].dims.d[1]);
+    // The caches are written: engine inputs, owned by the runner (see above).
+    auto* const k = const_cast<void*>(in[1]);
+    auto* const v = const_cast<void*>(in[2]);
+    auto* const cache_pos = static_cast<uint32_t*>(const_cast<void*>(in[3]));
+    auto* const len = static_cast<uint32_t*>(const_cast<void*>(in[4]));
+    int const e = cache_attention(in[0], k, v, cache_pos, len, capacity, static_cast<uint32_t const*>(in[5]),
+                                  field(kSlidingWindow), out[0], static_cast<float*>(workspace), field(kHeads),
+                                  field(kKvHeads), field(kHeadDim), dtype_of(in_desc[0].type), stream);
+    return e ? fail("CUDA error " + std::to_string(e) + " in enqueue") : 0;
+  }
+
+ private:
+  std::string validate(std::vector<Dims> const& in) const override {
+    if (in.size() != 6) return "takes six inputs (qkv, k_cache, v_cache, cache_pos, cache_len, pos)";
+    int64_t const h = field(kHeads), hk = field(kKvHeads), d = field(kHeadDim);
+    if (!dims_match(in[0], {1, (h + 2 * hk) * d})) return "qkv " + str(in[0]) + " must be [1, (n_heads + 2·n_kv_heads)·head_dim]";
+    if (!dims_match(in[1], {hk, -1, d})) return "k_cache " + str(in[1]) + " must be [n_kv_heads, C, head_dim]";
+    if (in[1].d[1] == 0) return "the cache has no capacity";
+    if (!dims_match(in[2], {hk, in[1].d[1], d})) return "v_cache " + str(in[2]) + " must match k_cache";
+    if (!dims_match(in[3], {hk, in[1].d[1]})) return "cache_pos " + str(in[3]) + " must be [n_kv_heads, C]";
+    if (!dims_match(in[4], {1})) return "cache_len " + str(in[4]) + " must be [1]";
+    if (!dims_match(in[5], {1})) return "pos " + str(in[5]) + " must be [1]";
+    if (in[1].d[1] > INT_MAX) return "k_cache is too large";
+    return "";
+  }
+};
+
 }  // namespace fastkv_trt
 
 // The plugin-library entry points of TensorRT 10/11 (IPluginRegistry::loadLibrary, trtexec --staticPlugins).
@@ -440,8 +526,9 @@ __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const*
   static Creator<TopK> top_k;
   static Creator<Gather> gather;
   static Creator<Attention> attention;
-  static IPluginCreatorInterface* const all[] = {&window_scores, &top_k, &gather, &attention};
-  nb_creators = 4;
+  static Creator<CacheAttention> cache_attention;
+  static IPluginCreatorInterface* const all[] = {&window_scores, &top_k, &gather, &attention, &cache_attention};
+  nb_creators = 5;
   return all;
 }
 

@@ -13,11 +13,12 @@ use std::process::{Command, Output};
 
 use common::*;
 use fastkv::engine::Manifest;
-use fastkv::onnx::export::{export, GRAPHS};
+use fastkv::onnx::export::{export, Budgets, GRAPHS};
 use fastkv::onnx::proto::{GraphProto, ModelProto, NodeProto, ATTR_INT};
 use fastkv::onnx::{Flavour, DOMAIN};
 use fastkv::select::Pool;
 use fastkv::tensors::DType;
+use fastkv::trt::plan::{profile, InputProfile, Limits};
 use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
 use prost::Message;
 use serde::Deserialize;
@@ -281,4 +282,54 @@ fn the_harness_refuses_prompts_shorter_than_the_export_supports() {
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("the prompt has 10 tokens; this export takes 90..="), "{stderr}");
+}
+
+/// TensorRT's optimisation profiles (`fastkv::trt::plan::profile`) name every input of the exported graphs, and
+/// each layer's cache range is what the CPU engine's policy keeps of the shortest and of the longest prompt (plus
+/// the appended tokens); limits outside the export's range are refused by name.
+#[test]
+fn tensorrt_profiles_cover_every_input_with_the_cpu_engines_cache_lengths() {
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let (_out, dir) = exported(&engine);
+    let m = Manifest::read(&engine).unwrap();
+    let (policy, n) = (m.fastkv, m.model.num_layers);
+    let budgets = Budgets::new(&policy, &m.model).unwrap();
+    let (min, max) = (budgets.min_prompt_len, budgets.min_prompt_len + 97);
+    let limits = Limits { max_input_len: max, max_output_len: 16 };
+    let prefill = profile(&dir.join("prefill.onnx"), &budgets, &policy, limits).unwrap();
+    let ids =
+        InputProfile { name: "input_ids".into(), min: vec![min as i64], opt: vec![max as i64], max: vec![max as i64] };
+    assert_eq!(prefill, [ids]);
+
+    // What Policy::plan (the CPU engine's) keeps in layer l of a prompt of len tokens.
+    let kept = |l: usize, len: usize| {
+        let seq = if l > policy.tsp_layer { policy.tsp_len(len) } else { len };
+        policy.plan(l, n, len, seq).kv_budget.map_or(seq, |c| c.min(seq)) as i64
+    };
+    let decode = profile(&dir.join("decode.onnx"), &budgets, &policy, limits).unwrap();
+    let by_name: HashMap<&str, &InputProfile> = decode.iter().map(|p| (p.name.as_str(), p)).collect();
+    assert_eq!(by_name.len(), 2 + 3 * n, "input_id, position and three cache inputs per layer");
+    for name in ["input_id", "position"] {
+        assert_eq!((&by_name[name].min, &by_name[name].max), (&vec![1], &vec![1]), "{name}");
+    }
+    let (hk, d) = (m.model.num_kv_heads as i64, m.model.head_dim as i64);
+    for l in 0..n {
+        let (lo, hi) = (kept(l, min), kept(l, max) + 15);
+        for (name, min_dims, max_dims) in [
+            (format!("past_k_{l}"), vec![hk, lo, d], vec![hk, hi, d]),
+            (format!("past_v_{l}"), vec![hk, lo, d], vec![hk, hi, d]),
+            (format!("past_pos_{l}"), vec![hk, lo], vec![hk, hi]),
+        ] {
+            let p = by_name[name.as_str()];
+            assert_eq!((&p.min, &p.opt, &p.max), (&min_dims, &max_dims, &max_dims), "{name}");
+        }
+    }
+
+    let refused = |limits: Limits, flag: &str| {
+        let e = profile(&dir.join("prefill.onnx"), &budgets, &policy, limits).unwrap_err().cli_message();
+        assert!(e.contains(flag), "{e}");
+    };
+    refused(Limits { max_input_len: min - 1, max_output_len: 16 }, "--max-input-len");
+    refused(Limits { max_input_len: budgets.max_prompt_len + 1, max_output_len: 16 }, "--max-input-len");
+    refused(Limits { max_input_len: max, max_output_len: 0 }, "--max-output-len");
 }

@@ -20,7 +20,7 @@ const VERSION: &str = "1";
 type Values = &'static [(&'static str, i32)];
 
 /// Each plugin with valid fields and its number of outputs.
-const PLUGINS: [(&str, Values, i32); 4] = [
+const PLUGINS: [(&str, Values, i32); 5] = [
     (
         "FastKVWindowScores",
         &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("window", 8), ("kernel", 7), ("pool", 1), ("tsp", 1)],
@@ -29,6 +29,7 @@ const PLUGINS: [(&str, Values, i32); 4] = [
     ("FastKVTopK", &[("rate_num", 1), ("rate_den", 10), ("window", 8)], 1),
     ("FastKVGather", &[], 1),
     ("FastKVAttention", &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("mode", 0), ("sliding_window", 0)], 2),
+    ("FastKVCacheAttention", &[("n_heads", 8), ("n_kv_heads", 2), ("head_dim", 128), ("sliding_window", 0)], 1),
 ];
 
 /// Valid fields of a decode attention.
@@ -182,6 +183,15 @@ fn bad_fields_are_errors_that_name_the_field() {
     };
     assert!(attention(8, 2, 80, 0).contains("head_dim 80 is not supported by the attention kernels"));
     assert!(attention(32, 2, 128, 1).contains("decode needs n_heads / n_kv_heads <= 8"));
+    let step = |h: i32, hk: i32, d: i32| {
+        create(
+            "FastKVCacheAttention",
+            &fields(&[("n_heads", h), ("n_kv_heads", hk), ("head_dim", d), ("sliding_window", 0)]),
+        )
+    };
+    assert!(step(32, 2, 128).contains("FastKVCacheAttention: decode needs n_heads / n_kv_heads <= 8"));
+    assert!(step(8, 3, 128).contains("must be a multiple of n_kv_heads (3)"));
+    assert!(step(8, 2, 96).contains("head_dim 96 is not supported"));
     assert!(create("FastKVTopK", &fields(&[("rate_num", 1), ("rate_den", 0), ("window", 8)])).contains("rate_den"));
     assert!(create("FastKVGather", &fields(&[("window", 8)])).contains("unknown field `window`"));
     let e = error_of(trt.create_plugin("FastKVTopK", "2", NS, &[], Phase::Build));
@@ -202,6 +212,8 @@ fn output_types_follow_the_activation_type() {
         (2, &[], &[Int32, Int32], &[Int32]),
         (3, PLUGINS[3].1, &[Half, Half, Half, Int32, Int32], &[Half, Float]),
         (3, DECODE, &[BFloat16, BFloat16, BFloat16, Int32, Int32], &[BFloat16]),
+        (4, PLUGINS[4].1, &[BFloat16, BFloat16, BFloat16, Int32, Int32, Int32], &[BFloat16]),
+        (4, PLUGINS[4].1, &[Half, Half, Half, Int32, Int32, Int32], &[Half]),
     ];
     for (i, values, inputs, want) in cases {
         let p = trt.create_plugin(PLUGINS[*i].0, VERSION, NS, &fields(values), Phase::Build).unwrap();
@@ -212,6 +224,10 @@ fn output_types_follow_the_activation_type() {
     assert!(e.contains("q_window and keys must both be f16 or both bf16 (getOutputDataTypes)"), "{e}");
     let p = trt.create_plugin("FastKVTopK", VERSION, NS, &fields(PLUGINS[1].1), Phase::Build).unwrap();
     assert!(error_of(p.output_types(&[Half])).contains("one f32 input"));
+    let p = trt.create_plugin("FastKVCacheAttention", VERSION, NS, &fields(PLUGINS[4].1), Phase::Build).unwrap();
+    let e = error_of(p.output_types(&[Half, BFloat16, BFloat16, Int32, Int32, Int32]));
+    assert!(e.contains("qkv and the caches must share f16 or bf16"), "{e}");
+    assert!(error_of(p.output_types(&[Half, Half, Half, Int32, Int32, Float])).contains("must be int32"));
 }
 
 /// TopK's width k + W is policy.rs's budget for the row's L = n + W tokens: C = ⌊L·r⌋ (KV) and T = max(⌊L·t⌋, W)
@@ -272,6 +288,10 @@ fn output_shapes_of_scores_gather_and_attention() {
     let cache = vec![2, s, 128];
     let decode_inputs = [vec![8, 128], cache.clone(), cache, vec![1], vec![2, s]];
     assert_eq!(decode.output_shapes(&decode_inputs).unwrap(), [vec![8, 128]]);
+    let in_place = make(4, PLUGINS[4].1);
+    let cache = vec![2, 4096, 128];
+    let inputs = [vec![1, 12 * 128], cache.clone(), cache, vec![2, 4096], vec![1], vec![1]];
+    assert_eq!(in_place.output_shapes(&inputs).unwrap(), [vec![8, 128]], "[H, D] whatever the capacity");
 }
 
 #[test]
@@ -315,4 +335,43 @@ fn formats_and_shapes_are_checked_before_enqueue() {
     short_k_pos[4] = t(&[2, 16], Int32);
     assert!(error_of(attention.shape_change(&short_k_pos, &outs)).contains("k_pos [2, 16] must be [n_kv_heads, Sk]"));
     assert!(!attention.supports(3, &[qkv(16, 32)[..3].to_vec(), vec![t(&[16], Float)]].concat(), &outs).unwrap());
+
+    // The in-place decode step: caches at their capacity C, lengths and positions int32, one [H, D] output.
+    let step = trt.create_plugin("FastKVCacheAttention", VERSION, NS, &fields(PLUGINS[4].1), Phase::Runtime).unwrap();
+    let inputs = |c: i64, ty: DataType| {
+        [
+            t(&[1, 12 * 128], ty),
+            t(&[2, c, 128], ty),
+            t(&[2, c, 128], ty),
+            t(&[2, c], Int32),
+            t(&[1], Int32),
+            t(&[1], Int32),
+        ]
+    };
+    let outs = [t(&[8, 128], BFloat16)];
+    for pos in 0..7 {
+        assert!(step.supports(pos, &inputs(4096, BFloat16), &outs).unwrap(), "pos {pos}");
+    }
+    let mut mixed = inputs(4096, BFloat16);
+    mixed[2] = t(&[2, 4096, 128], Half);
+    assert!(!step.supports(2, &mixed, &outs).unwrap(), "v_cache must have qkv's type");
+    let mut float_len = inputs(4096, BFloat16);
+    float_len[4] = t(&[1], Float);
+    assert!(!step.supports(4, &float_len, &outs).unwrap(), "cache_len is int32");
+    step.configure(
+        &[&inputs(4096, BFloat16)[..1], &[t(&[2, -1, 128], BFloat16)], &inputs(4096, BFloat16)[2..]].concat(),
+        &outs,
+    )
+    .unwrap();
+    step.shape_change(&inputs(4096, BFloat16), &outs).unwrap();
+    let ws = step.workspace_size(&inputs(4096, BFloat16), &outs).unwrap();
+    assert!(ws >= 8 * 4, "room for the split-K partials of 8 heads: {ws}");
+    assert!(step.workspace_size(&inputs(32768, BFloat16), &outs).unwrap() >= ws, "grows with the capacity");
+    let mut short_pos = inputs(4096, BFloat16);
+    short_pos[3] = t(&[2, 100], Int32);
+    assert!(error_of(step.shape_change(&short_pos, &outs)).contains("cache_pos [2, 100] must be [n_kv_heads, C]"));
+    let mut wide_qkv = inputs(4096, BFloat16);
+    wide_qkv[0] = t(&[1, 8 * 128], BFloat16);
+    assert!(error_of(step.shape_change(&wide_qkv, &outs)).contains("must be [1, (n_heads + 2·n_kv_heads)·head_dim]"));
+    assert!(error_of(step.shape_change(&inputs(0, BFloat16), &outs)).contains("no capacity"));
 }

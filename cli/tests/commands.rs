@@ -6,6 +6,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -174,4 +175,34 @@ fn fastkv_build_writes_a_random_weight_engine_of_a_preset() {
     assert_eq!((m.model.num_layers, m.model.hidden_size, m.model.num_kv_heads), (32, 4096, 8));
     assert_eq!(m.random_weights.map(|r| r.seed), Some(3));
     assert_eq!(m.fastkv.tsp_layer, 15, "the preset's policy");
+}
+
+/// `fastkv-build --target tensorrt` where TensorRT is not installed fails in one line that names the library and
+/// the folders searched (or, in a build without the feature, the feature), before it builds anything.
+#[test]
+fn target_tensorrt_without_tensorrt_fails_in_one_line_before_building() {
+    let system = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/local/lib"];
+    let installed = |d: &&str| ["libnvinfer.so.10", "libnvinfer.so.11"].iter().any(|f| Path::new(d).join(f).exists());
+    if system.iter().any(installed) {
+        return skipped("TensorRT is installed in the system's library folders");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let output = tmp.path().join("engine");
+    let out = Command::new(env!("CARGO_BIN_EXE_fastkv-build"))
+        .current_dir(root())
+        // No TensorRT where it looks first, and no python3 to name Python environments.
+        .env("TENSORRT_ROOT", tmp.path())
+        .env("LD_LIBRARY_PATH", "")
+        .env("PATH", "")
+        .args(["--checkpoint", "tests/fixtures/llama", "--output", output.to_str().unwrap()])
+        .args(["--no-calibrate", "--target", "tensorrt"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim_end().lines().count() == 1, "{stderr}");
+    let searched = format!("{}, ", tmp.path().join("lib").display());
+    let not_found =
+        stderr.contains("libnvinfer.so.11") && stderr.contains(&searched) && stderr.contains("TENSORRT_ROOT");
+    assert!(not_found || stderr.contains("--features tensorrt"), "{stderr}");
+    assert!(!output.exists(), "nothing is built when TensorRT is missing");
 }

@@ -37,7 +37,7 @@ pub fn find(dirs: &[PathBuf]) -> Option<&Path> {
 }
 
 /// The package folders of `python3` (site-packages and its `sys.path`), or none without Python.
-fn python_paths() -> Vec<PathBuf> {
+pub(crate) fn python_paths() -> Vec<PathBuf> {
     let script =
         "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()] + sys.path))";
     Command::new("python3")

@@ -143,6 +143,16 @@ impl Budgets {
         }
         Ok(Budgets { retain, tsp, post_tsp, min_prompt_len: min, max_prompt_len: max })
     }
+
+    /// KV entries layer `layer` keeps of a `prompt_len`-token prompt: the length of the prefill graph's `k_{layer}`.
+    pub fn cache_len(&self, policy: &Policy, layer: usize, prompt_len: usize) -> usize {
+        let w = policy.window;
+        if layer <= policy.tsp_layer {
+            budget(prompt_len, self.retain, w)
+        } else {
+            budget(budget(prompt_len, self.tsp, w), self.post_tsp, w)
+        }
+    }
 }
 
 /// clamp(⌊s·num/den⌋, window, s): what [`super::ops::TOP_K`] keeps of `s` rows.

@@ -4,11 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use fastkv::builder::{build, BuildOptions, Calibrate};
 use fastkv::calibrate::Probes;
 use fastkv::progress::{Progress, Silent};
 use fastkv::tensors::DType;
+use fastkv::trt::plan::{Limits, PlanOptions};
 use fastkv::Overrides;
 use fastkv_cli::{calibration_summary, describe, Bars};
 
@@ -22,8 +24,10 @@ use fastkv_cli::{calibration_summary, describe, Bars};
 /// as TensorRT plugin nodes (domain `fastkv`), prefill.reference.onnx and decode.reference.onnx with
 /// those steps lowered to standard ONNX ops (runs on onnxruntime), all four reading DIR/weights.bin
 /// (f32). Only the engine's default FastKV policy in rate mode is exported.
+///
+/// With --target tensorrt it then builds TensorRT plans of the engine (docs/onnx-tensorrt.md).
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "fastkv-build", version)]
 struct Args {
     /// Checkpoint directory: config.json, model.safetensors (or model.safetensors.index.json with its
     /// shards), tokenizer.json, and optionally tokenizer_config.json / generation_config.json.
@@ -48,13 +52,30 @@ struct Args {
     /// end, so a failed build leaves nothing behind.
     #[arg(long, required_unless_present = "engine", conflicts_with = "engine")]
     output: Option<PathBuf>,
-    /// An engine directory built before, to export with --export-onnx (instead of building one).
-    #[arg(long, requires = "export_onnx")]
+    /// An engine directory built before, to export with --export-onnx or build plans of with --target
+    /// tensorrt (instead of building one).
+    #[arg(long)]
     engine: Option<PathBuf>,
     /// Write the engine as ONNX into this directory (created if missing; its files are replaced).
     /// Prompts of the exported prefill graph must be at least the printed minimum length.
     #[arg(long)]
     export_onnx: Option<PathBuf>,
+    /// What to build: `engine`, the engine directory; `tensorrt`, the engine directory and then its
+    /// TensorRT plans in ENGINE/tensorrt/ (prefill.plan, decode.plan, recorded in engine.json): the
+    /// network is exported as ONNX and built by TensorRT 10/11's builder on --gpu. Needs libnvinfer and
+    /// libnvonnxparser, looked for in $TENSORRT_ROOT/lib, $LD_LIBRARY_PATH, a Python environment's
+    /// tensorrt_libs and the system's library folders, before anything is built.
+    #[arg(long, value_enum, default_value = "engine")]
+    target: Target,
+    /// TensorRT plans: the longest prompt they accept, in tokens.
+    #[arg(long, default_value_t = 8192)]
+    max_input_len: usize,
+    /// TensorRT plans: the most new tokens of one request.
+    #[arg(long, default_value_t = 1024)]
+    max_output_len: usize,
+    /// TensorRT plans: the GPU that builds them (they run on GPUs of its compute capability).
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
     /// Element type of the engine's weights (computation is always accumulated in f32).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DType,
@@ -83,8 +104,27 @@ struct Args {
     quiet: bool,
 }
 
+/// What `fastkv-build` produces.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    /// A fastkv engine directory (runs on the CPU and CUDA backends).
+    Engine,
+    /// An engine directory with TensorRT plans.
+    Tensorrt,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.engine.is_some() && args.export_onnx.is_none() && args.target == Target::Engine {
+        Args::command()
+            .error(ErrorKind::MissingRequiredArgument, "--engine needs --export-onnx DIR or --target tensorrt")
+            .exit();
+    }
+    if args.target == Target::Tensorrt {
+        if let Err(e) = fastkv::trt::builder::available() {
+            return fail(e);
+        }
+    }
     let engine = match (&args.engine, args.checkpoint.clone(), args.output.clone()) {
         (Some(engine), _, _) => engine.clone(),
         (None, None, Some(output)) if args.random_weights => {
@@ -122,6 +162,27 @@ fn main() -> ExitCode {
                 fastkv::onnx::export::WEIGHTS_FILE,
                 x.min_prompt_len,
                 x.max_prompt_len
+            ),
+            Ok(_) => {}
+            Err(e) => return fail(e),
+        }
+    }
+    if args.target == Target::Tensorrt {
+        let opts = PlanOptions {
+            limits: Limits { max_input_len: args.max_input_len, max_output_len: args.max_output_len },
+            device: args.gpu,
+            workspace_bytes: 0,
+        };
+        let progress: &dyn Progress = if args.quiet { &Silent } else { &Bars::new() };
+        match fastkv::trt::builder::build_plans(&engine, &opts, progress) {
+            Ok(r) if !args.quiet => println!(
+                "built TensorRT {} plans for compute capability {} into {}/{}: prompts up to {} tokens, {} new",
+                r.version,
+                r.compute_capability,
+                engine.display(),
+                fastkv::trt::plan::PLAN_DIR,
+                r.limits.max_input_len,
+                r.limits.max_output_len
             ),
             Ok(_) => {}
             Err(e) => return fail(e),

@@ -1,0 +1,129 @@
+// See builder.h. Nothing here links against TensorRT: both libraries are opened with dlopen and stay loaded (TensorRT
+// keeps process-wide state), and their factory functions are looked up by name.
+#include "fastkv/tensorrt/builder.h"
+
+#include <NvInfer.h>
+#include <NvOnnxParser.h>
+#include <dlfcn.h>
+
+#include <fstream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fastkv/src/trt/bridge.rs.h"
+
+namespace fastkv::trt {
+
+using namespace nvinfer1;
+
+namespace {
+
+std::string str(rust::Str s) { return std::string(s.data(), s.size()); }
+
+void* open_library(std::string const& path) {
+  // RTLD_GLOBAL: libnvonnxparser's dependency on libnvinfer.so.N resolves to the copy opened here by path.
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
+  if (!lib) {
+    char const* e = dlerror();
+    throw std::runtime_error("cannot open " + path + ": " + (e ? e : "unknown dlopen error"));
+  }
+  return lib;
+}
+
+template <typename F>
+F symbol(void* lib, char const* name, std::string const& path) {
+  auto f = reinterpret_cast<F>(dlsym(lib, name));
+  if (!f) throw std::runtime_error(path + " has no " + name + ": is it TensorRT 10 or 11?");
+  return f;
+}
+
+// Keeps TensorRT's errors for the exception message; warnings and below are not shown.
+class Logger final : public ILogger {
+ public:
+  void log(Severity severity, AsciiChar const* msg) noexcept override {
+    if (severity <= Severity::kERROR) errors_ += (errors_.empty() ? "" : "; ") + std::string(msg);
+  }
+  std::string take() { return std::exchange(errors_, {}); }
+
+ private:
+  std::string errors_;
+};
+
+Dims to_dims(rust::Vec<int64_t> const& v, std::string const& name) {
+  if (v.size() > static_cast<size_t>(Dims::MAX_DIMS)) throw std::invalid_argument(name + " has more than 8 dims");
+  Dims d{};
+  d.nbDims = static_cast<int32_t>(v.size());
+  for (size_t i = 0; i < v.size(); ++i) d.d[i] = v[i];
+  return d;
+}
+
+}  // namespace
+
+int32_t library_version(rust::Str nvinfer) {
+  std::string const path = str(nvinfer);
+  return symbol<int32_t (*)()>(open_library(path), "getInferLibVersion", path)();
+}
+
+void build_plan(PlanRequest const& request) {
+  std::string const nvinfer = str(request.nvinfer), parser_lib = str(request.onnx_parser);
+  void* infer = open_library(nvinfer);
+  int32_t const version = symbol<int32_t (*)()>(infer, "getInferLibVersion", nvinfer)();
+  if (version / 10000 != NV_TENSORRT_MAJOR)
+    throw std::runtime_error(nvinfer + " is TensorRT " + std::to_string(version / 10000) +
+                             ", this fastkv was compiled against TensorRT " + std::to_string(NV_TENSORRT_MAJOR) +
+                             " headers: rebuild fastkv with TENSORRT_ROOT set to that TensorRT's SDK");
+  auto create_builder = symbol<void* (*)(void*, int32_t)>(infer, "createInferBuilder_INTERNAL", nvinfer);
+  auto create_parser =
+      symbol<void* (*)(void*, void*, int)>(open_library(parser_lib), "createNvOnnxParser_INTERNAL", parser_lib);
+
+  Logger logger;
+  auto fail = [&](std::string const& what) -> void {
+    std::string const why = logger.take();
+    throw std::runtime_error(what + (why.empty() ? "" : ": " + why));
+  };
+  std::unique_ptr<IBuilder> builder(static_cast<IBuilder*>(create_builder(&logger, NV_TENSORRT_VERSION)));
+  if (!builder) fail("createInferBuilder failed");
+  std::string const plugins = str(request.plugins);
+  if (!builder->getPluginRegistry().loadLibrary(plugins.c_str())) fail("TensorRT did not load " + plugins);
+  // Strongly typed: the graph's own Casts fix every precision (TensorRT 11 types every network so and ignores
+  // the flag; 10 needs it).
+  auto const flags = 1U << static_cast<uint32_t>(NetworkDefinitionCreationFlag::kSTRONGLY_TYPED);
+  std::unique_ptr<INetworkDefinition> network(builder->createNetworkV2(flags));
+  if (!network) fail("createNetworkV2 failed");
+  std::unique_ptr<nvonnxparser::IParser> parser(
+      static_cast<nvonnxparser::IParser*>(create_parser(network.get(), &logger, NV_ONNX_PARSER_VERSION)));
+  if (!parser) fail("createNvOnnxParser failed");
+  std::string const onnx = str(request.onnx);
+  if (!parser->parseFromFile(onnx.c_str(), static_cast<int>(ILogger::Severity::kERROR))) {
+    std::string errors;
+    for (int i = 0; i < parser->getNbErrors(); ++i) {
+      auto const* e = parser->getError(i);
+      errors += std::string(errors.empty() ? "" : "; ") + "node " + std::to_string(e->node()) + " (" +
+                e->nodeName() + "): " + e->desc();
+    }
+    fail("TensorRT's ONNX parser rejected " + onnx + ": " + errors);
+  }
+  std::unique_ptr<IBuilderConfig> config(builder->createBuilderConfig());
+  if (!config) fail("createBuilderConfig failed");
+  if (request.workspace_bytes > 0) config->setMemoryPoolLimit(MemoryPoolType::kWORKSPACE, request.workspace_bytes);
+  IOptimizationProfile* profile = builder->createOptimizationProfile();  // owned by the builder
+  for (ProfileInput const& in : request.profile) {
+    std::string const name = str(in.name);
+    bool const ok = profile->setDimensions(name.c_str(), OptProfileSelector::kMIN, to_dims(in.min, name)) &&
+                    profile->setDimensions(name.c_str(), OptProfileSelector::kOPT, to_dims(in.opt, name)) &&
+                    profile->setDimensions(name.c_str(), OptProfileSelector::kMAX, to_dims(in.max, name));
+    if (!ok) fail("the optimisation profile of input " + name + " was refused");
+  }
+  if (config->addOptimizationProfile(profile) < 0) fail("addOptimizationProfile failed");
+  std::unique_ptr<IHostMemory> plan(builder->buildSerializedNetwork(*network, *config));
+  if (!plan || plan->size() == 0) fail("TensorRT could not build " + onnx);
+  std::string const output = str(request.output);
+  std::ofstream out(output, std::ios::binary);
+  out.write(static_cast<char const*>(plan->data()), static_cast<std::streamsize>(plan->size()));
+  if (!out.flush()) throw std::runtime_error("cannot write " + output);
+}
+
+}  // namespace fastkv::trt
