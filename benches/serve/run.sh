@@ -30,7 +30,7 @@ Options:
   --waves N           Requests per run = N × concurrency, at least 4 (default 2)
   --threads N         CPU threads of every server (default: all cores)
   --engine DIR        fastkv engine (default target/engines/smollm2, built from the GGUF if missing)
-  --fastkv-args ARGS  More flags for both fastkv servers, e.g. "--prefill-slice-ms 1000"
+  --fastkv-args ARGS  More flags for both fastkv servers, e.g. "--prefill-slice-ms 250"
   --out DIR           Output folder (default target/serve-bench/results)
   -h, --help          This help
 

@@ -29,9 +29,10 @@ pub struct SchedulerArgs {
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
     /// Milliseconds a new request's prefill may run before the running requests get a decode step
-    /// [default: as long as the last step took, so running streams keep about twice their
-    /// inter-token latency]. Larger values favour new requests' time to first token and fuller
-    /// batches over the running streams' latency.
+    /// [default: 1000 for `fastkv serve`, which favours time to first token; for `fastkv bench`, as
+    /// long as the last step took, so running streams keep about twice their inter-token latency].
+    /// Larger values favour new requests' time to first token and fuller batches over the running
+    /// streams' latency.
     #[arg(long)]
     pub prefill_slice_ms: Option<u64>,
 }

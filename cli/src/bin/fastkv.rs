@@ -259,7 +259,14 @@ fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `fastkv serve`'s prefill slice when --prefill-slice-ms is not given: a server's users wait for their first
+/// token, so a new prompt's prefill runs up to a second before the streams get a step, as vLLM's and
+/// llama-server's schedulers also favour prefill (docs/serving.md#measured).
+const SERVE_PREFILL_SLICE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn serve(args: &ServeArgs) -> Result<()> {
+    let mut limits = args.scheduler.limits()?;
+    limits.prefill_slice = limits.prefill_slice.or(Some(SERVE_PREFILL_SLICE));
     let options = fastkv_server::Options {
         engine: args.engine.clone(),
         device: args.device.device,
@@ -268,7 +275,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         served_model_name: args.served_model_name.clone(),
         policy: args.policy.clone(),
-        limits: args.scheduler.limits()?,
+        limits,
         default_max_tokens: args.default_max_tokens,
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
