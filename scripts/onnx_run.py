@@ -2,7 +2,7 @@
 """Checks and runs a fastkv ONNX export (fastkv-build --export-onnx DIR) with onnx and onnxruntime.
 
     onnx_run.py check DIR
-        onnx.checker.check_model (with the external weights) on all four graphs.
+        onnx.checker.check_model (with the external weights) on all five graphs.
     onnx_run.py run DIR --ids IDS.json --new-tokens N --out OUT.json
         prefill.reference.onnx on the token ids of IDS.json (a JSON list), then greedy decoding with
         decode.reference.onnx until N tokens are chosen; writes JSON: logits (last prompt token),
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-GRAPHS = ["prefill.onnx", "decode.onnx", "prefill.reference.onnx", "decode.reference.onnx"]
+GRAPHS = ["prefill.onnx", "decode.onnx", "prefill.reference.onnx", "decode.reference.onnx", "decode_cached.onnx"]
 
 
 def check(directory):

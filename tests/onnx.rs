@@ -325,6 +325,23 @@ fn tensorrt_profiles_cover_every_input_with_the_cpu_engines_cache_lengths() {
         }
     }
 
+    // TensorRT's decode: the same caches at their capacity, one more entry than the longest they hold before a step.
+    let cached = profile(&dir.join("decode_cached.onnx"), &budgets, &policy, limits).unwrap();
+    let by_name: HashMap<&str, &InputProfile> = cached.iter().map(|p| (p.name.as_str(), p)).collect();
+    assert_eq!(by_name.len(), 2 + 4 * n, "input_id, position and four cache inputs per layer");
+    for l in 0..n {
+        let (lo, hi) = (kept(l, min) + 1, kept(l, max) + 16);
+        for (name, min_dims, max_dims) in [
+            (format!("k_cache_{l}"), vec![hk, lo, d], vec![hk, hi, d]),
+            (format!("v_cache_{l}"), vec![hk, lo, d], vec![hk, hi, d]),
+            (format!("cache_pos_{l}"), vec![hk, lo], vec![hk, hi]),
+            (format!("cache_len_{l}"), vec![1], vec![1]),
+        ] {
+            let p = by_name[name.as_str()];
+            assert_eq!((&p.min, &p.opt, &p.max), (&min_dims, &max_dims, &max_dims), "{name}");
+        }
+    }
+
     let refused = |limits: Limits, flag: &str| {
         let e = profile(&dir.join("prefill.onnx"), &budgets, &policy, limits).unwrap_err().cli_message();
         assert!(e.contains(flag), "{e}");

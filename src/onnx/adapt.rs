@@ -50,6 +50,24 @@ pub(super) fn plugin(g: &mut Graph, op: &FastKvOp, name: &str, inputs: &[&str]) 
             let axes = g.const_i64(&[1]);
             vec![g.op("Unsqueeze", &[&out, &axes], vec![])]
         }
+        FastKvOp::CacheAttention { n_heads: h, n_kv_heads: hk, head_dim: d, .. } => {
+            // The caches are the graph's own inputs in the plugin's types: a Cast would update a copy.
+            let qkv = half(g, inputs[0]);
+            let pos = int32(g, inputs[5]);
+            let declared = [
+                (FLOAT16, vec![Fixed(1), Fixed((h + 2 * hk) * d)]),
+                (FLOAT16, vec![Fixed(hk), Any, Fixed(d)]),
+                (FLOAT16, vec![Fixed(hk), Any, Fixed(d)]),
+                (INT32, vec![Fixed(hk), Any]),
+                (INT32, vec![Fixed(1)]),
+                (INT32, vec![Fixed(1)]),
+                (FLOAT16, vec![Fixed(h), Fixed(d)]),
+            ];
+            let outs = g.plugin_node(op, name, &[&qkv, inputs[1], inputs[2], inputs[3], inputs[4], &pos], &declared);
+            let out = float(g, &outs[0]);
+            let axes = g.const_i64(&[1]);
+            vec![g.op("Unsqueeze", &[&out, &axes], vec![])]
+        }
         FastKvOp::WindowScores { n_heads: h, n_kv_heads: hk, head_dim: d, window, tsp_sum, .. } => {
             let q_window = half(g, inputs[0]);
             let keys = half_token_major(g, inputs[1]);

@@ -1,6 +1,7 @@
 //! An engine directory as ONNX (`fastkv-build --export-onnx DIR`): `prefill.onnx` and `decode.onnx`
 //! with FastKV plugin nodes, `prefill.reference.onnx` and `decode.reference.onnx` with those nodes
-//! lowered to standard ops, all four reading one `weights.bin` (f32, ONNX external data, so no 2 GB
+//! lowered to standard ops, and `decode_cached.onnx`, the decode step TensorRT builds (caches as inputs
+//! at their capacity, updated in place by a plugin node), all five reading one `weights.bin` (f32, ONNX external data, so no 2 GB
 //! protobuf limit). The graphs follow the CPU engine (`src/cpu/mod.rs`) op for op: the same
 //! normalised spec, weights and the engine's default FastKV policy.
 //!
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use super::proto::{FLOAT, INT64};
+use super::proto::{FLOAT, FLOAT16, INT32, INT64};
 use super::{attr, attr_ints, AttentionMode, Dim, FastKvOp, Flavour, Graph, PoolAttr};
 use crate::engine::{Manifest, WEIGHTS};
 use crate::error::{Error, Result};
@@ -32,6 +33,9 @@ use crate::tensors::TensorFile;
 pub const WEIGHTS_FILE: &str = "weights.bin";
 /// The two graphs of each flavour.
 pub const GRAPHS: [&str; 2] = ["prefill", "decode"];
+/// The decode graph TensorRT builds: the caches are inputs at their capacity, updated in place by
+/// [`super::ops::CACHE_ATTENTION`]; written as plugin nodes only (`decode_cached.onnx`).
+pub const CACHED_DECODE: &str = "decode_cached";
 /// Tensor data offsets in [`WEIGHTS_FILE`] are multiples of this.
 const ALIGN: u64 = 64;
 
@@ -58,14 +62,14 @@ pub fn export(engine_dir: &Path, out_dir: &Path) -> Result<Exported> {
     let weights = write_weights(spec, &TensorFile::open(&engine_dir.join(WEIGHTS))?, &out_dir.join(WEIGHTS_FILE))?;
     let exporter = Exporter { spec, policy, budgets: &budgets, inv_freq: Rope::new(spec).inv_freq().to_vec(), weights };
     let mut graphs = Vec::new();
-    for flavour in [Flavour::Plugin, Flavour::Reference] {
-        for graph in GRAPHS {
-            let model = exporter.graph(graph, flavour);
-            let file = flavour.file_name(graph);
-            let path = out_dir.join(&file);
-            std::fs::write(&path, model.encode_to_vec()).map_err(|e| io_error(&path, e))?;
-            graphs.push(file);
-        }
+    let flavours = [Flavour::Plugin, Flavour::Reference];
+    let all = flavours.iter().flat_map(|&f| GRAPHS.map(|g| (g, f))).chain([(CACHED_DECODE, Flavour::Plugin)]);
+    for (graph, flavour) in all {
+        let model = exporter.graph(graph, flavour);
+        let file = flavour.file_name(graph);
+        let path = out_dir.join(&file);
+        std::fs::write(&path, model.encode_to_vec()).map_err(|e| io_error(&path, e))?;
+        graphs.push(file);
     }
     Ok(Exported {
         dir: out_dir.into(),
@@ -236,10 +240,10 @@ impl Exporter<'_> {
         for w in &self.weights {
             g.external_f32(&w.name, &w.dims, WEIGHTS_FILE, w.offset);
         }
-        if graph == "prefill" {
-            self.prefill(&mut g);
-        } else {
-            self.decode(&mut g);
+        match graph {
+            "prefill" => self.prefill(&mut g),
+            CACHED_DECODE => self.decode_cached(&mut g),
+            _ => self.decode(&mut g),
         }
         let b = self.budgets;
         let metadata = [
@@ -382,6 +386,41 @@ impl Exporter<'_> {
                 g.output(&k_all, &format!("present_k_{l}"), FLOAT, &kv(&present));
                 g.output(&v_all, &format!("present_v_{l}"), FLOAT, &kv(&present));
                 g.output(&pos_all, &format!("present_pos_{l}"), INT64, &[Dim::Fixed(n_kv_heads), present.clone()]);
+                x = self.finish_layer(g, l, &x, &att[0]);
+            });
+        }
+        let logits = self.logits(g, &x);
+        g.output(&logits, "logits", FLOAT, &[Dim::Fixed(self.spec.vocab_size)]);
+    }
+
+    /// input_id [1], position [1], per layer k_cache_l, v_cache_l [Hk, C_l, D] f16, cache_pos_l [Hk, C_l] and
+    /// cache_len_l [1] int32 → logits [V]; each layer's step appends to its cache in place.
+    fn decode_cached(&self, g: &mut Graph) {
+        let (n_heads, n_kv_heads, head_dim) = self.heads();
+        let id = g.input("input_id", INT64, &[Dim::Fixed(1)]);
+        let position = g.input("position", INT64, &[Dim::Fixed(1)]);
+        let mut x = g.op("Gather", &["embed", &id], vec![attr("axis", 0)]);
+        let rope = self.rope(g, &position);
+        let step = FastKvOp::CacheAttention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            sliding_window: self.spec.sliding_window.unwrap_or(0),
+        };
+        for l in 0..self.spec.num_layers {
+            let c = Dim::Named(format!("C_{l}"));
+            let kv = [Dim::Fixed(n_kv_heads), c.clone(), Dim::Fixed(head_dim)];
+            let k_cache = g.input(&format!("k_cache_{l}"), FLOAT16, &kv);
+            let v_cache = g.input(&format!("v_cache_{l}"), FLOAT16, &kv);
+            let cache_pos = g.input(&format!("cache_pos_{l}"), INT32, &[Dim::Fixed(n_kv_heads), c]);
+            let cache_len = g.input(&format!("cache_len_{l}"), INT32, &[Dim::Fixed(1)]);
+            g.scoped(&format!("layers.{l}"), |g| {
+                let (q, k, v) = self.qkv(g, l, &x, &rope);
+                // q | k | v of the one token as one row, heads in order: [1, (H + 2·Hk)·D].
+                let row = g.const_i64(&[1, -1]);
+                let parts = [&q, &k, &v].map(|t| g.op("Reshape", &[t, &row], vec![]));
+                let qkv = g.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![attr("axis", 1)]);
+                let att = g.fastkv(&step, &[&qkv, &k_cache, &v_cache, &cache_pos, &cache_len, &position]);
                 x = self.finish_layer(g, l, &x, &att[0]);
             });
         }

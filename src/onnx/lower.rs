@@ -28,6 +28,8 @@ pub(super) fn lower(g: &mut Graph, op: &FastKvOp, inputs: &[&str]) -> Vec<String
             let idx = g.op("Unsqueeze", &[inputs[1], &axes], vec![]);
             vec![g.op("GatherND", &[inputs[0], &idx], vec![attr("batch_dims", 1)])]
         }
+        // Only decode_cached.onnx has it, and that graph is exported as plugin nodes alone.
+        FastKvOp::CacheAttention { .. } => unreachable!("an in-place cache update has no lowering"),
     }
 }
 

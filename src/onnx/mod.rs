@@ -52,6 +52,12 @@ pub mod ops {
     /// keys with q_pos − k_pos ≥ sliding_window. Attributes: n_heads, n_kv_heads, head_dim, mode,
     /// sliding_window.
     pub const ATTENTION: &str = "FastKVAttention";
+    /// `(qkv [1, (H+2·Hk)·D], k_cache, v_cache [Hk, C, D], cache_pos [Hk, C], cache_len [1], pos [1])` →
+    /// `out [H, D]`: one decode step on a preallocated cache, updated in place (the new K/V go to slot
+    /// `cache_len`, which grows by one; q attends over the entries). Only in `decode_cached.onnx`, which
+    /// has no lowered flavour: an in-place update is not an ONNX operation. Attributes: n_heads,
+    /// n_kv_heads, head_dim, sliding_window.
+    pub const CACHE_ATTENTION: &str = "FastKVCacheAttention";
 }
 
 /// Pooling of [`ops::WINDOW_SCORES`] (its `pool` attribute).
@@ -93,6 +99,12 @@ pub enum FastKvOp {
         mode: AttentionMode,
         sliding_window: usize,
     },
+    CacheAttention {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        sliding_window: usize,
+    },
 }
 
 impl FastKvOp {
@@ -102,13 +114,14 @@ impl FastKvOp {
             FastKvOp::TopK { .. } => ops::TOP_K,
             FastKvOp::Gather => ops::GATHER,
             FastKvOp::Attention { .. } => ops::ATTENTION,
+            FastKvOp::CacheAttention { .. } => ops::CACHE_ATTENTION,
         }
     }
 
     pub fn outputs(&self) -> usize {
         match self {
             FastKvOp::WindowScores { tsp_sum, .. } => 1 + *tsp_sum as usize,
-            FastKvOp::TopK { .. } | FastKvOp::Gather => 1,
+            FastKvOp::TopK { .. } | FastKvOp::Gather | FastKvOp::CacheAttention { .. } => 1,
             FastKvOp::Attention { mode, .. } => 1 + (*mode == AttentionMode::Prefill) as usize,
         }
     }
@@ -134,6 +147,12 @@ impl FastKvOp {
                 attr("n_kv_heads", n(n_kv_heads)),
                 attr("head_dim", n(head_dim)),
                 attr("mode", mode as i64),
+                attr("sliding_window", n(sliding_window)),
+            ],
+            FastKvOp::CacheAttention { n_heads, n_kv_heads, head_dim, sliding_window } => vec![
+                attr("n_heads", n(n_heads)),
+                attr("n_kv_heads", n(n_kv_heads)),
+                attr("head_dim", n(head_dim)),
                 attr("sliding_window", n(sliding_window)),
             ],
         }

@@ -1,6 +1,6 @@
 //! `fastkv-build --target tensorrt`: an engine directory's network built into TensorRT plans. TensorRT's libraries
 //! are found first (no library, one error, nothing done); then the engine is exported as ONNX into a temporary
-//! folder, each plugin graph is built with the profile [`super::plan::profile`] plans, and the plans land in
+//! folder, its prefill graph and in-place decode graph are built with the profile [`super::plan::profile`] plans, and the plans land in
 //! `ENGINE/tensorrt/` with their record in engine.json. A failure leaves the engine as it was.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use crate::builder::PartialDir;
 use crate::cuda::gpu::{driver, Gpu};
 use crate::engine::{FileEntry, Manifest};
 use crate::error::{Error, Result};
-use crate::onnx::export::{self, Budgets, GRAPHS};
+use crate::onnx::export::{self, Budgets, CACHED_DECODE};
 use crate::onnx::Flavour;
 use crate::progress::Progress;
 
@@ -43,9 +43,10 @@ pub fn build_plans(engine_dir: &Path, opts: &PlanOptions, progress: &dyn Progres
     let (onnx_dir, plan_dir) = (tmp.0.join("onnx"), tmp.0.join(PLAN_DIR));
     std::fs::create_dir_all(&plan_dir).map_err(|e| Error::io(&plan_dir, e))?;
     export::export(engine_dir, &onnx_dir)?;
-    progress.begin("building TensorRT plans", GRAPHS.len() as u64, false);
+    let graphs = ["prefill", CACHED_DECODE];
+    progress.begin("building TensorRT plans", graphs.len() as u64, false);
     let mut plans = Vec::new();
-    for graph in GRAPHS {
+    for graph in graphs {
         progress.advance(0, graph);
         let onnx = onnx_dir.join(Flavour::Plugin.file_name(graph));
         let profile = plan::profile(&onnx, &budgets, &manifest.fastkv, opts.limits)?;

@@ -45,7 +45,7 @@ pub struct InputProfile {
 /// One plan file and the profile it was built with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanRecord {
-    /// `prefill` or `decode`.
+    /// `prefill` or `decode_cached`.
     pub graph: String,
     /// Relative to the engine directory (also listed, with its checksum, in engine.json's `files`).
     pub file: String,
@@ -96,9 +96,10 @@ pub fn version_string(code: i32) -> String {
 }
 
 /// The optimisation profile of the exported graph at `graph`: every input's extents, fixed ones as declared, the
-/// prompt length `L` over `[the export's minimum, max_input_len]` and each layer's cache length `N_l` over what
+/// prompt length `L` over `[the export's minimum, max_input_len]`, each layer's cache length `N_l` over what
 /// the policy keeps of the shortest prompt to what it keeps of the longest plus `max_output_len − 1` appended
-/// entries. The optimum is the maximum: long prompts are where the time goes.
+/// entries, and each layer's cache capacity `C_l` (decode_cached.onnx) one more than that. The optimum is the
+/// maximum: long prompts are where the time goes.
 pub fn profile(graph: &Path, budgets: &Budgets, policy: &Policy, limits: Limits) -> Result<Vec<InputProfile>> {
     let (min_len, max_len) = (budgets.min_prompt_len, limits.max_input_len);
     if !(min_len..=budgets.max_prompt_len).contains(&max_len) {
@@ -121,11 +122,16 @@ pub fn profile(graph: &Path, budgets: &Budgets, policy: &Policy, limits: Limits)
         if dim == "L" {
             return Ok((min_len, max_len));
         }
-        let layer = dim.strip_prefix("N_").and_then(|l| l.parse::<usize>().ok());
+        // N_l: entries before a decode step; C_l: room for the step's own entry too.
+        let (layer, room) = match (dim.strip_prefix("N_"), dim.strip_prefix("C_")) {
+            (Some(l), _) => (l.parse::<usize>().ok(), 0),
+            (_, Some(l)) => (l.parse::<usize>().ok(), 1),
+            _ => (None, 0),
+        };
         match layer {
             Some(l) => Ok((
-                budgets.cache_len(policy, l, min_len),
-                budgets.cache_len(policy, l, max_len) + limits.max_output_len - 1,
+                budgets.cache_len(policy, l, min_len) + room,
+                budgets.cache_len(policy, l, max_len) + limits.max_output_len - 1 + room,
             )),
             None => Err(Error::bad_file(graph, format!("input `{name}` has a dimension `{dim}` no profile covers"))),
         }
