@@ -55,8 +55,8 @@ impl FromStr for Device {
             "tensorrt" | "trt" => Err(Error::invalid(
                 "device",
                 format!(
-                    "`{s}`: TensorRT engines cannot be run yet; export the network with `fastkv-build --export-onnx` \
-                     and build it with TensorRT, or run on cuda:N"
+                    "`{s}`: TensorRT plans cannot be run yet (`fastkv-build --target tensorrt` builds them); \
+                     run on cuda:N"
                 ),
             )),
             _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu or cuda:N"))),

@@ -1,7 +1,8 @@
 //! `fastkv-build --target tensorrt`: an engine directory's network built into TensorRT plans. TensorRT's libraries
 //! are found first (no library, one error, nothing done); then the engine is exported as ONNX into a temporary
-//! folder, its prefill graph and in-place decode graph are built with the profile [`super::plan::profile`] plans, and the plans land in
-//! `ENGINE/tensorrt/` with their record in engine.json. A failure leaves the engine as it was.
+//! folder, its prefill graph and in-place decode graph are built with the profiles [`super::plan::profile`]
+//! plans, and the plans land in `ENGINE/tensorrt/` with their record in engine.json. A failure leaves the engine
+//! as it was.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,11 @@ pub fn available() -> Result<()> {
 pub fn build_plans(engine_dir: &Path, opts: &PlanOptions, progress: &dyn Progress) -> Result<TensorRtRecord> {
     let libs = library::locate()?;
     let mut manifest = Manifest::read(engine_dir)?;
-    let budgets = Budgets::new(&manifest.fastkv, &manifest.model)?;
+    // What the export cannot express, TensorRT cannot build: said of --target, the flag the user gave.
+    let budgets = Budgets::new(&manifest.fastkv, &manifest.model).map_err(|e| match e {
+        Error::InvalidArgument { msg, .. } => Error::invalid("target", msg),
+        other => other,
+    })?;
     let gpu = Gpu::new(opts.device)?; // its primary context is current: TensorRT builds on it
     let (major, minor) = gpu.ctx.compute_capability().map_err(driver("cuDeviceGetAttribute"))?;
     let version = plan::version_string(ffi::library_version(utf8(&libs.nvinfer)?).map_err(build_error)?);
