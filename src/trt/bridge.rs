@@ -5,7 +5,8 @@
 //!
 //! Nothing links against TensorRT: the library is `dlopen`ed, so a build needs only the headers, and a machine
 //! without TensorRT gets an error instead of a loader failure. The lean runtime (`libnvinfer_lean.so.11`, which
-//! `scripts/install-trt-lean.sh` installs) is enough for everything here, with or without a GPU.
+//! `scripts/install-trt-lean.sh` installs) is enough for the plugin registry, with or without a GPU; building
+//! plans needs the full `libnvinfer` and `libnvonnxparser` (found by [`super::library`]) and a GPU.
 
 use std::path::Path;
 
