@@ -108,7 +108,6 @@ void build_plan(PlanRequest const& request) {
   }
   std::unique_ptr<IBuilderConfig> config(builder->createBuilderConfig());
   if (!config) fail("createBuilderConfig failed");
-  if (request.workspace_bytes > 0) config->setMemoryPoolLimit(MemoryPoolType::kWORKSPACE, request.workspace_bytes);
   IOptimizationProfile* profile = builder->createOptimizationProfile();  // owned by the builder
   for (ProfileInput const& in : request.profile) {
     std::string const name = str(in.name);

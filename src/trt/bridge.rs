@@ -59,8 +59,6 @@ pub(super) mod ffi {
         plugins: String,
         onnx: String,
         profile: Vec<ProfileInput>,
-        /// TensorRT's workspace pool limit; 0 leaves TensorRT's default.
-        workspace_bytes: usize,
         output: String,
     }
 

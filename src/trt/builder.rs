@@ -56,7 +56,7 @@ pub fn build_plans(engine_dir: &Path, opts: &PlanOptions, progress: &dyn Progres
         let onnx = onnx_dir.join(Flavour::Plugin.file_name(graph));
         let profile = plan::profile(&onnx, &budgets, &manifest.fastkv, opts.limits)?;
         let file = format!("{PLAN_DIR}/{graph}.plan");
-        build_one(&libs, &onnx, &profile, opts.workspace_bytes, &tmp.0.join(&file))?;
+        build_one(&libs, &onnx, &profile, &tmp.0.join(&file))?;
         plans.push(PlanRecord { graph: graph.into(), file, profile });
         progress.advance(1, graph);
     }
@@ -79,13 +79,7 @@ pub fn build_plans(engine_dir: &Path, opts: &PlanOptions, progress: &dyn Progres
     Ok(record)
 }
 
-fn build_one(
-    libs: &Libraries,
-    onnx: &Path,
-    profile: &[InputProfile],
-    workspace_bytes: usize,
-    out: &Path,
-) -> Result<()> {
+fn build_one(libs: &Libraries, onnx: &Path, profile: &[InputProfile], out: &Path) -> Result<()> {
     let request = ffi::PlanRequest {
         nvinfer: utf8(&libs.nvinfer)?.into(),
         onnx_parser: utf8(&libs.onnx_parser)?.into(),
@@ -100,7 +94,6 @@ fn build_one(
                 max: p.max.clone(),
             })
             .collect(),
-        workspace_bytes,
         output: utf8(out)?.into(),
     };
     ffi::build_plan(&request).map_err(build_error)

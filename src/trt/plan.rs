@@ -29,8 +29,6 @@ pub struct PlanOptions {
     pub limits: Limits,
     /// The GPU that builds (TensorRT tunes its kernels on it; the plans run on GPUs of its compute capability).
     pub device: usize,
-    /// TensorRT's workspace limit in bytes (0: TensorRT's default, the GPU's memory).
-    pub workspace_bytes: usize,
 }
 
 /// One network input's extents at the profile's min, opt and max.

@@ -171,7 +171,6 @@ fn main() -> ExitCode {
         let opts = PlanOptions {
             limits: Limits { max_input_len: args.max_input_len, max_output_len: args.max_output_len },
             device: args.gpu,
-            workspace_bytes: 0,
         };
         let progress: &dyn Progress = if args.quiet { &Silent } else { &Bars::new() };
         match fastkv::trt::builder::build_plans(&engine, &opts, progress) {
