@@ -61,7 +61,7 @@ struct Args {
     #[arg(long)]
     export_onnx: Option<PathBuf>,
     /// What to build: `engine`, the engine directory; `tensorrt`, the engine directory and then its
-    /// TensorRT plans in ENGINE/tensorrt/ (prefill.plan, decode.plan, recorded in engine.json): the
+    /// TensorRT plans in ENGINE/tensorrt/ (prefill.plan and decode_cached.plan, recorded in engine.json): the
     /// network is exported as ONNX and built by TensorRT 10/11's builder on --gpu. Needs libnvinfer and
     /// libnvonnxparser, looked for in $TENSORRT_ROOT/lib, $LD_LIBRARY_PATH, a Python environment's
     /// tensorrt_libs and the system's library folders, before anything is built.
