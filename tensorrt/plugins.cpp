@@ -40,6 +40,22 @@ std::string str(Dims const& d) {
 
 size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// GQA: every KV head serves the same number of query heads. Empty when fine.
+std::string group_error(int32_t n_heads, int32_t n_kv_heads) {
+  if (n_heads % n_kv_heads == 0) return "";
+  return "n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" + std::to_string(n_kv_heads) +
+         ")";
+}
+
+// What the attention kernels take: GQA groups, a head_dim they support and, to decode, groups of at most 8.
+std::string attention_error(int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, bool decode) {
+  if (std::string e = group_error(n_heads, n_kv_heads); !e.empty()) return e;
+  if (!attention_head_dim_supported(head_dim))
+    return "head_dim " + std::to_string(head_dim) + " is not supported by the attention kernels";
+  if (decode && n_heads / n_kv_heads > 8) return "decode needs n_heads / n_kv_heads <= 8";
+  return "";
+}
+
 template <typename T>
 IPluginV3* copy_of(T const* p) noexcept {
   try {
@@ -105,9 +121,7 @@ class WindowScores final : public CheckedPlugin {
     return s;
   }
   static std::string check(std::vector<int32_t> const& v) {
-    if (v[kHeads] % v[kKvHeads])
-      return "n_heads (" + std::to_string(v[kHeads]) + ") must be a multiple of n_kv_heads (" +
-             std::to_string(v[kKvHeads]) + ")";
+    if (std::string e = group_error(v[kHeads], v[kKvHeads]); !e.empty()) return e;
     if (v[kHeadDim] % 8) return "head_dim must be a multiple of 8";
     if (v[kKernel] % 2 == 0) return "kernel must be odd";
     return "";
@@ -338,13 +352,7 @@ class Attention final : public CheckedPlugin {
     return s;
   }
   static std::string check(std::vector<int32_t> const& v) {
-    if (v[kHeads] % v[kKvHeads])
-      return "n_heads (" + std::to_string(v[kHeads]) + ") must be a multiple of n_kv_heads (" +
-             std::to_string(v[kKvHeads]) + ")";
-    if (!attention_head_dim_supported(v[kHeadDim]))
-      return "head_dim " + std::to_string(v[kHeadDim]) + " is not supported by the attention kernels";
-    if (v[kMode] == 1 && v[kHeads] / v[kKvHeads] > 8) return "decode needs n_heads / n_kv_heads <= 8";
-    return "";
+    return attention_error(v[kHeads], v[kKvHeads], v[kHeadDim], v[kMode] == 1);
   }
   explicit Attention(std::vector<int32_t> v) : CheckedPlugin(schema(), std::move(v)) {}
   IPluginV3* clone() noexcept override { return copy_of(this); }
@@ -442,13 +450,7 @@ class CacheAttention final : public CheckedPlugin {
     return s;
   }
   static std::string check(std::vector<int32_t> const& v) {
-    if (v[kHeads] % v[kKvHeads])
-      return "n_heads (" + std::to_string(v[kHeads]) + ") must be a multiple of n_kv_heads (" +
-             std::to_string(v[kKvHeads]) + ")";
-    if (!attention_head_dim_supported(v[kHeadDim]))
-      return "head_dim " + std::to_string(v[kHeadDim]) + " is not supported by the attention kernels";
-    if (v[kHeads] / v[kKvHeads] > 8) return "decode needs n_heads / n_kv_heads <= 8";
-    return "";
+    return attention_error(v[kHeads], v[kKvHeads], v[kHeadDim], true);
   }
   explicit CacheAttention(std::vector<int32_t> v) : CheckedPlugin(schema(), std::move(v)) {}
   IPluginV3* clone() noexcept override { return copy_of(this); }

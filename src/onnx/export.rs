@@ -356,14 +356,21 @@ impl Exporter<'_> {
         g.output(&logits, "logits", FLOAT, &[Dim::Fixed(self.spec.vocab_size)]);
     }
 
+    /// The inputs both decode graphs start from, `input_id` [1] and `position` [1]: the token's embedding
+    /// row, the position and its RoPE tables.
+    fn one_token(&self, g: &mut Graph) -> (String, String, RopeTables) {
+        let id = g.input("input_id", INT64, &[Dim::Fixed(1)]);
+        let position = g.input("position", INT64, &[Dim::Fixed(1)]);
+        let x = g.op("Gather", &["embed", &id], vec![attr("axis", 0)]);
+        let rope = self.rope(g, &position);
+        (x, position, rope)
+    }
+
     /// input_id [1], position [1], per layer past_k_l, past_v_l [Hk, N_l, D], past_pos_l [Hk, N_l]
     /// → logits [V], present_k_l, present_v_l, present_pos_l (one entry appended).
     fn decode(&self, g: &mut Graph) {
         let (_, n_kv_heads, head_dim) = self.heads();
-        let id = g.input("input_id", INT64, &[Dim::Fixed(1)]);
-        let position = g.input("position", INT64, &[Dim::Fixed(1)]);
-        let mut x = g.op("Gather", &["embed", &id], vec![attr("axis", 0)]);
-        let rope = self.rope(g, &position);
+        let (mut x, position, rope) = self.one_token(g);
         for l in 0..self.spec.num_layers {
             let (past, present) = (Dim::Named(format!("N_{l}")), Dim::Named(format!("N_{l}_plus_1")));
             let kv = |n: &Dim| [Dim::Fixed(n_kv_heads), n.clone(), Dim::Fixed(head_dim)];
@@ -397,10 +404,7 @@ impl Exporter<'_> {
     /// cache_len_l [1] int32 → logits [V]; each layer's step appends to its cache in place.
     fn decode_cached(&self, g: &mut Graph) {
         let (n_heads, n_kv_heads, head_dim) = self.heads();
-        let id = g.input("input_id", INT64, &[Dim::Fixed(1)]);
-        let position = g.input("position", INT64, &[Dim::Fixed(1)]);
-        let mut x = g.op("Gather", &["embed", &id], vec![attr("axis", 0)]);
-        let rope = self.rope(g, &position);
+        let (mut x, position, rope) = self.one_token(g);
         let step = FastKvOp::CacheAttention {
             n_heads,
             n_kv_heads,
