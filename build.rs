@@ -103,6 +103,7 @@ fn build_tensorrt(cuda_home: &Path, trt_headers: &Path, out: &Path, kernels: &Pa
     bridge
         .file("tensorrt/bridge.cpp")
         .file("tensorrt/builder.cpp")
+        .file("tensorrt/runtime.cpp")
         .flag("-std=c++17")
         .flag("-Wno-deprecated-declarations");
     for dir in &includes {

@@ -60,7 +60,7 @@ def build(out, staged):
         steps[name] = {"ok": rc == 0, "verdict": verdict, "rc": rc, "seconds": int(seconds), "limit_s": int(limit)}
         if rc != 0:
             steps[name]["reason"] = reason(log)
-    tests = {name: verdicts(out, name) for name in ("kernel-tests", "backend-tests", "engine-tests")}
+    tests = {name: verdicts(out, name) for name in ("kernel-tests", "backend-tests", "engine-tests", "tensorrt")}
     bundle = read_json(staged / "bundle.json")
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else None
     report = {
@@ -83,8 +83,8 @@ def expect_no_device(out):
     bundle = report["bundle"]
     if not bundle.get("fits") or not bundle.get("total_bytes"):
         problems.append(f"the bundle's size check did not run or failed: {bundle}")
-    if set(report["steps"]) != {"kernel-tests", "backend-tests", "engine-tests", "kernel-bench", "engine-bench",
-                                "hf-transformers"}:
+    if set(report["steps"]) != {"kernel-tests", "backend-tests", "engine-tests", "tensorrt", "kernel-bench",
+                                "engine-bench", "hf-transformers"}:
         problems.append(f"steps run: {sorted(report['steps'])}")
     for name, s in report["steps"].items():
         if s["ok"] or NO_DEVICE not in s.get("reason", ""):

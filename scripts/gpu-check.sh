@@ -12,7 +12,8 @@
 # Phase 1 (≤ 90 s) runs every correctness test — the kernels (tests/cuda.rs), every backend against the CPU one on
 # the same engines (tests/backends.rs: the CUDA engine and the batched decode, on the four HF fixtures and SmolLM2's
 # shape at 2K) and what only the CUDA engine has (tests/cuda_engine.rs: graphs vs eager, concurrent streams, clear
-# errors) — and writes OUTDIR/gpu-check.json. Phase 2 runs the benchmarks — kernels, the
+# errors) — and writes OUTDIR/gpu-check.json; then TensorRT where it is installed (tests/backends.rs's TensorRT
+# candidate: plans built and run against the CPU; one "skipped" line without libnvinfer). Phase 2 runs the benchmarks — kernels, the
 # engine on Llama-3.1-8B's shape (TTFT full vs FastKV at 32K, then 128K; decode vs the bandwidth bound; graphs vs
 # eager) and HF transformers (SDPA, bf16) at 32K beside it — and rewrites the JSON as each result arrives, so a
 # timeout or crash there loses nothing measured before. FASTKV_REQUIRE_GPU=1 makes every "no CUDA device" (driver,
@@ -119,14 +120,17 @@ step() { # NAME SECONDS COMMAND...: runs it under a time limit, logs it, records
   report >/dev/null
 }
 # Test executables list their tests first, so a crash shows which tests never ran.
-for t in kernel-tests:cuda-tests backend-tests:backend-tests engine-tests:cuda-engine-tests; do
+for t in kernel-tests:cuda-tests backend-tests:backend-tests engine-tests:cuda-engine-tests tensorrt:backend-tests; do
   "$bin/${t#*:}" --list --format terse >"$out/logs/${t%%:*}.list" 2>/dev/null
 done
 
 # Phase 1: correctness (≤ 90 s).
 step kernel-tests 30 "$bin/cuda-tests" --test-threads 1 --show-output
-step backend-tests 35 "$bin/backend-tests" --test-threads 1 --show-output
+FASTKV_BACKENDS="cpu batched decode,cuda:0" step backend-tests 35 "$bin/backend-tests" --test-threads 1 --show-output
 step engine-tests 25 "$bin/cuda-engine-tests" --test-threads 1 --show-output
+# TensorRT (where its libraries are installed; one "skipped" line where not): plans built for the fixtures and
+# SmolLM2's shape, run on tensorrt:0 against the CPU like every backend.
+FASTKV_BACKENDS=tensorrt:0 step tensorrt 90 "$bin/backend-tests" --test-threads 1 --show-output
 # Phase 2: benchmarks, each result in the JSON as soon as it exists.
 step kernel-bench 25 "$bin/kernels-bench"
 step engine-bench 120 "$bin/engine-bench" --preset llama-3.1-8b --lengths 32768,131072 --decode-steps 64 \

@@ -6,15 +6,17 @@
 //! model cannot be made (as candle does), so nothing here depends on the build's features.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 use crate::cpu;
 use crate::cuda;
+use crate::engine::Manifest;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::prefill::{self, Prefill};
-use crate::spec::ModelSpec;
 use crate::tensors::TensorFile;
+use crate::trt::runner as trt;
 
 /// Where an engine runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub enum Device {
     Cpu,
     /// NVIDIA GPU `N` through the CUDA kernels of plugin/ and cuBLAS (feature `cuda`).
     Cuda(usize),
+    /// NVIDIA GPU `N` running the engine's TensorRT plans (`fastkv-build --target tensorrt`; feature `tensorrt`).
+    TensorRt(usize),
 }
 
 impl fmt::Display for Device {
@@ -31,6 +35,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::TensorRt(n) => write!(f, "tensorrt:{n}"),
         }
     }
 }
@@ -38,7 +43,7 @@ impl fmt::Display for Device {
 impl FromStr for Device {
     type Err = Error;
 
-    /// `cpu`, `cuda` or `cuda:N` (N defaults to 0).
+    /// `cpu`, `cuda[:N]` or `tensorrt[:N]` (`trt` for short; N defaults to 0).
     fn from_str(s: &str) -> Result<Self> {
         let (kind, index) = match s.trim().split_once(':') {
             Some((kind, n)) => (kind, Some(n)),
@@ -52,14 +57,8 @@ impl FromStr for Device {
         match kind.to_ascii_lowercase().as_str() {
             "cpu" if index.is_none() => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(ordinal()?)),
-            "tensorrt" | "trt" => Err(Error::invalid(
-                "device",
-                format!(
-                    "`{s}`: TensorRT plans cannot be run yet (`fastkv-build --target tensorrt` builds them); \
-                     run on cuda:N"
-                ),
-            )),
-            _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu or cuda:N"))),
+            "tensorrt" | "trt" => Ok(Device::TensorRt(ordinal()?)),
+            _ => Err(Error::invalid("device", format!("`{s}` is not a device: use cpu, cuda:N or tensorrt:N"))),
         }
     }
 }
@@ -69,20 +68,26 @@ impl FromStr for Device {
 pub enum Backend {
     Cpu(cpu::Model),
     Cuda(cuda::Model),
+    TensorRt(trt::Model),
 }
 
 /// One request's KV cache on the backend that prefilled it.
 pub enum KvCache {
     Cpu(cpu::KvCache),
     Cuda(cuda::KvCache),
+    /// Boxed: a TensorRT cache carries its decode context, stream and buffers.
+    TensorRt(Box<trt::KvCache>),
 }
 
 impl Backend {
-    /// Loads the engine's weights (`file`, checked against `spec`) on `device`.
-    pub fn load(spec: &ModelSpec, file: &TensorFile, device: Device) -> Result<Self> {
+    /// Loads the engine in `dir` on `device`: its weights (`file`, checked against the manifest's spec), or for
+    /// TensorRT the plans its manifest records.
+    pub fn load(dir: &Path, manifest: &Manifest, file: &TensorFile, device: Device) -> Result<Self> {
+        let spec = &manifest.model;
         match device {
             Device::Cpu => Ok(Backend::Cpu(cpu::Model::load(spec, file)?)),
             Device::Cuda(n) => Ok(Backend::Cuda(cuda::Model::load(spec, file, n)?)),
+            Device::TensorRt(n) => Ok(Backend::TensorRt(trt::Model::load(dir, manifest, n)?)),
         }
     }
 
@@ -90,7 +95,7 @@ impl Backend {
     pub fn probe(device: Device) -> Result<()> {
         match device {
             Device::Cpu => Ok(()),
-            Device::Cuda(n) => cuda::Model::probe(n),
+            Device::Cuda(n) | Device::TensorRt(n) => cuda::Model::probe(n),
         }
     }
 
@@ -98,6 +103,7 @@ impl Backend {
         match self {
             Backend::Cpu(_) => Device::Cpu,
             Backend::Cuda(m) => Device::Cuda(m.ordinal()),
+            Backend::TensorRt(m) => Device::TensorRt(m.ordinal()),
         }
     }
 
@@ -106,6 +112,7 @@ impl Backend {
         match self {
             Backend::Cpu(m) => prefill::check_policy(m.spec(), policy, prompt_len, "cpu", true),
             Backend::Cuda(m) => prefill::check_policy(m.spec(), policy, prompt_len, "cuda", false),
+            Backend::TensorRt(m) => m.check(policy, prompt_len),
         }
     }
 
@@ -115,6 +122,7 @@ impl Backend {
         match self {
             Backend::Cpu(_) => cpu::available_memory(),
             Backend::Cuda(m) => m.free_memory(),
+            Backend::TensorRt(m) => m.free_memory(),
         }
     }
 
@@ -122,7 +130,7 @@ impl Backend {
     pub fn kv_element_bytes(&self) -> usize {
         match self {
             Backend::Cpu(m) => m.kv_element_bytes(),
-            Backend::Cuda(_) => 2,
+            Backend::Cuda(_) | Backend::TensorRt(_) => 2,
         }
     }
 
@@ -174,6 +182,11 @@ impl Backend {
                 .into_iter()
                 .map(|p| p.map_cache(KvCache::Cuda))
                 .collect(),
+            Backend::TensorRt(m) => m
+                .prefill_pausing(tokens, policies, max_new_tokens, pause)?
+                .into_iter()
+                .map(|p| p.map_cache(|c| KvCache::TensorRt(Box::new(c))))
+                .collect(),
         })
     }
 
@@ -183,6 +196,7 @@ impl Backend {
         match self {
             Backend::Cpu(m) => prefill::tsp_selections(m, tokens, policies),
             Backend::Cuda(m) => m.tsp_selections(tokens, policies),
+            Backend::TensorRt(m) => m.tsp_selections(tokens, policies),
         }
     }
 
@@ -218,6 +232,16 @@ impl Backend {
                 }
                 m.decode_batch(&tokens, &positions, &mut caches)
             }
+            Backend::TensorRt(m) => {
+                let mut caches = Vec::with_capacity(steps.len());
+                for s in steps.iter_mut() {
+                    match &mut *s.cache {
+                        KvCache::TensorRt(c) => caches.push(&mut **c),
+                        _ => return Err(foreign()),
+                    }
+                }
+                m.decode_batch(&tokens, &positions, &mut caches)
+            }
         }
     }
 }
@@ -235,6 +259,7 @@ impl KvCache {
         match self {
             KvCache::Cpu(c) => c.bytes(),
             KvCache::Cuda(c) => c.bytes(),
+            KvCache::TensorRt(c) => c.bytes(),
         }
     }
 
@@ -242,6 +267,7 @@ impl KvCache {
         match self {
             KvCache::Cpu(c) => c.layers.len(),
             KvCache::Cuda(c) => c.num_layers(),
+            KvCache::TensorRt(c) => c.num_layers(),
         }
     }
 
@@ -253,6 +279,7 @@ impl KvCache {
                 Ok((0..lc.n_heads()).map(|h| lc.positions(h).to_vec()).collect())
             }
             KvCache::Cuda(c) => c.positions(layer),
+            KvCache::TensorRt(c) => c.positions(layer),
         }
     }
 }

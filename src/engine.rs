@@ -244,7 +244,7 @@ impl Engine {
             None => TensorFile::open(&dir.join(WEIGHTS))?,
         };
         let text = TextCodec::load(&dir.join(TOKENIZER), &manifest.tokenizer)?;
-        let backend = Backend::load(&manifest.model, &weights, device)?;
+        let backend = Backend::load(dir, &manifest, &weights, device)?;
         Ok(Engine { dir: dir.into(), manifest, backend, text })
     }
 

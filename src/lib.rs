@@ -18,7 +18,7 @@
 //!   uses and every accelerator kernel is tested against.
 //! - **Where TSP is decided**: [`prefill`], the backend-neutral driver — per layer and policy, what is
 //!   cached and which rows propagate — over the operations each backend provides ([`prefill::Ops`]).
-//! - **Where a backend plugs in**: [`backend`] — a [`Device`] (`cpu`, `cuda:N`), its
+//! - **Where a backend plugs in**: [`backend`] — a [`Device`] (`cpu`, `cuda:N`, `tensorrt:N`), its
 //!   [`backend::Backend`] (the model on it) and [`backend::KvCache`]; the only module naming backends.
 //! - **Where the KV cache lives**: in each backend — [`cpu::kv_cache`] (host, per cache head) and
 //!   `cuda::KvCache` (device, `[Hk, capacity, D]` per layer, decode replayed as a CUDA graph).

@@ -17,8 +17,6 @@ namespace {
 
 using ErrorFn = char const* (*)();
 
-std::string str(rust::Str s) { return std::string(s.data(), s.size()); }
-
 std::string dl_error() {
   char const* e = dlerror();
   return e ? e : "unknown dlopen error";

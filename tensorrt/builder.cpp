@@ -1,10 +1,8 @@
-// See builder.h. Nothing here links against TensorRT: both libraries are opened with dlopen and stay loaded (TensorRT
-// keeps process-wide state), and their factory functions are looked up by name.
+// See builder.h. Both libraries are opened by path (loader.h); their factory functions are looked up by name.
 #include "fastkv/tensorrt/builder.h"
 
 #include <NvInfer.h>
 #include <NvOnnxParser.h>
-#include <dlfcn.h>
 
 #include <fstream>
 #include <memory>
@@ -14,53 +12,11 @@
 #include <vector>
 
 #include "fastkv/src/trt/bridge.rs.h"
+#include "fastkv/tensorrt/loader.h"
 
 namespace fastkv::trt {
 
 using namespace nvinfer1;
-
-namespace {
-
-std::string str(rust::Str s) { return std::string(s.data(), s.size()); }
-
-void* open_library(std::string const& path) {
-  // RTLD_GLOBAL: libnvonnxparser's dependency on libnvinfer.so.N resolves to the copy opened here by path.
-  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
-  if (!lib) {
-    char const* e = dlerror();
-    throw std::runtime_error("cannot open " + path + ": " + (e ? e : "unknown dlopen error"));
-  }
-  return lib;
-}
-
-template <typename F>
-F symbol(void* lib, char const* name, std::string const& path) {
-  auto f = reinterpret_cast<F>(dlsym(lib, name));
-  if (!f) throw std::runtime_error(path + " has no " + name + ": is it TensorRT 10 or 11?");
-  return f;
-}
-
-// Keeps TensorRT's errors for the exception message; warnings and below are not shown.
-class Logger final : public ILogger {
- public:
-  void log(Severity severity, AsciiChar const* msg) noexcept override {
-    if (severity <= Severity::kERROR) errors_ += (errors_.empty() ? "" : "; ") + std::string(msg);
-  }
-  std::string take() { return std::exchange(errors_, {}); }
-
- private:
-  std::string errors_;
-};
-
-Dims to_dims(rust::Vec<int64_t> const& v, std::string const& name) {
-  if (v.size() > static_cast<size_t>(Dims::MAX_DIMS)) throw std::invalid_argument(name + " has more than 8 dims");
-  Dims d{};
-  d.nbDims = static_cast<int32_t>(v.size());
-  for (size_t i = 0; i < v.size(); ++i) d.d[i] = v[i];
-  return d;
-}
-
-}  // namespace
 
 int32_t library_version(rust::Str nvinfer) {
   std::string const path = str(nvinfer);
@@ -70,20 +26,13 @@ int32_t library_version(rust::Str nvinfer) {
 void build_plan(PlanRequest const& request) {
   std::string const nvinfer = str(request.nvinfer), parser_lib = str(request.onnx_parser);
   void* infer = open_library(nvinfer);
-  int32_t const version = symbol<int32_t (*)()>(infer, "getInferLibVersion", nvinfer)();
-  if (version / 10000 != NV_TENSORRT_MAJOR)
-    throw std::runtime_error(nvinfer + " is TensorRT " + std::to_string(version / 10000) +
-                             ", this fastkv was compiled against TensorRT " + std::to_string(NV_TENSORRT_MAJOR) +
-                             " headers: rebuild fastkv with TENSORRT_ROOT set to that TensorRT's SDK");
+  checked_version(infer, nvinfer);
   auto create_builder = symbol<void* (*)(void*, int32_t)>(infer, "createInferBuilder_INTERNAL", nvinfer);
   auto create_parser =
       symbol<void* (*)(void*, void*, int)>(open_library(parser_lib), "createNvOnnxParser_INTERNAL", parser_lib);
 
   Logger logger;
-  auto fail = [&](std::string const& what) -> void {
-    std::string const why = logger.take();
-    throw std::runtime_error(what + (why.empty() ? "" : ": " + why));
-  };
+  auto fail = [&](std::string const& what) { logger.fail(what); };
   std::unique_ptr<IBuilder> builder(static_cast<IBuilder*>(create_builder(&logger, NV_TENSORRT_VERSION)));
   if (!builder) fail("createInferBuilder failed");
   std::string const plugins = str(request.plugins);

@@ -6,11 +6,14 @@
 //! by adding a candidate.
 //!
 //! Candidates: the CPU's **batched decode** (every case of a fixture decoded in one batch, as the
-//! batching engine does; exact: the same bits), and **CUDA** (feature `cuda`, on GPU 0; without a
-//! device it is skipped, or fails with `FASTKV_REQUIRE_GPU=1`) within bf16 tolerances: logits within
+//! batching engine does; exact: the same bits), **CUDA** (feature `cuda`, on GPU 0; without a device it is
+//! skipped, or fails with `FASTKV_REQUIRE_GPU=1`) and **TensorRT** (feature `tensorrt`: the engine's plans built on
+//! GPU 0 and run on `tensorrt:0`, for the cases they take — the engine's FastKV policy at the lengths the export
+//! supports; skipped in one line without TensorRT's libraries), within bf16 tolerances: logits within
 //! [`TOL`] of the largest logit, the greedy token the same wherever the CPU's top-2 margin exceeds
 //! twice that, kept KV positions sharing ≥ [`OVERLAP`] per layer on average and ≥ [`HEAD_FLOOR`] per
-//! head, TSP positions ≥ [`OVERLAP`]; lengths and positions always exactly.
+//! head, TSP positions ≥ [`OVERLAP`]; lengths and positions always exactly. `FASTKV_BACKENDS=cuda:0,…` (candidate
+//! names) runs only those candidates: scripts/gpu-check.sh gives TensorRT's plan builds their own step.
 
 mod common;
 #[cfg(feature = "cuda")]
@@ -32,6 +35,7 @@ const HEAD_FLOOR: f64 = 0.75;
 const STEPS: usize = 8;
 
 /// One prompt under one policy.
+#[derive(Clone)]
 struct Case {
     name: String,
     ids: Vec<u32>,
@@ -61,6 +65,10 @@ trait Candidate {
     fn open(&self, dir: &Path) -> Option<Engine>;
     /// Prefills every case and decodes `forced[i]` (token by token) after case i.
     fn run(&self, engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace>;
+    /// Whether it runs `case` at all (a TensorRT plan runs one policy over a range of lengths).
+    fn runs(&self, _engine: &Engine, _case: &Case) -> bool {
+        true
+    }
 }
 
 /// Each case prefilled alone, then all decoded together, one batched step per token.
@@ -126,11 +134,64 @@ impl Candidate for Cuda {
     }
 }
 
-fn candidates() -> Vec<Box<dyn Candidate>> {
+/// The TensorRT backend on GPU 0: the engine's plans built first, for the longest of the cases.
+#[cfg(feature = "tensorrt")]
+struct TensorRt {
+    max_input_len: usize,
+}
+
+#[cfg(feature = "tensorrt")]
+impl Candidate for TensorRt {
+    fn name(&self) -> &'static str {
+        "tensorrt:0"
+    }
+    fn tolerance(&self) -> Tolerance {
+        Tolerance::Bf16
+    }
+    fn open(&self, dir: &Path) -> Option<Engine> {
+        use fastkv::trt::{builder, plan::Limits, plan::PlanOptions};
+        // The GPU first: without one this run fails (FASTKV_REQUIRE_GPU=1) or skips, as the CUDA candidate does.
+        if let Err(fastkv::Error::NoDevice { reason, .. }) = fastkv::backend::Backend::probe(fastkv::Device::Cuda(0)) {
+            cuda_common::no_cuda_device(&reason);
+            return None;
+        }
+        if let Err(e) = builder::available() {
+            println!("skipped: tensorrt:0 ({e})");
+            return None;
+        }
+        let limits = Limits { max_input_len: self.max_input_len, max_output_len: STEPS + 1 };
+        let t0 = std::time::Instant::now();
+        match builder::build_plans(dir, &PlanOptions { limits, device: 0 }, &fastkv::progress::Silent) {
+            Ok(r) => {
+                println!("tensorrt:0: plans built in {:.1} s (TensorRT {})", t0.elapsed().as_secs_f64(), r.version)
+            }
+            // A policy the export cannot express (absolute budgets) has no plans to check.
+            Err(fastkv::Error::InvalidArgument { msg, .. }) => {
+                println!("skipped: tensorrt:0 on {}: {msg}", dir.display());
+                return None;
+            }
+            Err(e) => panic!("building TensorRT plans for {}: {e}", dir.display()),
+        }
+        Some(Engine::open_on(dir, fastkv::Device::TensorRt(0)).unwrap_or_else(|e| panic!("tensorrt:0: {e}")))
+    }
+    fn run(&self, engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace> {
+        alone(engine, cases, forced)
+    }
+    fn runs(&self, engine: &Engine, case: &Case) -> bool {
+        engine.backend().check(&case.policy, case.ids.len()).is_ok()
+    }
+}
+
+/// Every candidate, or those `FASTKV_BACKENDS` names; the longest of `cases` sizes TensorRT's plans.
+fn candidates(#[allow(unused_variables)] cases: &[Case]) -> Vec<Box<dyn Candidate>> {
     #[allow(unused_mut)]
     let mut all: Vec<Box<dyn Candidate>> = vec![Box::new(CpuBatched)];
     #[cfg(feature = "cuda")]
     all.push(Box::new(Cuda));
+    #[cfg(feature = "tensorrt")]
+    all.push(Box::new(TensorRt { max_input_len: cases.iter().map(|c| c.ids.len()).max().unwrap_or(1) }));
+    let wanted = std::env::var("FASTKV_BACKENDS").unwrap_or_default();
+    all.retain(|c| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == c.name()));
     all
 }
 
@@ -226,11 +287,16 @@ fn check_all(dir: &Path, what: &str, cases: &[Case]) {
     };
     let forced: Vec<Vec<u32>> = cases.iter().map(reference_greedy).collect();
     let reference = alone(&cpu, cases, &forced);
-    for candidate in candidates() {
+    for candidate in candidates(cases) {
         let Some(engine) = candidate.open(dir) else { continue };
         let tol = candidate.tolerance();
-        let traces = candidate.run(&engine, cases, &forced);
-        for ((case, want), got) in cases.iter().zip(&reference).zip(&traces) {
+        // The cases this candidate runs, with their references and forced tokens.
+        let picked: Vec<usize> = (0..cases.len()).filter(|&i| candidate.runs(&engine, &cases[i])).collect();
+        let mine: Vec<Case> = picked.iter().map(|&i| cases[i].clone()).collect();
+        let forced: Vec<Vec<u32>> = picked.iter().map(|&i| forced[i].clone()).collect();
+        let reference: Vec<&Trace> = picked.iter().map(|&i| &reference[i]).collect();
+        let traces = candidate.run(&engine, &mine, &forced);
+        for ((case, want), got) in mine.iter().zip(reference).zip(&traces) {
             let ctx = format!("{} on {what}, {}", candidate.name(), case.name);
             compare_selection(&ctx, tol, &want.prefill, &got.prefill);
             compare_logits(&format!("{ctx}, prefill"), tol, &want.prefill.logits, &got.prefill.logits);
@@ -238,7 +304,7 @@ fn check_all(dir: &Path, what: &str, cases: &[Case]) {
                 compare_logits(&format!("{ctx}, step {s}"), tol, a, b);
             }
         }
-        println!("{} on {what}: {} cases ok", candidate.name(), cases.len());
+        println!("{} on {what}: {} of {} cases ok", candidate.name(), mine.len(), cases.len());
     }
 }
 

@@ -13,12 +13,12 @@ use std::process::{Command, Output};
 
 use common::*;
 use fastkv::engine::Manifest;
-use fastkv::onnx::export::{export, Budgets, GRAPHS};
+use fastkv::onnx::export::{export, Budgets, CACHED_DECODE, GRAPHS};
 use fastkv::onnx::proto::{GraphProto, ModelProto, NodeProto, ATTR_INT};
 use fastkv::onnx::{Flavour, DOMAIN};
 use fastkv::select::Pool;
 use fastkv::tensors::DType;
-use fastkv::trt::plan::{profile, InputProfile, Limits};
+use fastkv::trt::plan::{bindings, profile, InputProfile, Limits};
 use fastkv::{Budget, Engine, Method, Policy, Prompt, Request};
 use prost::Message;
 use serde::Deserialize;
@@ -349,4 +349,30 @@ fn tensorrt_profiles_cover_every_input_with_the_cpu_engines_cache_lengths() {
     refused(Limits { max_input_len: min - 1, max_output_len: 16 }, "--max-input-len");
     refused(Limits { max_input_len: budgets.max_prompt_len + 1, max_output_len: 16 }, "--max-input-len");
     refused(Limits { max_input_len: max, max_output_len: 0 }, "--max-output-len");
+}
+
+/// What the TensorRT runner binds (`fastkv::trt::plan::bindings`) is exactly what the exported prefill and in-place
+/// decode graphs declare: every input and output, by name, direction and element type (a runner that bound a name
+/// the graph lacks, or a type it does not have, would fail only on a GPU with TensorRT).
+#[test]
+fn the_tensorrt_runner_binds_every_input_and_output_of_the_exported_graphs() {
+    let (_tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let (_out, dir) = exported(&engine);
+    let n = Manifest::read(&engine).unwrap().model.num_layers;
+    for graph in ["prefill", CACHED_DECODE] {
+        let g = read_model(&dir.join(Flavour::Plugin.file_name(graph))).graph.unwrap();
+        let declared = |values: &[fastkv::onnx::proto::ValueInfoProto], input: bool| {
+            values
+                .iter()
+                .map(|v| {
+                    let ty = v.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()).map_or(0, |t| t.elem_type);
+                    (v.name.clone(), input, ty)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut graph_io: HashSet<_> = declared(&g.input, true).into_iter().collect();
+        graph_io.extend(declared(&g.output, false));
+        let bound: HashSet<_> = bindings(graph, n).into_iter().map(|b| (b.name, b.input, b.element.onnx())).collect();
+        assert_eq!(bound, graph_io, "{graph}");
+    }
 }

@@ -235,7 +235,10 @@ fn bad_requests_get_clear_errors() {
     let missing = engine.with_file_name("nope");
     run_fails(&missing, &["--prompt", "hi"], "engine.json");
     run_fails(&engine, &["--prompt", "hi", "--device", "gpu"], "cuda:N");
-    run_fails(&engine, &["--prompt", "hi", "--device", "tensorrt:0"], "tensorrt");
+    // An engine without plans (or a build without the feature) says how to get them.
+    let e = run_fails(&engine, &["--prompt", "hi", "--device", "tensorrt:0"], "tensorrt");
+    assert!(e.contains("--target tensorrt") || e.contains("--features tensorrt"), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
 }
 
 #[test]

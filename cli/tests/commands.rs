@@ -177,13 +177,18 @@ fn fastkv_build_writes_a_random_weight_engine_of_a_preset() {
     assert_eq!(m.fastkv.tsp_layer, 15, "the preset's policy");
 }
 
+/// Whether the system's library folders (searched whatever the environment says) hold TensorRT.
+fn tensorrt_in_system_folders() -> bool {
+    let system = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/local/lib"];
+    let installed = |d: &&str| ["libnvinfer.so.10", "libnvinfer.so.11"].iter().any(|f| Path::new(d).join(f).exists());
+    system.iter().any(installed)
+}
+
 /// `fastkv-build --target tensorrt` where TensorRT is not installed fails in one line that names the library and
 /// the folders searched (or, in a build without the feature, the feature), before it builds anything.
 #[test]
 fn target_tensorrt_without_tensorrt_fails_in_one_line_before_building() {
-    let system = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/local/lib"];
-    let installed = |d: &&str| ["libnvinfer.so.10", "libnvinfer.so.11"].iter().any(|f| Path::new(d).join(f).exists());
-    if system.iter().any(installed) {
+    if tensorrt_in_system_folders() {
         return skipped("TensorRT is installed in the system's library folders");
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -205,4 +210,32 @@ fn target_tensorrt_without_tensorrt_fails_in_one_line_before_building() {
         stderr.contains("libnvinfer.so.11") && stderr.contains(&searched) && stderr.contains("TENSORRT_ROOT");
     assert!(not_found || stderr.contains("--features tensorrt"), "{stderr}");
     assert!(!output.exists(), "nothing is built when TensorRT is missing");
+}
+
+/// `fastkv run --device tensorrt:0` on an engine whose plans are recorded, where TensorRT is not installed, fails in
+/// one line that names the library, the folders searched and what to install (or, without the feature, the feature).
+#[test]
+fn running_plans_without_tensorrt_fails_in_one_line() {
+    if tensorrt_in_system_folders() {
+        return skipped("TensorRT is installed in the system's library folders");
+    }
+    let (tmp, engine) = build_engine(&fixture("llama"), DType::F32);
+    let manifest = engine.join("engine.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    json["tensorrt"] = serde_json::json!({
+        "version": "11.4.0", "compute_capability": "9.0",
+        "limits": { "max_input_len": 4096, "max_output_len": 64 }, "plans": []
+    });
+    std::fs::write(&manifest, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+        .env("TENSORRT_ROOT", tmp.path())
+        .env("LD_LIBRARY_PATH", "")
+        .env("PATH", "")
+        .args(["run", "--engine", engine.to_str().unwrap(), "--prompt", "hi", "--device", "tensorrt:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim_end().lines().count() == 1, "{stderr}");
+    let not_found = stderr.contains("libnvinfer.so.11") && stderr.contains("TENSORRT_ROOT");
+    assert!(not_found || stderr.contains("--features tensorrt"), "{stderr}");
 }

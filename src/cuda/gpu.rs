@@ -5,7 +5,9 @@
 use std::ffi::{c_int, CStr};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+};
 
 use super::ffi;
 use crate::error::{Error, Result};
@@ -88,6 +90,22 @@ impl Gpu {
     pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut impl DevicePtrMut<T>) -> Result<()> {
         expect_len("dst", dst.len(), host.len())?;
         self.stream.memcpy_htod(host, dst).map_err(driver("cuMemcpyHtoD"))
+    }
+
+    /// What `enqueue` puts on the stream, captured as a CUDA graph to replay; `None` (with a warning) where capture
+    /// fails, and the caller goes on launching eagerly.
+    pub(crate) fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Option<CudaGraph> {
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).ok()?;
+        let enqueued = enqueue();
+        let graph = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        match (enqueued, graph) {
+            (Ok(()), Ok(Some(g))) => Some(g),
+            (e, g) => {
+                eprintln!("fastkv: CUDA graph capture failed ({:?}, {:?}); launching eagerly", e.err(), g.err());
+                None
+            }
+        }
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -93,7 +93,8 @@ impl Model {
         dev.write(&[token, position], &mut st.step)?;
         let replay = st.graphs && st.steps >= 1;
         if replay && st.graph.is_none() {
-            st.graph = self.capture(&lane, layers, st);
+            let graph = lane.dev.capture(|| self.decode_step(&lane, layers, st));
+            st.graph = graph;
         }
         match &st.graph {
             Some(graph) if replay => graph.launch().map_err(driver("cuGraphLaunch"))?,
@@ -102,25 +103,6 @@ impl Model {
         layers.iter_mut().for_each(|l| l.len += 1);
         st.steps += 1;
         dev.download(&st.logits)
-    }
-
-    /// Captures one decode step as a graph; `None` (eager launches from then on) if capture fails.
-    fn capture(&self, lane: &Lane, layers: &mut [LayerCache], st: &mut DecodeState) -> Option<CudaGraph> {
-        let stream = &lane.dev.stream;
-        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ok()?;
-        let enqueued = self.decode_step(lane, layers, st);
-        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        match (enqueued, graph) {
-            (Ok(()), Ok(Some(g))) => Some(g),
-            (e, g) => {
-                eprintln!(
-                    "fastkv: CUDA graph capture failed ({:?}, {:?}); decoding with eager launches",
-                    e.err(),
-                    g.err()
-                );
-                None
-            }
-        }
     }
 
     /// Enqueues one decode step on the lane, reading token, position and cache lengths from the

@@ -1,7 +1,7 @@
 //! TensorRT from Rust (feature `tensorrt`): a cxx bridge (C++ in `tensorrt/bridge.cpp` and `tensorrt/builder.cpp`)
 //! that opens a TensorRT runtime library by path at run time, loads plugin libraries such as fastkv's own
 //! `libfastkv_trt_plugins.so` (tensorrt/) into its plugin registry, creates and inspects IPluginV3 plugins, and
-//! builds plans with TensorRT's builder and ONNX parser.
+//! builds plans with TensorRT's builder and ONNX parser, and runs them (`tensorrt/runtime.cpp`).
 //!
 //! Nothing links against TensorRT: the library is `dlopen`ed, so a build needs only the headers, and a machine
 //! without TensorRT gets an error instead of a loader failure. The lean runtime (`libnvinfer_lean.so.11`, which
@@ -60,6 +60,32 @@ pub(super) mod ffi {
         onnx: String,
         profile: Vec<ProfileInput>,
         output: String,
+    }
+
+    /// One input or output of a plan: its name, direction, `DataType` code and extents (-1 where dynamic).
+    struct IoTensor {
+        name: String,
+        input: bool,
+        ty: i32,
+        dims: Vec<i64>,
+    }
+
+    unsafe extern "C++" {
+        include!("fastkv/tensorrt/runtime.h");
+
+        type Runtime;
+        type Plan;
+        type Context;
+
+        fn open_runtime(nvinfer: &str, plugins: &str) -> Result<UniquePtr<Runtime>>;
+        fn version(self: &Runtime) -> i32;
+        fn deserialize(self: &Runtime, plan: &[u8]) -> Result<UniquePtr<Plan>>;
+        fn tensors(self: &Plan) -> Vec<IoTensor>;
+        fn context(self: &Plan) -> Result<UniquePtr<Context>>;
+        fn set_input_shape(self: Pin<&mut Context>, name: &str, dims: &[i64]) -> Result<()>;
+        fn shape(self: &Context, name: &str) -> Result<Vec<i64>>;
+        fn set_address(self: Pin<&mut Context>, name: &str, address: u64) -> Result<()>;
+        fn enqueue(self: Pin<&mut Context>, stream: u64) -> Result<()>;
     }
 
     unsafe extern "C++" {

@@ -1,6 +1,6 @@
-//! Finding TensorRT's builder: `libnvinfer.so.N` with `libnvonnxparser.so.N` beside it, N = 11 or 10. Nothing
-//! links against them (the bridge opens them by path), so a machine without TensorRT gets one error that names
-//! every folder searched and what to install, not a loader failure.
+//! Finding TensorRT, to build plans and to run them: `libnvinfer.so.N` with `libnvonnxparser.so.N` beside it,
+//! N = 11 or 10. Nothing links against them (the bridge opens them by path), so a machine without TensorRT gets one
+//! error that names every folder searched and what to install, not a loader failure.
 
 use std::path::{Path, PathBuf};
 
@@ -53,7 +53,7 @@ pub fn find(dirs: &[PathBuf]) -> Option<Libraries> {
     })
 }
 
-/// TensorRT's builder libraries on this machine, or the one-line error that says where fastkv looked.
+/// TensorRT's libraries on this machine, or the one-line error that says where fastkv looked.
 pub fn locate() -> Result<Libraries> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     find(&search_dirs(env, &[])).map_or_else(
@@ -70,7 +70,7 @@ fn not_found(dirs: &[PathBuf]) -> Error {
     Error::NoDevice {
         backend: "tensorrt",
         reason: format!(
-            "TensorRT's builder (libnvinfer.so.11 or .10 with libnvonnxparser.so of the same version beside it) was \
+            "TensorRT (libnvinfer.so.11 or .10 with libnvonnxparser.so of the same version beside it) was \
              not found in: {}; install TensorRT 10 or 11 (`pip install tensorrt`, or NVIDIA's tar file) and set \
              {ROOT_VAR} to its folder",
             searched.join(", ")

@@ -1,7 +1,8 @@
 //! TensorRT. [`plan`] (every build): the optimisation profiles of an engine's exported graphs and engine.json's
 //! record of its plans. With the feature `tensorrt`: the cxx bridge to TensorRT's libraries (opened by path at run
 //! time, so a build needs only headers) — the plugin registry with fastkv's plugins of tensorrt/, and the builder
-//! that turns an engine into plans ([`builder`]), once [`library`] has found libnvinfer and libnvonnxparser.
+//! that turns an engine into plans ([`builder`]), once [`library`] has found libnvinfer and libnvonnxparser, and the
+//! runner that runs them (`--device tensorrt:N`, [`runner`]; a stub that cannot be made without the feature).
 
 pub mod plan;
 
@@ -25,6 +26,11 @@ pub mod builder {
 }
 #[cfg(feature = "tensorrt")]
 pub mod library;
+#[cfg(feature = "tensorrt")]
+pub mod runner;
+#[cfg(not(feature = "tensorrt"))]
+#[path = "runner_stub.rs"]
+pub mod runner;
 
 #[cfg(feature = "tensorrt")]
 pub use bridge::{

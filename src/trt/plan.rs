@@ -88,6 +88,72 @@ impl TensorRtRecord {
     }
 }
 
+/// The element type of a plan's input or output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Element {
+    F32,
+    F16,
+    I32,
+    I64,
+}
+
+impl Element {
+    /// ONNX's `TensorProto.DataType` code.
+    pub fn onnx(self) -> i32 {
+        match self {
+            Element::F32 => 1,
+            Element::F16 => 10,
+            Element::I32 => 6,
+            Element::I64 => 7,
+        }
+    }
+
+    /// TensorRT's `nvinfer1::DataType` code.
+    pub fn tensorrt(self) -> i32 {
+        match self {
+            Element::F32 => 0,
+            Element::F16 => 1,
+            Element::I32 => 3,
+            Element::I64 => 8,
+        }
+    }
+}
+
+/// One input or output of a plan as the runner binds it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Binding {
+    pub name: String,
+    pub input: bool,
+    pub element: Element,
+}
+
+/// Every input and output the runner binds in the plan of `graph` (`prefill` or `decode_cached`) of a
+/// `num_layers`-layer model: the exported graph's own, which tests/onnx.rs checks.
+pub fn bindings(graph: &str, num_layers: usize) -> Vec<Binding> {
+    let b = |name: String, input, element| Binding { name, input, element };
+    let mut out = Vec::new();
+    if graph == "prefill" {
+        out.push(b("input_ids".into(), true, Element::I64));
+        for l in 0..num_layers {
+            out.push(b(format!("k_{l}"), false, Element::F32));
+            out.push(b(format!("v_{l}"), false, Element::F32));
+            out.push(b(format!("pos_{l}"), false, Element::I64));
+        }
+        out.push(b("tsp_positions".into(), false, Element::I64));
+    } else {
+        out.push(b("input_id".into(), true, Element::I64));
+        out.push(b("position".into(), true, Element::I64));
+        for l in 0..num_layers {
+            out.push(b(format!("k_cache_{l}"), true, Element::F16));
+            out.push(b(format!("v_cache_{l}"), true, Element::F16));
+            out.push(b(format!("cache_pos_{l}"), true, Element::I32));
+            out.push(b(format!("cache_len_{l}"), true, Element::I32));
+        }
+    }
+    out.push(b("logits".into(), false, Element::F32));
+    out
+}
+
 /// `getInferLibVersion`'s code (major·10000 + minor·100 + patch) as `major.minor.patch`.
 pub fn version_string(code: i32) -> String {
     format!("{}.{}.{}", code / 10000, code / 100 % 100, code % 100)

@@ -72,7 +72,7 @@ impl ModelState {
     }
 }
 
-/// The device the model configuration asks for: the `device` parameter (`cpu`, `cuda:N`), else the
+/// The device the model configuration asks for: the `device` parameter (`cpu`, `cuda:N`, `tensorrt:N`), else the
 /// first instance group's kind (`KIND_GPU` → `cuda:` its first GPU), else the CPU.
 fn device(config: &serde_json::Value) -> Result<Device, String> {
     if let Some(d) = config["parameters"]["device"]["string_value"].as_str().filter(|s| !s.is_empty()) {

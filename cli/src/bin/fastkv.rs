@@ -87,7 +87,8 @@ struct RunArgs {
 /// Where the engine runs.
 #[derive(Args)]
 struct DeviceArg {
-    /// Device to run on: cpu or cuda:N (NVIDIA GPU N; needs a build with the `cuda` feature).
+    /// Device to run on: cpu, cuda:N (NVIDIA GPU N; needs a build with the `cuda` feature) or tensorrt:N (the
+    /// engine's TensorRT plans on GPU N, built by `fastkv-build --target tensorrt`; feature `tensorrt`).
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
