@@ -1,13 +1,14 @@
 //! The CUDA engine's speed on a real model's shape: full KV vs FastKV TTFT, prefill FLOP rate, the
-//! selection's share of prefill, and decode tokens/s (CUDA graphs and eager) beside the bandwidth
-//! bound, all in one run on one GPU. Weights are random (`fastkv-build --random-weights`): speed
+//! selection's share of prefill, and decode tokens/s (CUDA graphs and eager; batches of 1, 4 and 16 requests)
+//! beside the bandwidth bound, all in one run on one GPU. Weights are random (`fastkv-build --random-weights`): speed
 //! depends on shapes only.
 //!
 //! `cargo bench --features cuda --bench cuda_engine -- [--preset llama-3.1-8b] [--lengths 32768,131072]
 //!  [--decode-steps 64] [--json FILE]`
 //!
 //! The JSON file is rewritten after each length, so a run stopped by a time limit keeps every length it
-//! finished; the profiled run (the selection's share) and graphs vs eager run at the first length only.
+//! finished; the profiled run (the selection's share), graphs vs eager and the batched decode run at the first
+//! length only.
 //!
 //! Peaks used for the ratios (H200 SXM): 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e.
 
@@ -16,7 +17,7 @@ use std::time::Instant;
 #[path = "../tests/common/cuda.rs"]
 mod cuda;
 
-use fastkv::backend::Backend;
+use fastkv::backend::{Backend, Step};
 use fastkv::tensors::DType;
 use fastkv::{Device, Engine, Error, Policy};
 use serde_json::json;
@@ -66,6 +67,23 @@ fn run(engine: &Engine, ids: &[u32], policy: &Policy, steps: usize) -> fastkv::R
         selection_s: p.selection_s,
         total_s: p.projections_s + p.attention_s + p.selection_s,
     })
+}
+
+/// Aggregate decode tokens/s of `batch` requests of `ids` under `policy` decoding together, `steps` batched steps.
+fn batched_decode(engine: &Engine, ids: &[u32], policy: &Policy, batch: usize, steps: usize) -> fastkv::Result<f64> {
+    let b = engine.backend();
+    let mut pres = (0..batch).map(|_| b.prefill(ids, policy, steps)).collect::<fastkv::Result<Vec<_>>>()?;
+    let mut tokens: Vec<u32> = pres.iter().map(|p| fastkv::sampling::argmax(&p.logits)).collect();
+    let t = Instant::now();
+    for step in 0..steps {
+        let mut batch_steps: Vec<Step> = pres
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(p, &token)| Step { token, position: p.next_position + step as u32, cache: &mut p.cache })
+            .collect();
+        tokens = b.decode_batch(&mut batch_steps)?.iter().map(|l| fastkv::sampling::argmax(l)).collect();
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
 }
 
 fn main() {
@@ -121,6 +139,13 @@ fn main() {
             row["fastkv"]["selection_share_of_prefill"] = json!(profiled.selection_s / profiled.total_s);
             row["decode_8k_graphs_tok_s"] = json!(graphs.decode_tok_s);
             row["decode_8k_eager_tok_s"] = json!(eager.decode_tok_s);
+            // Batched decode (one step for every request; batch 1 is the single-request path), FastKV at 4K.
+            let short = &ids[..ids.len().min(4096)];
+            let per_batch: serde_json::Map<String, serde_json::Value> = [1, 4, 16]
+                .iter()
+                .map(|&n| (n.to_string(), json!(batched_decode(&engine, short, &fastkv, n, steps).expect("batched"))))
+                .collect();
+            row["decode_4k_batch_tok_s"] = json!(per_batch);
         }
         println!("{row}");
         report["rows"].as_array_mut().expect("rows is an array").push(row);

@@ -254,15 +254,17 @@ template <typename T, int E> __device__ __forceinline__ void load_f32(const T* p
   for (int e = 0; e < E; ++e) out[e] = to_f32(w.x[e]);
 }
 
+// Block (g, split) of `splits` of one request's step (the single and the batched kernels below).
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(DEC_WARPS * 32)
-    decode_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                 const uint32_t* __restrict__ cache_pos, const uint32_t* __restrict__ len, int capacity,
-                 const uint32_t* __restrict__ q_pos, int window, float* __restrict__ part_ml,
-                 float* __restrict__ part_o) {
+__device__ __forceinline__ void decode_split_body(const T* __restrict__ q, const T* __restrict__ k,
+                                                  const T* __restrict__ v, const uint32_t* __restrict__ cache_pos,
+                                                  const uint32_t* __restrict__ len, int capacity,
+                                                  const uint32_t* __restrict__ q_pos, int window,
+                                                  float* __restrict__ part_ml, float* __restrict__ part_o, int g,
+                                                  int split, int splits) {
   using L = DecodeLanes<D>;
   constexpr int E = L::E, STREAMS = DEC_WARPS * L::KPW;
-  const int g = blockIdx.x, split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n = min(*len, static_cast<uint32_t>(capacity));
   const int begin = split * DEC_CHUNK, end = min(n, begin + DEC_CHUNK);
   if (begin >= end) return;
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
         sum += sm_ml[w][h][1] * a, o += sm_o[w][h][d] * a;
       }
     }
-    const int64_t slot = static_cast<int64_t>(g * G + h) * gridDim.y + split;
+    const int64_t slot = static_cast<int64_t>(g * G + h) * splits + split;
     part_o[slot * D + d] = o;
     if (d == 0) part_ml[slot * 2] = mx, part_ml[slot * 2 + 1] = sum;
   }
@@ -334,9 +336,10 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
 // out[h, d] = Σ_split exp2(m_s − M) o_s[d] / Σ_split exp2(m_s − M) l_s over the splits below `*len`;
 // one block of D threads per query head. Nothing visible (len 0, or all out of the window): zeros.
 template <typename T, int D>
-__global__ void decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_o, int splits,
-                               const uint32_t* __restrict__ len, int capacity, T* __restrict__ out) {
-  const int h = blockIdx.x, d = threadIdx.x;
+__device__ __forceinline__ void decode_combine_body(const float* __restrict__ part_ml, const float* __restrict__ part_o,
+                                                    int splits, const uint32_t* __restrict__ len, int capacity,
+                                                    T* __restrict__ out, int h) {
+  const int d = threadIdx.x;
   const int used = ceil_div(min(*len, static_cast<uint32_t>(capacity)), DEC_CHUNK);
   const float* ml = part_ml + static_cast<int64_t>(h) * splits * 2;
   float mx = -INFINITY;
@@ -348,6 +351,50 @@ __global__ void decode_combine(const float* __restrict__ part_ml, const float* _
     sum += ml[s * 2 + 1] * a, o += part_o[(static_cast<int64_t>(h) * splits + s) * D + d] * a;
   }
   out[h * D + d] = from_f32<T>(sum > 0.f ? o / sum : 0.f);
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(DEC_WARPS * 32)
+    decode_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                 const uint32_t* __restrict__ cache_pos, const uint32_t* __restrict__ len, int capacity,
+                 const uint32_t* __restrict__ q_pos, int window, float* __restrict__ part_ml,
+                 float* __restrict__ part_o) {
+  decode_split_body<T, D, G>(q, k, v, cache_pos, len, capacity, q_pos, window, part_ml, part_o, blockIdx.x,
+                             blockIdx.y, gridDim.y);
+}
+
+template <typename T, int D>
+__global__ void decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_o, int splits,
+                               const uint32_t* __restrict__ len, int capacity, T* __restrict__ out) {
+  decode_combine_body<T, D>(part_ml, part_o, splits, len, capacity, out, blockIdx.x);
+}
+
+// The batched step: grid z (split) and y (combine) index the request; request b's partials start at
+// b·H·splits slots of each half of the workspace.
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(DEC_WARPS * 32)
+    decode_split_batch(const T* __restrict__ q, int64_t q_row, const FastkvCacheRef* __restrict__ caches,
+                       const uint32_t* __restrict__ q_pos, int window, float* __restrict__ part_ml,
+                       float* __restrict__ part_o, int n_heads) {
+  const int b = blockIdx.z;
+  const FastkvCacheRef c = caches[b];
+  if (c.capacity <= 0) return;
+  const int64_t slots = static_cast<int64_t>(n_heads) * gridDim.y * b;
+  decode_split_body<T, D, G>(q + b * q_row, static_cast<const T*>(c.k), static_cast<const T*>(c.v), c.pos, c.len,
+                             static_cast<int>(c.capacity), window ? q_pos + b : nullptr, window, part_ml + slots * 2,
+                             part_o + slots * D, blockIdx.x, blockIdx.y, gridDim.y);
+}
+
+template <typename T, int D>
+__global__ void decode_combine_batch(const float* __restrict__ part_ml, const float* __restrict__ part_o, int splits,
+                                     const FastkvCacheRef* __restrict__ caches, T* __restrict__ out, int64_t out_row,
+                                     int n_heads) {
+  const int b = blockIdx.y;
+  const FastkvCacheRef c = caches[b];
+  if (c.capacity <= 0) return;
+  const int64_t slots = static_cast<int64_t>(n_heads) * splits * b;
+  decode_combine_body<T, D>(part_ml + slots * 2, part_o + slots * D, splits, c.len, static_cast<int>(c.capacity),
+                            out + b * out_row, blockIdx.x);
 }
 
 template <typename T, int D, int G>
@@ -366,6 +413,22 @@ int launch_decode(const void* q, const void* k, const void* v, const uint32_t* c
   return launch_status();
 }
 
+template <typename T, int D, int G>
+int launch_decode_batch(const void* q, int64_t q_row, const FastkvCacheRef* caches, int batch, int max_capacity,
+                        const uint32_t* q_pos, int window, float* workspace, void* out, int64_t out_row,
+                        int n_kv_heads, cudaStream_t stream) {
+  const int splits = ceil_div(max_capacity, DEC_CHUNK), n_heads = n_kv_heads * G;
+  float* part_ml = workspace;
+  float* part_o = workspace + static_cast<int64_t>(batch) * n_heads * splits * 2;
+  decode_split_batch<T, D, G><<<dim3(n_kv_heads, splits, batch), DEC_WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(q), q_row, caches, q_pos, window, part_ml, part_o, n_heads);
+  int e = launch_status();
+  if (e) return e;
+  decode_combine_batch<T, D><<<dim3(n_heads, batch), D, 0, stream>>>(part_ml, part_o, splits, caches,
+                                                                    static_cast<T*>(out), out_row, n_heads);
+  return launch_status();
+}
+
 // launch_decode with the group size (G ≤ 8) as a template argument.
 template <typename T, int D>
 int decode_group(int group, const void* q, const void* k, const void* v, const uint32_t* cache_pos,
@@ -376,6 +439,21 @@ int decode_group(int group, const void* q, const void* k, const void* v, const u
   case G:                                                                                                   \
     return launch_decode<T, D, G>(q, k, v, cache_pos, len, capacity, q_pos, window, workspace, out, n_kv_heads, \
                                   stream);
+    FASTKV_G(1) FASTKV_G(2) FASTKV_G(3) FASTKV_G(4) FASTKV_G(5) FASTKV_G(6) FASTKV_G(7) FASTKV_G(8)
+#undef FASTKV_G
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int D>
+int decode_batch_group(int group, const void* q, int64_t q_row, const FastkvCacheRef* caches, int batch,
+                       int max_capacity, const uint32_t* q_pos, int window, float* workspace, void* out,
+                       int64_t out_row, int n_kv_heads, cudaStream_t stream) {
+  switch (group) {
+#define FASTKV_G(G)                                                                                          \
+  case G:                                                                                                    \
+    return launch_decode_batch<T, D, G>(q, q_row, caches, batch, max_capacity, q_pos, window, workspace, out, \
+                                        out_row, n_kv_heads, stream);
     FASTKV_G(1) FASTKV_G(2) FASTKV_G(3) FASTKV_G(4) FASTKV_G(5) FASTKV_G(6) FASTKV_G(7) FASTKV_G(8)
 #undef FASTKV_G
     default: return cudaErrorInvalidValue;
@@ -431,6 +509,28 @@ int fastkv_decode_attention(const void* q, const void* k, const void* v, const u
   FASTKV_DISPATCH(dtype, FASTKV_HEAD_DIM(head_dim, return decode_group<T, D>(group, q, k, v, cache_pos, len, capacity,
                                                                               q_pos, window, workspace, out,
                                                                               n_kv_heads, stream)));
+  return cudaErrorInvalidValue;
+}
+
+int64_t fastkv_decode_batch_workspace(int batch, int n_heads, int capacity, int head_dim) {
+  return static_cast<int64_t>(batch) * fastkv_decode_workspace(n_heads, capacity, head_dim);
+}
+
+int fastkv_decode_attention_batch(const void* q, int64_t q_row, const FastkvCacheRef* caches, int batch,
+                                  int max_capacity, const uint32_t* q_pos, int window, void* out, int64_t out_row,
+                                  float* workspace, int n_heads, int n_kv_heads, int head_dim, int dtype,
+                                  cudaStream_t stream) {
+  using namespace attention;
+  if (batch < 0 || max_capacity <= 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || !caches ||
+      q_row < int64_t{n_heads} * head_dim || out_row < int64_t{n_heads} * head_dim || window < 0 ||
+      (window && !q_pos))
+    return cudaErrorInvalidValue;
+  if (batch == 0) return cudaSuccess;
+  const int group = n_heads / n_kv_heads;
+  FASTKV_DISPATCH(dtype, FASTKV_HEAD_DIM(head_dim, return decode_batch_group<T, D>(group, q, q_row, caches, batch,
+                                                                                    max_capacity, q_pos, window,
+                                                                                    workspace, out, out_row,
+                                                                                    n_kv_heads, stream)));
   return cudaErrorInvalidValue;
 }
 

@@ -18,6 +18,18 @@ extern "C" {
 // Values of the launchers' `dtype` argument.
 enum FastkvDtype { FASTKV_F16 = 0, FASTKV_BF16 = 1 };
 
+// One request's cache of one layer in a batched decode step: K and V [Hk, capacity, D], positions
+// [Hk, capacity], its length (device memory, as the single-request launchers read it). The batched launchers
+// read an array of these from device memory, so one captured step serves every batch of its size;
+// capacity 0 marks a padding row, which they skip.
+typedef struct FastkvCacheRef {
+  void* k;
+  void* v;
+  uint32_t* pos;
+  uint32_t* len;
+  int64_t capacity;
+} FastkvCacheRef;
+
 // 0 when this build's kernel images load on the current device, else the runtime's error (e.g.
 // cudaErrorNoKernelImageForDevice for a GPU the build has no code for).
 int fastkv_probe(void);
@@ -47,6 +59,19 @@ int64_t fastkv_decode_workspace(int n_heads, int capacity, int head_dim);
 int fastkv_decode_attention(const void* q, const void* k, const void* v, const uint32_t* cache_pos, const uint32_t* len,
                             int capacity, const uint32_t* q_pos, int window, void* out, float* workspace, int n_heads,
                             int n_kv_heads, int head_dim, int dtype, cudaStream_t stream);
+
+// f32 values of workspace `fastkv_decode_attention_batch` needs for `batch` caches of at most `capacity`
+// entries (host only).
+int64_t fastkv_decode_batch_workspace(int batch, int n_heads, int capacity, int head_dim);
+
+// `fastkv_decode_attention` for `batch` requests at once, each against its own cache: q row b at
+// q + b·q_row, out row b at out + b·out_row, its cache `caches[b]` (device memory; capacities ≤
+// `max_capacity`, which sizes the grid), its position q_pos[b] (window > 0). Rows with capacity 0 are
+// skipped (their out rows are not written).
+int fastkv_decode_attention_batch(const void* q, int64_t q_row, const FastkvCacheRef* caches, int batch,
+                                  int max_capacity, const uint32_t* q_pos, int window, void* out, int64_t out_row,
+                                  float* workspace, int n_heads, int n_kv_heads, int head_dim, int dtype,
+                                  cudaStream_t stream);
 
 // ---- gather.cu ----
 
@@ -84,6 +109,11 @@ int fastkv_add_bias(void* y, int64_t y_stride, const void* b, int64_t rows, int 
 int fastkv_kv_append(const void* qkv, int n_heads, int n_kv_heads, int head_dim, void* cache_k, void* cache_v,
                      uint32_t* cache_pos, int capacity, uint32_t* len, const uint32_t* pos, int dtype,
                      cudaStream_t stream);
+
+// `fastkv_kv_append` for `batch` requests at once: row b of `qkv` (at qkv + b·qkv_row) into `caches[b]`
+// (device memory) at position pos[b]; rows with capacity 0 are skipped.
+int fastkv_kv_append_batch(const void* qkv, int64_t qkv_row, const FastkvCacheRef* caches, int batch, int n_heads,
+                           int n_kv_heads, int head_dim, const uint32_t* pos, int dtype, cudaStream_t stream);
 
 // The window queries of FastKV's scoring: q heads of the last `window` rows of the fused rows `qkv`
 // ([seq_len, row_stride], q head h at column h·D) → out [H, window, D], what `fastkv_window_scores` takes.

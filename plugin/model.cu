@@ -60,7 +60,7 @@ __global__ void add_bias(T* __restrict__ y, int64_t y_stride, const T* __restric
 // the increment follows all the block's reads of the old length; the writes of other threads need no
 // ordering against it (the next kernel on the stream sees them all).
 template <typename T>
-__global__ void kv_append(const T* __restrict__ qkv, int n_heads, int n_kv_heads, int head_dim, T* __restrict__ cache_k,
+__device__ __forceinline__ void kv_append_body(const T* __restrict__ qkv, int n_heads, int n_kv_heads, int head_dim, T* __restrict__ cache_k,
                           T* __restrict__ cache_v, uint32_t* __restrict__ cache_pos, int capacity, uint32_t* len,
                           const uint32_t* __restrict__ pos) {
   const uint32_t slot = *len;
@@ -75,6 +75,23 @@ __global__ void kv_append(const T* __restrict__ qkv, int n_heads, int n_kv_heads
   }
   for (int g = threadIdx.x; g < n_kv_heads; g += blockDim.x) cache_pos[static_cast<int64_t>(g) * capacity + slot] = *pos;
   if (threadIdx.x == 0) *len = slot + 1;
+}
+
+template <typename T>
+__global__ void kv_append(const T* __restrict__ qkv, int n_heads, int n_kv_heads, int head_dim, T* __restrict__ cache_k,
+                          T* __restrict__ cache_v, uint32_t* __restrict__ cache_pos, int capacity, uint32_t* len,
+                          const uint32_t* __restrict__ pos) {
+  kv_append_body(qkv, n_heads, n_kv_heads, head_dim, cache_k, cache_v, cache_pos, capacity, len, pos);
+}
+
+// One block per request of the batch.
+template <typename T>
+__global__ void kv_append_batch(const T* __restrict__ qkv, int64_t qkv_row, const FastkvCacheRef* __restrict__ caches,
+                                int n_heads, int n_kv_heads, int head_dim, const uint32_t* __restrict__ pos) {
+  const FastkvCacheRef c = caches[blockIdx.x];
+  if (c.capacity <= 0) return;
+  kv_append_body(qkv + blockIdx.x * qkv_row, n_heads, n_kv_heads, head_dim, static_cast<T*>(c.k), static_cast<T*>(c.v),
+                 c.pos, static_cast<int>(c.capacity), c.len, pos + blockIdx.x);
 }
 
 template <typename T>
@@ -169,6 +186,17 @@ int fastkv_kv_append(const void* qkv, int n_heads, int n_kv_heads, int head_dim,
   FASTKV_DISPATCH(dtype, kv_append<T><<<1, 256, 0, stream>>>(static_cast<const T*>(qkv), n_heads, n_kv_heads, head_dim,
                                                              static_cast<T*>(cache_k), static_cast<T*>(cache_v),
                                                              cache_pos, capacity, len, pos));
+  return launch_status();
+}
+
+int fastkv_kv_append_batch(const void* qkv, int64_t qkv_row, const FastkvCacheRef* caches, int batch, int n_heads,
+                           int n_kv_heads, int head_dim, const uint32_t* pos, int dtype, cudaStream_t stream) {
+  if (batch < 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0 || qkv_row < int64_t{n_heads + 2 * n_kv_heads} * head_dim ||
+      !caches || !pos)
+    return cudaErrorInvalidValue;
+  if (batch == 0) return cudaSuccess;
+  FASTKV_DISPATCH(dtype, kv_append_batch<T><<<batch, 256, 0, stream>>>(static_cast<const T*>(qkv), qkv_row, caches,
+                                                                       n_heads, n_kv_heads, head_dim, pos));
   return launch_status();
 }
 

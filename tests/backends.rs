@@ -6,8 +6,8 @@
 //! by adding a candidate.
 //!
 //! Candidates: the CPU's **batched decode** (every case of a fixture decoded in one batch, as the
-//! batching engine does; exact: the same bits), **CUDA** (feature `cuda`, on GPU 0; without a device it is
-//! skipped, or fails with `FASTKV_REQUIRE_GPU=1`) and **TensorRT** (feature `tensorrt`: the engine's plans built on
+//! batching engine does; exact: the same bits), **CUDA** (feature `cuda`, on GPU 0, each case alone and all
+//! decoded in batched steps; without a device it is skipped, or fails with `FASTKV_REQUIRE_GPU=1`) and **TensorRT** (feature `tensorrt`: the engine's plans built on
 //! GPU 0 and run on `tensorrt:0`, for the cases they take — the engine's FastKV policy at the lengths the export
 //! supports; skipped in one line without TensorRT's libraries), within bf16 tolerances: logits within
 //! [`TOL`] of the largest logit, the greedy token the same wherever the CPU's top-2 margin exceeds
@@ -85,36 +85,25 @@ impl Candidate for CpuBatched {
         Some(Engine::open(dir).unwrap())
     }
     fn run(&self, engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace> {
-        let b = engine.backend();
-        let mut traces: Vec<Trace> = cases
-            .iter()
-            .map(|c| Trace { prefill: b.prefill(&c.ids, &c.policy, STEPS).unwrap(), steps: Vec::new() })
-            .collect();
-        for step in 0..STEPS {
-            let mut steps: Vec<Step> = traces
-                .iter_mut()
-                .zip(forced)
-                .map(|(t, f)| Step {
-                    token: f[step],
-                    position: t.prefill.next_position + step as u32,
-                    cache: &mut t.prefill.cache,
-                })
-                .collect();
-            let logits = b.decode_batch(&mut steps).unwrap();
-            traces.iter_mut().zip(logits).for_each(|(t, l)| t.steps.push(l));
-        }
-        traces
+        batched(engine, cases, forced)
     }
 }
 
-/// The CUDA backend on GPU 0, each case on its own.
+/// The CUDA backend on GPU 0, each case on its own (`batched: false`) or all decoded in one batched step per
+/// token (cuBLAS with M = the batch, attention over the table of caches, a graph per batch bucket).
 #[cfg(feature = "cuda")]
-struct Cuda;
+struct Cuda {
+    batched: bool,
+}
 
 #[cfg(feature = "cuda")]
 impl Candidate for Cuda {
     fn name(&self) -> &'static str {
-        "cuda:0"
+        if self.batched {
+            "cuda:0 batched decode"
+        } else {
+            "cuda:0"
+        }
     }
     fn tolerance(&self) -> Tolerance {
         Tolerance::Bf16
@@ -130,7 +119,11 @@ impl Candidate for Cuda {
         }
     }
     fn run(&self, engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace> {
-        alone(engine, cases, forced)
+        if self.batched {
+            batched(engine, cases, forced)
+        } else {
+            alone(engine, cases, forced)
+        }
     }
 }
 
@@ -187,12 +180,35 @@ fn candidates(#[allow(unused_variables)] cases: &[Case]) -> Vec<Box<dyn Candidat
     #[allow(unused_mut)]
     let mut all: Vec<Box<dyn Candidate>> = vec![Box::new(CpuBatched)];
     #[cfg(feature = "cuda")]
-    all.push(Box::new(Cuda));
+    all.extend([Box::new(Cuda { batched: false }) as Box<dyn Candidate>, Box::new(Cuda { batched: true })]);
     #[cfg(feature = "tensorrt")]
     all.push(Box::new(TensorRt { max_input_len: cases.iter().map(|c| c.ids.len()).max().unwrap_or(1) }));
     let wanted = std::env::var("FASTKV_BACKENDS").unwrap_or_default();
     all.retain(|c| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == c.name()));
     all
+}
+
+/// Each case prefilled on its own, then every case decoded together, one batched step per token.
+fn batched(engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace> {
+    let b = engine.backend();
+    let mut traces: Vec<Trace> = cases
+        .iter()
+        .map(|c| Trace { prefill: b.prefill(&c.ids, &c.policy, STEPS).unwrap(), steps: Vec::new() })
+        .collect();
+    for step in 0..STEPS {
+        let mut steps: Vec<Step> = traces
+            .iter_mut()
+            .zip(forced)
+            .map(|(t, f)| Step {
+                token: f[step],
+                position: t.prefill.next_position + step as u32,
+                cache: &mut t.prefill.cache,
+            })
+            .collect();
+        let logits = b.decode_batch(&mut steps).unwrap();
+        traces.iter_mut().zip(logits).for_each(|(t, l)| t.steps.push(l));
+    }
+    traces
 }
 
 /// Each case prefilled and decoded on its own: the reference, run on the CPU backend.

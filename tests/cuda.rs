@@ -12,7 +12,9 @@ mod cuda_common;
 use cuda_common::Allocating;
 use fastkv::cpu::attention::{attention, Heads, KvView};
 use fastkv::cpu::kernels::{rms_norm, swiglu};
-use fastkv::cuda::{AttentionInputs, Element, Gather, Gpu, LayerKv, SlidingWindow};
+use fastkv::cuda::{
+    decode_batch_workspace_len, AttentionInputs, CacheRef, Element, Gather, Gpu, LayerKv, SlidingWindow,
+};
 use fastkv::rope::Rope;
 use fastkv::sampling::argmax;
 use fastkv::select::{self, Pool, Shape};
@@ -714,4 +716,64 @@ fn argmax_and_increment() {
     dev.increment(&mut pos.slice_mut(..1), 1).unwrap();
     dev.increment(&mut pos, 2).unwrap();
     assert_eq!(dev.download(&pos).unwrap(), [44, 9]);
+}
+
+/// The batched decode launchers do for every row of a batch what the single-request ones do for it, bit for bit:
+/// three caches of different capacities and lengths (one past the split size) and a padding row, with and
+/// without a sliding window; the append first, then the attention over the appended caches.
+#[test]
+fn batched_append_and_decode_equal_one_by_one() {
+    let Some(dev) = device() else { return };
+    let (h, hk, d) = (8, 2, 64);
+    let width = (h + 2 * hk) * d;
+    let mut rng = StdRng::seed_from_u64(77);
+    let shapes = [(300, 40), (1000, 700), (64, 1)]; // (capacity, len)
+    let (qkv_host, _) = random::<bf16>(&mut rng, 4 * width, 1.0);
+    let qkv = dev.upload(&qkv_host).unwrap();
+    let positions = dev.upload(&[900u32, 1500, 70, 0]).unwrap();
+    for window in [None, Some(256)] {
+        let mut single = Vec::new();
+        let mut batch = Vec::new();
+        for (b, &(cap, len)) in shapes.iter().enumerate() {
+            let seed = 500 + b as u64;
+            let (c1, ..) = random_cache::<bf16>(&dev, &mut StdRng::seed_from_u64(seed), (hk, cap, d), len);
+            let (c2, ..) = random_cache::<bf16>(&dev, &mut StdRng::seed_from_u64(seed), (hk, cap, d), len);
+            single.push(c1);
+            batch.push(c2);
+        }
+        // One by one.
+        let mut want = Vec::new();
+        for (b, c) in single.iter_mut().enumerate() {
+            let row = qkv.slice(b * width..(b + 1) * width);
+            let p = positions.slice(b..b + 1);
+            dev.kv_append(&row, h, c, &p).unwrap();
+            let q = dev.upload(&qkv_host[b * width..][..h * d]).unwrap();
+            let out = dev.decode_attention(&q, c, h, window.map(|w| (w, p))).unwrap();
+            want.push(dev.download(&out).unwrap());
+        }
+        // Batched: the three caches and a padding row.
+        let mut table: Vec<CacheRef> = batch.iter().map(|c| c.cache_ref(&dev)).collect();
+        table.push(CacheRef::default());
+        let table = dev.upload(&table).unwrap();
+        let max_capacity = shapes.iter().map(|s| s.0).max().unwrap();
+        let mut out = dev.zeros::<bf16>(4 * h * d).unwrap();
+        let mut workspace = dev.zeros::<f32>(decode_batch_workspace_len(4, h, max_capacity, d).unwrap()).unwrap();
+        // SAFETY: the table holds three live caches of (hk, ≤ max_capacity, d) and a padding row.
+        unsafe {
+            dev.kv_append_batch(&qkv, width, &table, (h, hk, d), &positions).unwrap();
+            let w = window.map(|w| (w, &positions));
+            dev.decode_attention_batch_into(&qkv, width, &table, max_capacity, (h, hk, d), w, &mut out, &mut workspace)
+                .unwrap();
+        }
+        dev.synchronize().unwrap();
+        let got = dev.download(&out).unwrap();
+        for (b, (one, many)) in single.iter().zip(&batch).enumerate() {
+            assert_eq!(dev.download(&many.len).unwrap(), dev.download(&one.len).unwrap(), "row {b} length");
+            assert_eq!(dev.download(&many.k).unwrap(), dev.download(&one.k).unwrap(), "row {b} K");
+            assert_eq!(dev.download(&many.pos).unwrap(), dev.download(&one.pos).unwrap(), "row {b} positions");
+            let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got[b * h * d..][..h * d]), bits(&want[b]), "row {b} attention, window {window:?}");
+        }
+        assert!(got[3 * h * d..].iter().all(|v| v.to_bits() == 0), "the padding row is not written");
+    }
 }

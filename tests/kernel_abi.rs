@@ -30,6 +30,7 @@ fn rust_type(c: &str) -> String {
         "float" => "f32",
         "void" => "c_void",
         "cudaStream_t" => "Stream",
+        "FastkvCacheRef" => "CacheRef",
         other => panic!("plugin/fastkv.h: type `{other}` has no Rust mapping in this test"),
     };
     match (pointer, constant) {

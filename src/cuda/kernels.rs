@@ -15,7 +15,7 @@ use std::ffi::{c_int, c_void};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
-use super::ffi;
+use super::ffi::{self, CacheRef};
 use super::gpu::{check, expect_len, int, span, Gpu};
 use crate::error::{Error, Result};
 use crate::select::{Pool, Shape};
@@ -122,6 +122,28 @@ pub fn decode_workspace_len(n_heads: usize, capacity: usize, head_dim: usize) ->
     let (h, c, d) = (int("heads", n_heads)?, int("capacity", capacity)?, int("head_dim", head_dim)?);
     // SAFETY: pure size computation.
     Ok(unsafe { ffi::fastkv_decode_workspace(h, c, d) }.max(1) as usize)
+}
+
+/// f32 values of workspace [`Gpu::decode_attention_batch_into`] needs for `batch` caches of at most `capacity` entries.
+pub fn decode_batch_workspace_len(batch: usize, n_heads: usize, capacity: usize, head_dim: usize) -> Result<usize> {
+    let (b, h) = (int("batch", batch)?, int("heads", n_heads)?);
+    let (c, d) = (int("capacity", capacity)?, int("head_dim", head_dim)?);
+    // SAFETY: pure size computation.
+    Ok(unsafe { ffi::fastkv_decode_batch_workspace(b, h, c, d) }.max(1) as usize)
+}
+
+impl<T> LayerKv<T> {
+    /// This cache as a row of a batched decode step's table (its device addresses, taken on `gpu`'s stream).
+    pub fn cache_ref(&self, gpu: &Gpu) -> CacheRef {
+        let at = |p: *const u8| p as u64;
+        CacheRef {
+            k: at(gpu.ptr(&self.k)),
+            v: at(gpu.ptr(&self.v)),
+            pos: at(gpu.ptr(&self.pos)),
+            len: at(gpu.ptr(&self.len)),
+            capacity: self.capacity as i64,
+        }
+    }
 }
 
 /// f32 values of workspace [`Gpu::window_scores_into`] needs when it has no lse to reuse.
@@ -533,6 +555,61 @@ impl Gpu {
         })
     }
 
+    /// [`Gpu::decode_attention_into`] for every request of a batch at once: request b's q at row b of `q` (rows
+    /// `q_row` apart), its cache row b of `caches` (one layer's table), its output row b of `out` (`[H, D]` rows),
+    /// its position `window.1[b]` when a window masks. The launch is sized by `max_capacity`, so one captured
+    /// step serves every batch of this size. `workspace`:
+    /// [`decode_batch_workspace_len`]`(batch, H, max_capacity, D)` values.
+    ///
+    /// # Safety
+    /// Every row of `caches` is padding (capacity 0) or the [`LayerKv::cache_ref`] of a live cache of `n_kv_heads`
+    /// heads of `head_dim` whose capacity is at most `max_capacity`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_attention_batch_into<T: Element>(
+        &self,
+        q: &impl DevicePtr<T>,
+        q_row: usize,
+        caches: &impl DevicePtr<CacheRef>,
+        max_capacity: usize,
+        (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+        window: Option<(usize, &CudaSlice<u32>)>,
+        out: &mut impl DevicePtrMut<T>,
+        workspace: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let batch = caches.len();
+        let row = n_heads * head_dim;
+        expect_len("q", q.len(), span(&[(batch, q_row)], row))?;
+        expect_len("out", out.len(), batch * row)?;
+        expect_len("workspace", workspace.len(), decode_batch_workspace_len(batch, n_heads, max_capacity, head_dim)?)?;
+        let (size, q_pos) = match window {
+            Some((size, p)) => {
+                expect_len("q_pos", p.len(), batch)?;
+                (int("window", size)?, self.ptr(p))
+            }
+            None => (0, std::ptr::null()),
+        };
+        // SAFETY: sizes checked above, the caches by the caller; the launcher validates the rest.
+        check("fastkv_decode_attention_batch", unsafe {
+            ffi::fastkv_decode_attention_batch(
+                self.ptr(q),
+                q_row as i64,
+                self.ptr(caches),
+                int("batch", batch)?,
+                int("capacity", max_capacity)?,
+                q_pos,
+                size,
+                self.ptr_mut(out),
+                row as i64,
+                self.ptr_mut(workspace),
+                int("heads", n_heads)?,
+                int("kv_heads", n_kv_heads)?,
+                int("head_dim", head_dim)?,
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
     /// `out[r, :] = f32(table[ids[r], :])` for every id in `ids` (table `[V, dim]`, V = len / dim; ids
     /// ≥ V give zero rows) into `out` `[ids.len(), dim]` f32.
     pub fn embed_into<T: Element>(
@@ -658,6 +735,39 @@ impl Gpu {
                 self.ptr_mut(&mut cache.pos),
                 int("capacity", cap)?,
                 self.ptr_mut(&mut cache.len),
+                self.ptr(pos),
+                T::DTYPE,
+                self.raw(),
+            )
+        })
+    }
+
+    /// [`Gpu::kv_append`] for every request of a batch at once: row b of `qkv` (rows `qkv_row` apart) into the
+    /// cache of row b of `caches` (one layer's table) at position `pos[b]`.
+    ///
+    /// # Safety
+    /// As [`Gpu::decode_attention_batch_into`]'s.
+    pub unsafe fn kv_append_batch<T: Element>(
+        &self,
+        qkv: &impl DevicePtr<T>,
+        qkv_row: usize,
+        caches: &impl DevicePtr<CacheRef>,
+        (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+        pos: &impl DevicePtr<u32>,
+    ) -> Result<()> {
+        let batch = caches.len();
+        expect_len("qkv", qkv.len(), span(&[(batch, qkv_row)], (n_heads + 2 * n_kv_heads) * head_dim))?;
+        expect_len("pos", pos.len(), batch)?;
+        // SAFETY: sizes checked above, the caches by the caller.
+        check("fastkv_kv_append_batch", unsafe {
+            ffi::fastkv_kv_append_batch(
+                self.ptr(qkv),
+                qkv_row as i64,
+                self.ptr(caches),
+                int("batch", batch)?,
+                int("heads", n_heads)?,
+                int("kv_heads", n_kv_heads)?,
+                int("head_dim", head_dim)?,
                 self.ptr(pos),
                 T::DTYPE,
                 self.raw(),

@@ -6,7 +6,7 @@
 //! Each request gets its own stream and cuBLAS handle (a [`Lane`]), so requests run concurrently.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
 use cudarc::cublas::CudaBlas;
@@ -15,6 +15,7 @@ use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
 use super::gpu::{driver, Gpu};
+use super::kv_cache::Batches;
 use super::library;
 use super::ops::LaneModel;
 use crate::error::{Error, Result};
@@ -53,6 +54,8 @@ pub struct Model {
     pub(super) graphs: AtomicBool,
     /// Fence every profiled step (`FASTKV_CUDA_PROFILE=1`), so prefill profiles measure the GPU.
     pub(super) profile: AtomicBool,
+    /// The batched decode's lane and steps, made on first use.
+    pub(super) batches: Mutex<Option<Batches>>,
 }
 
 /// One request's stream and cuBLAS handle, shared by its prefill and every cache it made.
@@ -137,6 +140,7 @@ impl Model {
             graphs: AtomicBool::new(std::env::var("FASTKV_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             profile: AtomicBool::new(std::env::var("FASTKV_CUDA_PROFILE").is_ok_and(|v| v == "1")),
             ctx: dev.ctx.clone(),
+            batches: Mutex::new(None),
         };
         dev.synchronize()?;
         Ok(model)
@@ -173,6 +177,11 @@ impl Model {
 
     /// A new request: its own stream and cuBLAS handle (with a fixed workspace, for graph capture).
     pub fn request(&self) -> Result<LaneModel<'_>> {
+        Ok(LaneModel::new(self, self.lane()?))
+    }
+
+    /// A new stream and cuBLAS handle (with a fixed workspace, for graph capture).
+    pub(super) fn lane(&self) -> Result<Arc<Lane>> {
         let stream = self.ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let dev = Gpu { ctx: self.ctx.clone(), stream: stream.clone() };
         let blas = CudaBlas::new(stream).map_err(cublas("cublasCreate"))?;
@@ -183,8 +192,7 @@ impl Model {
             .result()
             .map_err(cublas("cublasSetWorkspace"))?;
         drop(_guard);
-        let lane = Arc::new(Lane { dev, blas, _workspace: workspace });
-        Ok(LaneModel::new(self, lane))
+        Ok(Arc::new(Lane { dev, blas, _workspace: workspace }))
     }
 
     /// Checks that a prefill of `prompt_len` tokens whose caches hold `cache_entries` entries per KV
