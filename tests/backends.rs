@@ -167,8 +167,17 @@ impl Candidate for TensorRt {
         }
         Some(Engine::open_on(dir, fastkv::Device::TensorRt(0)).unwrap_or_else(|e| panic!("tensorrt:0: {e}")))
     }
+    /// Every case twice: decode steps enqueued each time, then replayed from captured graphs; the same bits.
     fn run(&self, engine: &Engine, cases: &[Case], forced: &[Vec<u32>]) -> Vec<Trace> {
-        alone(engine, cases, forced)
+        let fastkv::backend::Backend::TensorRt(model) = engine.backend() else { unreachable!("opened on tensorrt") };
+        model.set_graphs(false);
+        let enqueued = alone(engine, cases, forced);
+        model.set_graphs(true);
+        let graphs = alone(engine, cases, forced);
+        for ((case, a), b) in cases.iter().zip(&enqueued).zip(&graphs) {
+            assert!(a.steps == b.steps, "tensorrt:0, {}: replayed graphs differ from enqueueV3", case.name);
+        }
+        graphs
     }
     fn runs(&self, engine: &Engine, case: &Case) -> bool {
         engine.backend().check(&case.policy, case.ids.len()).is_ok()

@@ -7,6 +7,7 @@
 //! engine's default, for the prompt lengths and new tokens of its record's limits; anything else is refused.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
@@ -65,6 +66,8 @@ pub struct Model {
     gpu: Gpu,
     prefill: Mutex<Context>,
     plans: Arc<Plans>,
+    /// Decode through a captured CUDA graph (`FASTKV_CUDA_GRAPHS=0`: plain `enqueueV3`).
+    graphs: AtomicBool,
 }
 
 /// One request's KV cache on the GPU and the decode context bound to it.
@@ -154,6 +157,7 @@ impl Model {
             gpu,
             prefill: Mutex::new(prefill),
             plans: Arc::new(plans),
+            graphs: AtomicBool::new(std::env::var("FASTKV_CUDA_GRAPHS").map_or(true, |v| v != "0")),
         })
     }
 
@@ -163,6 +167,11 @@ impl Model {
 
     pub fn free_memory(&self) -> usize {
         self.gpu.ctx.mem_get_info().map_or(0, |(free, _)| free)
+    }
+
+    /// Caches prefilled from now on replay a captured graph (`true`, the default) or enqueue every step.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
     }
 
     /// Whether the plans can prefill a `prompt_len`-token prompt under `policy`: only the policy they were built
@@ -280,23 +289,10 @@ impl Model {
         let mut layers = Vec::with_capacity(n_layers);
         for (n, k, v, pos) in kept {
             let capacity = n + max_new_tokens;
-            // [Hk, n, D] f32 → [Hk, capacity, D] f16, the rest zero (appended in place).
-            let widen = |x: Vec<f32>, row: usize| -> Vec<f16> {
-                let mut out = vec![f16::ZERO; hk * capacity * row];
-                for (head, src) in x.chunks(n * row).enumerate() {
-                    let dst = &mut out[head * capacity * row..][..n * row];
-                    dst.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_f32(x));
-                }
-                out
-            };
-            let mut positions = vec![0i32; hk * capacity];
-            for (head, src) in gpu.download(&pos)?.chunks(n).enumerate() {
-                positions[head * capacity..][..n].iter_mut().zip(src).for_each(|(o, &p)| *o = p as i32);
-            }
             layers.push(LayerCache {
-                k: own.upload(&widen(gpu.download(&k)?, d))?,
-                v: own.upload(&widen(gpu.download(&v)?, d))?,
-                pos: own.upload(&positions)?,
+                k: own.upload(&at_capacity(&gpu.download(&k)?, n * d, capacity * d, f16::from_f32))?,
+                v: own.upload(&at_capacity(&gpu.download(&v)?, n * d, capacity * d, f16::from_f32))?,
+                pos: own.upload(&at_capacity(&gpu.download(&pos)?, n, capacity, |p| p as i32))?,
                 len_dev: own.upload(&[n as i32])?,
                 len: n,
                 capacity,
@@ -334,7 +330,7 @@ impl Model {
             cache: KvCache {
                 context: decode,
                 graph: None,
-                graphs: std::env::var("FASTKV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+                graphs: self.graphs.load(Ordering::Relaxed),
                 gpu: own,
                 layers,
                 input_id,
@@ -345,6 +341,17 @@ impl Model {
             },
         })
     }
+}
+
+/// Every head's `n` values (of `x`, heads `n` apart) converted by `f` into a head of `capacity` (the rest zero):
+/// the prefill plan's kept K, V (`n = N·D`) and positions laid out as the decode plan's caches.
+fn at_capacity<S: Copy, T: Copy + Default>(x: &[S], n: usize, capacity: usize, f: impl Fn(S) -> T) -> Vec<T> {
+    let heads = x.len() / n.max(1);
+    let mut out = vec![T::default(); heads * capacity];
+    for (head, src) in x.chunks(n.max(1)).enumerate() {
+        out[head * capacity..][..src.len()].iter_mut().zip(src).for_each(|(o, &v)| *o = f(v));
+    }
+    out
 }
 
 impl KvCache {
@@ -400,6 +407,17 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two heads of three entries of two values each into heads of capacity five: each head's entries first, in
+    /// order, then zeros (the room decode appends into).
+    #[test]
+    fn prefill_outputs_land_at_the_start_of_each_head_at_capacity() {
+        let x: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let got = at_capacity(&x, 3 * 2, 5 * 2, |v| v as i32);
+        let head = |first: i32| (first..first + 6).chain([0; 4]).collect::<Vec<_>>();
+        assert_eq!(got, [head(1), head(7)].concat());
+        assert_eq!(at_capacity(&[4i64, 9], 1, 3, |p| p as i32), [4, 0, 0, 9, 0, 0]);
+    }
 
     /// The runtime half of the bridge in the real TensorRT lean runtime (`FASTKV_TRT_LEAN_LIB`, as
     /// tests/trt_plugins.rs finds it): without a CUDA driver (CI) it refuses to start with TensorRT's reason instead
