@@ -156,8 +156,9 @@ impl Model {
             }
         }
         dev.write(&table, &mut st.caches)?;
+        // Captured once, at the bucket's second step; a failed capture leaves it eager.
         let replay = self.graphs.load(Ordering::Relaxed) && st.steps >= 1;
-        if replay && st.graph.is_none() {
+        if replay && st.steps == 1 {
             let graph = dev.capture(|| self.batch_step(&lane, st));
             st.graph = graph;
         }
@@ -232,7 +233,7 @@ impl Model {
         let st = decode.as_mut().expect("set above");
         dev.write(&[token, position], &mut st.step)?;
         let replay = st.graphs && st.steps >= 1;
-        if replay && st.graph.is_none() {
+        if replay && st.steps == 1 {
             let graph = lane.dev.capture(|| self.decode_step(&lane, layers, st));
             st.graph = graph;
         }

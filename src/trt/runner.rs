@@ -372,8 +372,9 @@ impl KvCache {
         gpu.write(&[i64::from(token)], &mut self.input_id)?;
         gpu.write(&[i64::from(position)], &mut self.position)?;
         let stream = gpu.stream.cu_stream() as u64;
+        // Captured once, at the second step; a failed capture leaves the cache enqueueing every step.
         let replay = self.graphs && self.steps >= 1;
-        if replay && self.graph.is_none() {
+        if replay && self.steps == 1 {
             let context = &mut self.context;
             self.graph = gpu.capture(|| context.0.pin_mut().enqueue(stream).map_err(run_error));
         }
