@@ -95,7 +95,8 @@ fn main() {
         .collect();
     let steps: usize = arg("--decode-steps").map_or(64, |s| s.parse().expect("--decode-steps: a number"));
     let dir = std::env::temp_dir().join(format!("fastkv-bench-{preset}"));
-    fastkv::builder::build_random(&preset, 0, DType::Bf16, &dir, true).expect("random-weight engine");
+    fastkv::builder::build_random(&preset, 0, DType::Bf16, &Default::default(), &dir, true)
+        .expect("random-weight engine");
     let t = Instant::now();
     let engine = match Engine::open_on(&dir, Device::Cuda(0)) {
         Ok(e) => e,

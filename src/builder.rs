@@ -119,8 +119,16 @@ pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manifest> {
 }
 
 /// An engine of preset `name`'s exact shape (`engines/*.json`) whose weights are generated from
-/// `seed` when it is opened ([`RandomWeights`]): no weight file, a byte-level tokenizer.
-pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: bool) -> Result<Manifest> {
+/// `seed` when it is opened ([`RandomWeights`]): no weight file, a byte-level tokenizer; its default policy is
+/// the preset's with `policy`'s changes.
+pub fn build_random(
+    name: &str,
+    seed: u64,
+    dtype: DType,
+    policy: &Overrides,
+    output: &Path,
+    force: bool,
+) -> Result<Manifest> {
     let presets: Vec<Preset> = presets().collect();
     let names = || presets.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ");
     let preset = presets
@@ -129,6 +137,7 @@ pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: b
         .ok_or_else(|| Error::invalid("preset", format!("`{name}` is not a preset (presets: {})", names())))?;
     let origin = PathBuf::from(format!("engines/{name}.json"));
     let spec = ModelSpec::from_hf_value(&preset.config, &origin)?;
+    let fastkv = policy.apply(preset.policy, &spec)?;
     atomically(output, force, |dir| {
         let tokenizer = byte_level_tokenizer()?;
         let tok_dst = dir.join(TOKENIZER);
@@ -140,7 +149,7 @@ pub fn build_random(name: &str, seed: u64, dtype: DType, output: &Path, force: b
             model: spec.clone(),
             dtype,
             tokenizer: TokenizerInfo::default(),
-            fastkv: preset.policy,
+            fastkv,
             preset: Some(preset.name.clone()),
             files: BTreeMap::from([(TOKENIZER.to_string(), entry)]),
             source: format!("random weights of {} (seed {seed})", preset.name),

@@ -367,7 +367,7 @@ fn every_backend_matches_cpu_on_every_fixture() {
 fn every_backend_matches_cpu_on_smollm2s_shape_at_2k_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("smollm2");
-    fastkv::builder::build_random("smollm2-135m", 7, DType::Bf16, &dir, false).unwrap();
+    fastkv::builder::build_random("smollm2-135m", 7, DType::Bf16, &Default::default(), &dir, false).unwrap();
     let engine = Engine::open(&dir).unwrap();
     let vocab = engine.spec().vocab_size as u32;
     let ids: Vec<u32> = (0..2048u32).map(|i| i.wrapping_mul(2654435761) % vocab).collect();

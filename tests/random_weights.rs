@@ -4,7 +4,7 @@
 use fastkv::builder::build_random;
 use fastkv::engine::Manifest;
 use fastkv::tensors::DType;
-use fastkv::Engine;
+use fastkv::{Budget, Engine, Overrides};
 
 fn logits(engine: &Engine, ids: &[u32]) -> Vec<f32> {
     engine.backend().prefill(ids, &engine.default_policy(), 0).unwrap().logits
@@ -14,9 +14,9 @@ fn logits(engine: &Engine, ids: &[u32]) -> Vec<f32> {
 fn random_weight_engines_are_deterministic_and_have_no_weight_file() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
-    build_random("smollm2-135m", 1, DType::Bf16, &a, false).unwrap();
-    build_random("smollm2-135m", 1, DType::Bf16, &b, false).unwrap();
-    build_random("smollm2-135m", 2, DType::Bf16, &c, false).unwrap();
+    build_random("smollm2-135m", 1, DType::Bf16, &Default::default(), &a, false).unwrap();
+    build_random("smollm2-135m", 1, DType::Bf16, &Default::default(), &b, false).unwrap();
+    build_random("smollm2-135m", 2, DType::Bf16, &Default::default(), &c, false).unwrap();
     let mut files: Vec<String> =
         std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     files.sort();
@@ -37,7 +37,25 @@ fn random_weight_engines_are_deterministic_and_have_no_weight_file() {
 #[test]
 fn presets_are_named_and_an_unknown_one_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = build_random("llama-9", 0, DType::Bf16, &tmp.path().join("x"), false).unwrap_err().to_string();
+    let err = build_random("llama-9", 0, DType::Bf16, &Default::default(), &tmp.path().join("x"), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("llama-9") && err.contains("llama-3.1-8b") && err.contains("smollm2-135m"), "{err}");
     assert!(!tmp.path().join("x").exists());
+}
+
+/// Policy flags change a random-weight engine's default policy as they do a checkpoint's; a value out of range is
+/// refused by name and nothing is built.
+#[test]
+fn policy_flags_set_the_default_policy_of_random_weight_engines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let changes = Overrides { tsp_layer: Some(9), retain_rate: Some(0.25), ..Default::default() };
+    let m = build_random("smollm2-135m", 0, DType::Bf16, &changes, &tmp.path().join("a"), false).unwrap();
+    assert_eq!(m.fastkv.tsp_layer, 9);
+    assert!(matches!(m.fastkv.budget, Budget::Rate { retain_rate, .. } if retain_rate == 0.25), "{:?}", m.fastkv);
+    assert_eq!(Manifest::read(&tmp.path().join("a")).unwrap().fastkv, m.fastkv);
+    let bad = Overrides { tsp_layer: Some(99), ..Default::default() };
+    let err = build_random("smollm2-135m", 0, DType::Bf16, &bad, &tmp.path().join("b"), false).unwrap_err();
+    assert!(err.to_string().contains("tsp_layer"), "{err}");
+    assert!(!tmp.path().join("b").exists());
 }

@@ -105,13 +105,10 @@ impl Model {
     /// The plans of the engine in `dir` (recorded in `manifest`) on GPU `ordinal`: refused without plans, without
     /// TensorRT, or for plans another TensorRT version or GPU architecture built.
     pub fn load(dir: &Path, manifest: &Manifest, ordinal: usize) -> Result<Self> {
-        let record = manifest.tensorrt.as_ref().ok_or_else(|| Error::NoDevice {
-            backend: "tensorrt",
-            reason: format!(
-                "{} has no TensorRT plans: build them with `fastkv-build --engine {} --target tensorrt`",
-                dir.display(),
-                dir.display()
-            ),
+        let record = manifest.tensorrt.as_ref().ok_or_else(|| {
+            let dir = dir.display();
+            let build = format!("build them with `fastkv-build --engine {dir} --target tensorrt`");
+            Error::invalid("device", format!("tensorrt:{ordinal}: {dir} has no TensorRT plans; {build}"))
         })?;
         let budgets = Budgets::new(&manifest.fastkv, &manifest.model)?;
         let libs = library::locate()?;

@@ -38,7 +38,7 @@ struct Args {
     checkpoint: Option<PathBuf>,
     /// Instead of a checkpoint: an engine of --preset's exact shape whose weights are drawn from
     /// --seed each time it is opened (no weight file; a byte-level tokenizer), for measuring speed on
-    /// the shapes users run.
+    /// the shapes users run. Its default policy is the preset's with the policy flags applied.
     #[arg(long, requires_all = ["preset", "output"])]
     random_weights: bool,
     /// The shape for --random-weights: llama-3.1-8b, ministral-8b, mistral-nemo-12b, qwen2.5-7b,
@@ -91,7 +91,7 @@ struct Args {
     /// of --haystack essays with synthetic facts; about two minutes per 100M parameters on 2 cores)
     /// even when a preset matches. Without this flag, engines with no preset are calibrated when the
     /// essays exist.
-    #[arg(long, conflicts_with_all = ["tsp_layer", "no_calibrate"])]
+    #[arg(long, conflicts_with_all = ["tsp_layer", "no_calibrate", "random_weights"])]
     calibrate: bool,
     /// Never calibrate: the preset's policy, else FastKV's defaults (r = 0.1, t = 0.2, ℓ* = N/2 − 1).
     #[arg(long)]
@@ -129,16 +129,17 @@ fn main() -> ExitCode {
         (Some(engine), _, _) => engine.clone(),
         (None, None, Some(output)) if args.random_weights => {
             let preset = args.preset.as_deref().expect("clap requires --preset");
-            match fastkv::builder::build_random(preset, args.seed, args.dtype, &output, args.force) {
+            match fastkv::builder::build_random(preset, args.seed, args.dtype, &args.policy, &output, args.force) {
                 Ok(m) => {
                     if !args.quiet {
                         println!(
-                            "built {} ({}, {} layers, random {:?} weights from seed {})",
+                            "built {} ({}, {} layers, random {:?} weights from seed {})\ndefault policy: {}",
                             output.display(),
                             preset,
                             m.model.num_layers,
                             m.dtype,
-                            args.seed
+                            args.seed,
+                            describe(&m.fastkv)
                         );
                     }
                     output
