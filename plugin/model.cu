@@ -60,9 +60,10 @@ __global__ void add_bias(T* __restrict__ y, int64_t y_stride, const T* __restric
 // the increment follows all the block's reads of the old length; the writes of other threads need no
 // ordering against it (the next kernel on the stream sees them all).
 template <typename T>
-__device__ __forceinline__ void kv_append_body(const T* __restrict__ qkv, int n_heads, int n_kv_heads, int head_dim, T* __restrict__ cache_k,
-                          T* __restrict__ cache_v, uint32_t* __restrict__ cache_pos, int capacity, uint32_t* len,
-                          const uint32_t* __restrict__ pos) {
+__device__ __forceinline__ void kv_append_body(const T* __restrict__ qkv, int n_heads, int n_kv_heads, int head_dim,
+                                               T* __restrict__ cache_k, T* __restrict__ cache_v,
+                                               uint32_t* __restrict__ cache_pos, int capacity, uint32_t* len,
+                                               const uint32_t* __restrict__ pos) {
   const uint32_t slot = *len;
   __syncthreads();
   if (slot >= static_cast<uint32_t>(capacity)) return;  // full: the token is dropped, len stays
@@ -191,8 +192,8 @@ int fastkv_kv_append(const void* qkv, int n_heads, int n_kv_heads, int head_dim,
 
 int fastkv_kv_append_batch(const void* qkv, int64_t qkv_row, const FastkvCacheRef* caches, int batch, int n_heads,
                            int n_kv_heads, int head_dim, const uint32_t* pos, int dtype, cudaStream_t stream) {
-  if (batch < 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0 || qkv_row < int64_t{n_heads + 2 * n_kv_heads} * head_dim ||
-      !caches || !pos)
+  if (batch < 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0 || !caches || !pos ||
+      qkv_row < int64_t{n_heads + 2 * n_kv_heads} * head_dim)
     return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
   FASTKV_DISPATCH(dtype, kv_append_batch<T><<<batch, 256, 0, stream>>>(static_cast<const T*>(qkv), qkv_row, caches,

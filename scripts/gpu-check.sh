@@ -11,13 +11,14 @@
 #
 # Phase 1 (≤ 90 s) runs every correctness test — the kernels (tests/cuda.rs), every backend against the CPU one on
 # the same engines (tests/backends.rs: the CUDA engine alone and in batched decode steps, on the four HF fixtures
-# and SmolLM2's shape at 2K) and what only the CUDA engine has (tests/cuda_engine.rs: graphs vs eager, concurrent streams, clear
-# errors) — and writes OUTDIR/gpu-check.json; then TensorRT where it is installed (tests/backends.rs's TensorRT
-# candidate: plans built and run against the CPU; one "skipped" line without libnvinfer). Phase 2 runs the benchmarks — kernels, the
-# engine on Llama-3.1-8B's shape (TTFT full vs FastKV at 32K, then 128K; decode vs the bandwidth bound; graphs vs
-# eager) and HF transformers (SDPA, bf16) at 32K beside it — and rewrites the JSON as each result arrives, so a
-# timeout or crash there loses nothing measured before. FASTKV_REQUIRE_GPU=1 makes every "no CUDA device" (driver,
-# GPU, kernel image, cuBLAS, memory) a failure that names its cause, never a skip. Logs: OUTDIR/logs/STEP.log.
+# and SmolLM2's shape at 2K) and what only the CUDA engine has (tests/cuda_engine.rs: graphs vs eager, concurrent
+# streams, clear errors) — and writes OUTDIR/gpu-check.json; then TensorRT where it is installed (tests/backends.rs's
+# TensorRT candidate: plans built and run against the CPU; one "skipped" line without libnvinfer). Phase 2 runs the
+# benchmarks — kernels, the engine on Llama-3.1-8B's shape (TTFT full vs FastKV at 32K, then 128K; decode vs the
+# bandwidth bound; graphs vs eager; batches of 1, 4 and 16) and HF transformers (SDPA, bf16) at 32K beside it — and
+# rewrites the JSON as each result arrives, so a timeout or crash there loses nothing measured before.
+# FASTKV_REQUIRE_GPU=1 makes every "no CUDA device" (driver, GPU, kernel image, cuBLAS, memory) a failure that names
+# its cause, never a skip. Logs: OUTDIR/logs/STEP.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=target/gpu-check
@@ -126,7 +127,8 @@ done
 
 # Phase 1: correctness (≤ 90 s).
 step kernel-tests 30 "$bin/cuda-tests" --test-threads 1 --show-output
-FASTKV_BACKENDS="cpu batched decode,cuda:0,cuda:0 batched decode" step backend-tests 35 "$bin/backend-tests" --test-threads 1 --show-output
+FASTKV_BACKENDS="cpu batched decode,cuda:0,cuda:0 batched decode" \
+  step backend-tests 35 "$bin/backend-tests" --test-threads 1 --show-output
 step engine-tests 25 "$bin/cuda-engine-tests" --test-threads 1 --show-output
 # TensorRT (where its libraries are installed; one "skipped" line where not): plans built for the fixtures and
 # SmolLM2's shape, run on tensorrt:0 against the CPU like every backend.

@@ -47,7 +47,8 @@ inline int32_t checked_version(void* lib, std::string const& path) {
 // `v` (a rust::Vec or rust::Slice of extents) as TensorRT's Dims; `name` is the tensor's, for the error.
 template <typename V>
 nvinfer1::Dims to_dims(V const& v, std::string const& name) {
-  if (v.size() > static_cast<size_t>(nvinfer1::Dims::MAX_DIMS)) throw std::invalid_argument(name + " has more than 8 dims");
+  if (v.size() > static_cast<size_t>(nvinfer1::Dims::MAX_DIMS))
+    throw std::invalid_argument(name + " has more than 8 dims");
   nvinfer1::Dims d{};
   d.nbDims = static_cast<int32_t>(v.size());
   for (size_t i = 0; i < v.size(); ++i) d.d[i] = v[i];

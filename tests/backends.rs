@@ -7,9 +7,10 @@
 //!
 //! Candidates: the CPU's **batched decode** (every case of a fixture decoded in one batch, as the
 //! batching engine does; exact: the same bits), **CUDA** (feature `cuda`, on GPU 0, each case alone and all
-//! decoded in batched steps; without a device it is skipped, or fails with `FASTKV_REQUIRE_GPU=1`) and **TensorRT** (feature `tensorrt`: the engine's plans built on
-//! GPU 0 and run on `tensorrt:0`, for the cases they take — the engine's FastKV policy at the lengths the export
-//! supports; skipped in one line without TensorRT's libraries), within bf16 tolerances: logits within
+//! decoded in batched steps; without a device it is skipped, or fails with `FASTKV_REQUIRE_GPU=1`) and
+//! **TensorRT** (feature `tensorrt`: the engine's plans built on GPU 0 and run on `tensorrt:0`, for the cases they
+//! take — the engine's FastKV policy at the lengths the export supports; skipped in one line without TensorRT's
+//! libraries), within bf16 tolerances: logits within
 //! [`TOL`] of the largest logit, the greedy token the same wherever the CPU's top-2 margin exceeds
 //! twice that, kept KV positions sharing ≥ [`OVERLAP`] per layer on average and ≥ [`HEAD_FLOOR`] per
 //! head, TSP positions ≥ [`OVERLAP`]; lengths and positions always exactly. `FASTKV_BACKENDS=cuda:0,…` (candidate

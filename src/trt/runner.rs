@@ -129,16 +129,9 @@ impl Model {
             for b in bindings(graph, n_layers) {
                 let found = io.iter().find(|t| t.name == b.name);
                 if !found.is_some_and(|t| t.input == b.input && t.ty == b.element.tensorrt()) {
-                    return Err(Error::bad_file(
-                        &path,
-                        format!(
-                            "the plan has no {} `{}` of {:?}: rebuild it with `fastkv-build --engine {} --target tensorrt`",
-                            if b.input { "input" } else { "output" },
-                            b.name,
-                            b.element,
-                            dir.display()
-                        ),
-                    ));
+                    let what = format!("{} `{}` of {:?}", if b.input { "input" } else { "output" }, b.name, b.element);
+                    let rebuild = format!("fastkv-build --engine {} --target tensorrt", dir.display());
+                    return Err(Error::bad_file(&path, format!("the plan has no {what}: rebuild it with `{rebuild}`")));
                 }
             }
             Ok(plan)
