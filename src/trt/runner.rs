@@ -271,6 +271,7 @@ impl Model {
         let t0 = std::time::Instant::now();
         context.0.pin_mut().enqueue(gpu.stream.cu_stream() as u64).map_err(run_error)?;
         gpu.synchronize()?;
+        let prefill_s = t0.elapsed().as_secs_f64();
         drop(context);
         let tsp_positions: Vec<u32> = gpu.download(&tsp)?.into_iter().map(|p| p as u32).collect();
 
@@ -316,7 +317,7 @@ impl Model {
             filtered_positions: None,
             next_position: tokens.len() as u32,
             // One enqueue: TensorRT's time is not split by part; it is all counted as projections.
-            profile: PrefillProfile { projections_s: t0.elapsed().as_secs_f64(), ..Default::default() },
+            profile: PrefillProfile { projections_s: prefill_s, ..Default::default() },
             cache: KvCache {
                 context: decode,
                 graph: None,
