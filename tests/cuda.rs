@@ -761,7 +761,7 @@ fn batched_append_and_decode_equal_one_by_one() {
         // SAFETY: the table holds three live caches of (hk, ≤ max_capacity, d) and a padding row.
         unsafe {
             dev.kv_append_batch(&qkv, width, &table, (h, hk, d), &positions).unwrap();
-            let w = window.map(|w| (w, &positions));
+            let w = window.map(|w| (w, positions.slice(..)));
             dev.decode_attention_batch_into(&qkv, width, &table, max_capacity, (h, hk, d), w, &mut out, &mut workspace)
                 .unwrap();
         }

@@ -10,7 +10,7 @@ pub type Stream = *mut c_void;
 /// `FastkvCacheRef`: one request's layer cache in a batched decode step (device addresses; capacity 0 marks a
 /// padding row).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheRef {
     pub k: u64,
     pub v: u64,

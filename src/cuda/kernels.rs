@@ -572,7 +572,7 @@ impl Gpu {
         caches: &impl DevicePtr<CacheRef>,
         max_capacity: usize,
         (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
-        window: Option<(usize, &CudaSlice<u32>)>,
+        window: Option<(usize, CudaView<'_, u32>)>,
         out: &mut impl DevicePtrMut<T>,
         workspace: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
@@ -584,7 +584,7 @@ impl Gpu {
         let (size, q_pos) = match window {
             Some((size, p)) => {
                 expect_len("q_pos", p.len(), batch)?;
-                (int("window", size)?, self.ptr(p))
+                (int("window", size)?, self.ptr(&p))
             }
             None => (0, std::ptr::null()),
         };

@@ -1,12 +1,13 @@
 //! One request's KV cache on the GPU — per layer K and V `[Hk, capacity, D]` with their original
-//! positions — and decode over it: the step is launched eagerly once, then captured as a CUDA graph
-//! and replayed per token (token, position and cache lengths are read on the device).
+//! positions — and decode over it, one request alone or several as one batched step.
 //!
-//! Several requests decode as one batched step: every GEMM with M = the batch (one pass over the weights), K/V
-//! appends and attention over a device table of the requests' caches ([`CacheRef`]), on one lane of the model's.
-//! The batch is padded to a power of two and the caches' largest capacity rounded up to one, so a step captured
-//! as a CUDA graph for that bucket is replayed for any batch that falls in it (tokens, positions and the table
-//! are written before each launch).
+//! Every decode step is the same [`DecodeStep`]: every GEMM with M = its rows (one pass over the weights for the
+//! whole batch), K/V appends and attention over a device table of the requests' caches ([`CacheRef`]), with
+//! token ids, positions and cache lengths read on the device. So a step is launched eagerly once, then captured
+//! as a CUDA graph and replayed. A request alone has its own step on its own lane (one row, its capacity); a batch
+//! runs on a lane of the model's, padded to a power of two and the caches' largest capacity rounded up to one, so
+//! the step captured for that bucket is replayed for any batch that falls in it (ids, positions and the table are
+//! written before each launch).
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::Ordering;
@@ -17,7 +18,7 @@ use half::bf16;
 
 use super::ffi::CacheRef;
 use super::gpu::{driver, Gpu};
-use super::kernels::{decode_batch_workspace_len, decode_workspace_len, LayerKv};
+use super::kernels::{decode_batch_workspace_len, LayerKv};
 use super::model::{ptr, ptr_mut, Lane, Model};
 use crate::error::{Error, Result};
 use crate::spec::ModelSpec;
@@ -28,49 +29,33 @@ pub struct LayerCache {
     pub(super) len: usize,
 }
 
-/// One request's KV cache: every layer's, the lane it lives on, and its decode state.
+/// One request's KV cache: every layer's, the lane it lives on, and its step for decoding alone.
 pub struct KvCache {
     pub(super) layers: Vec<LayerCache>,
     pub(super) lane: Arc<Lane>,
-    decode: Option<Box<DecodeState>>,
-}
-
-/// Buffers of one decode step, allocated once per cache so a captured graph can replay them.
-struct DecodeState {
-    /// `[token, position]` of the step, written before each launch.
-    step: CudaSlice<u32>,
-    x: CudaSlice<f32>,
-    h: CudaSlice<bf16>,
-    qkv: CudaSlice<bf16>,
-    o: CudaSlice<bf16>,
-    gate_up: CudaSlice<bf16>,
-    act: CudaSlice<bf16>,
-    logits: CudaSlice<f32>,
-    workspace: CudaSlice<f32>,
-    graph: Option<CudaGraph>,
-    /// Replay a captured graph from the second step on.
-    graphs: bool,
-    steps: usize,
+    decode: Option<Box<DecodeStep>>,
 }
 
 /// The batched decode: its lane and a step per bucket (rows, capacity).
 pub struct Batches {
     lane: Arc<Lane>,
-    steps: HashMap<(usize, usize), BatchStep>,
+    steps: HashMap<(usize, usize), DecodeStep>,
 }
 
 // SAFETY: cudarc leaves CudaGraph !Send for its raw handles, but CUDA graphs may be launched from any thread; the
 // steps are used only under the model's mutex, on the lane's stream.
 unsafe impl Send for Batches {}
 
-/// Buffers of a batched step for `rows` requests whose caches hold at most `capacity` entries, and its graph.
-struct BatchStep {
+/// Buffers of a decode step for `rows` requests whose caches hold at most `capacity` entries, allocated once so a
+/// captured graph can replay them, and that graph.
+struct DecodeStep {
     rows: usize,
     capacity: usize,
-    tokens: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    /// `[layers, rows]`: each layer's table of the requests' caches.
+    /// `[ids (rows) | positions (rows)]` of the step, written before each launch.
+    step: CudaSlice<u32>,
+    /// `[layers, rows]`: each layer's table of the requests' caches, and what it holds (written when it changes).
     caches: CudaSlice<CacheRef>,
+    table: Vec<CacheRef>,
     x: CudaSlice<f32>,
     h: CudaSlice<bf16>,
     qkv: CudaSlice<bf16>,
@@ -80,18 +65,21 @@ struct BatchStep {
     logits: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
     graph: Option<CudaGraph>,
+    /// Replay a captured graph from the second step on: a request's step keeps the model's setting when it first
+    /// decoded; a bucket's follows it every step.
+    graphs: bool,
     steps: usize,
 }
 
-impl BatchStep {
-    fn new(s: &ModelSpec, dev: &Gpu, rows: usize, capacity: usize) -> Result<Self> {
+impl DecodeStep {
+    fn new(s: &ModelSpec, dev: &Gpu, rows: usize, capacity: usize, graphs: bool) -> Result<Self> {
         let (e, inter, hd) = (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim);
-        Ok(BatchStep {
+        Ok(DecodeStep {
             rows,
             capacity,
-            tokens: dev.zeros(rows)?,
-            positions: dev.zeros(rows)?,
+            step: dev.zeros(2 * rows)?,
             caches: dev.zeros(s.num_layers * rows)?,
+            table: Vec::new(),
             x: dev.zeros(rows * e)?,
             h: dev.zeros(rows * e)?,
             qkv: dev.zeros(rows * s.qkv_rows())?,
@@ -101,6 +89,7 @@ impl BatchStep {
             logits: dev.zeros(rows * s.vocab_size)?,
             workspace: dev.zeros(decode_batch_workspace_len(rows, s.num_heads, capacity, s.head_dim)?)?,
             graph: None,
+            graphs,
             steps: 0,
         })
     }
@@ -109,6 +98,11 @@ impl BatchStep {
 /// Rows and capacities of the batched steps: powers of two, capacities from the attention's split size.
 fn bucket(n: usize, least: usize) -> usize {
     n.max(least).next_power_of_two()
+}
+
+/// The largest capacity of `layers`' caches.
+fn capacity(layers: &[LayerCache]) -> usize {
+    layers.iter().map(|l| l.kv.capacity).max().unwrap_or(1)
 }
 
 impl Model {
@@ -127,69 +121,101 @@ impl Model {
         }
     }
 
+    /// One decode step of one request, on its own lane and step.
+    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        check_room(cache)?;
+        let lane = cache.lane.clone();
+        if cache.decode.is_none() {
+            let graphs = self.graphs.load(Ordering::Relaxed);
+            cache.decode = Some(Box::new(DecodeStep::new(&self.spec, &lane.dev, 1, capacity(&cache.layers), graphs)?));
+        }
+        let KvCache { layers, decode, .. } = cache;
+        let st = decode.as_mut().expect("set above");
+        Ok(self.run(&lane, st, &[token], &[position], &mut [layers])?.pop().expect("one row"))
+    }
+
     fn decode_batched(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Vec<f32>>> {
-        let s = &self.spec;
         for c in caches.iter() {
             check_room(c)?;
         }
-        let capacity = caches.iter().flat_map(|c| c.layers.iter().map(|l| l.kv.capacity)).max().unwrap_or(1);
-        let (rows, capacity) = (bucket(caches.len(), 1), bucket(capacity, 256));
+        let largest = caches.iter().map(|c| capacity(&c.layers)).max().unwrap_or(1);
+        let (rows, capacity) = (bucket(caches.len(), 1), bucket(largest, 256));
         let mut guard = self.batches.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             *guard = Some(Batches { lane: self.lane()?, steps: HashMap::new() });
         }
         let Batches { lane, steps } = guard.as_mut().expect("set above");
-        let lane = lane.clone();
-        let dev = &lane.dev;
+        let graphs = self.graphs.load(Ordering::Relaxed);
         let st = match steps.entry((rows, capacity)) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(BatchStep::new(s, dev, rows, capacity)?),
+            Entry::Vacant(v) => v.insert(DecodeStep::new(&self.spec, &lane.dev, rows, capacity, graphs)?),
         };
-        // This batch in the bucket's buffers: padding rows decode token 0 at position 0 against no cache.
-        let pad = |v: &[u32]| v.iter().copied().chain(std::iter::repeat(0)).take(rows).collect::<Vec<u32>>();
-        dev.write(&pad(tokens), &mut st.tokens)?;
-        dev.write(&pad(positions), &mut st.positions)?;
-        let mut table = vec![CacheRef::default(); s.num_layers * rows];
-        for (b, c) in caches.iter().enumerate() {
-            for (l, layer) in c.layers.iter().enumerate() {
+        st.graphs = graphs;
+        let mut layers: Vec<&mut Vec<LayerCache>> = caches.iter_mut().map(|c| &mut c.layers).collect();
+        self.run(lane, st, tokens, positions, &mut layers)
+    }
+
+    /// Runs `st` for the requests whose caches are `layers` (at most `st.rows` of them; padding rows decode id 0
+    /// at position 0 against no cache): ids, positions and the cache table to the device, the step (eager the first
+    /// time, then captured once and replayed), and each request's logits back.
+    fn run(
+        &self,
+        lane: &Lane,
+        st: &mut DecodeStep,
+        tokens: &[u32],
+        positions: &[u32],
+        layers: &mut [&mut Vec<LayerCache>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (dev, rows, n_layers) = (&lane.dev, st.rows, self.spec.num_layers);
+        let mut step = vec![0u32; 2 * rows];
+        step[..tokens.len()].copy_from_slice(tokens);
+        step[rows..][..positions.len()].copy_from_slice(positions);
+        dev.write(&step, &mut st.step)?;
+        let mut table = vec![CacheRef::default(); n_layers * rows];
+        for (b, request) in layers.iter().enumerate() {
+            for (l, layer) in request.iter().enumerate() {
                 table[l * rows + b] = layer.kv.cache_ref(dev);
             }
         }
-        dev.write(&table, &mut st.caches)?;
-        // Captured once, at the bucket's second step; a failed capture leaves it eager.
-        let replay = self.graphs.load(Ordering::Relaxed) && st.steps >= 1;
+        if table != st.table {
+            dev.write(&table, &mut st.caches)?;
+            st.table = table;
+        }
+        // Captured once, at the second step; a failed capture leaves the step eager.
+        let replay = st.graphs && st.steps >= 1;
         if replay && st.steps == 1 {
-            let graph = dev.capture(|| self.batch_step(&lane, st));
+            let graph = dev.capture(|| self.enqueue_step(lane, st));
             st.graph = graph;
         }
         match &st.graph {
             Some(graph) if replay => graph.launch().map_err(driver("cuGraphLaunch"))?,
-            _ => self.batch_step(&lane, st)?,
+            _ => self.enqueue_step(lane, st)?,
         }
         st.steps += 1;
         let logits = dev.download(&st.logits)?;
-        for c in caches.iter_mut() {
-            c.layers.iter_mut().for_each(|l| l.len += 1);
+        for request in layers.iter_mut() {
+            request.iter_mut().for_each(|l| l.len += 1);
         }
-        Ok(logits.chunks(s.vocab_size).take(caches.len()).map(<[f32]>::to_vec).collect())
+        Ok(logits.chunks(self.spec.vocab_size).take(layers.len()).map(<[f32]>::to_vec).collect())
     }
 
-    /// Enqueues one batched step on the lane: every projection with M = the bucket's rows, the appends and the
-    /// attention through each layer's cache table.
-    fn batch_step(&self, lane: &Lane, st: &mut BatchStep) -> Result<()> {
+    /// Enqueues one step on the lane: every projection with M = the step's rows, the appends and the attention
+    /// through each layer's cache table, reading ids, positions and cache lengths on the device.
+    fn enqueue_step(&self, lane: &Lane, st: &mut DecodeStep) -> Result<()> {
         let s = &self.spec;
         let (e, hq, hk, d, width) = (s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.qkv_rows());
         let (inter, rows, dev) = (s.intermediate_size, st.rows, &lane.dev);
-        let BatchStep { tokens, positions, caches, x, h, qkv, o, gate_up, act, logits, workspace, .. } = st;
-        dev.embed_into(tokens, &self.embed, e, x)?;
+        let DecodeStep { step, caches, x, h, qkv, o, gate_up, act, logits, workspace, .. } = st;
+        let (tokens, positions) = (step.slice(..rows), step.slice(rows..));
+        dev.embed_into(&tokens, &self.embed, e, x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let table = caches.slice(l * rows..(l + 1) * rows);
-            self.qkv_rows(lane, layer, x, rows, positions, h, qkv)?;
-            let window = s.sliding_window.map(|w| (w, &*positions));
-            // SAFETY: the table holds this batch's caches of this layer (cache_ref, capacities ≤ st.capacity),
+            self.qkv_rows(lane, layer, x, rows, &positions, h, qkv)?;
+            let window = s.sliding_window.map(|w| (w, step.slice(rows..)));
+            // SAFETY: the table holds this step's caches of this layer (cache_ref, capacities ≤ st.capacity),
             // alive for the step, and padding rows.
             unsafe {
-                dev.kv_append_batch(qkv, width, &table, (hq, hk, d), positions)?;
+                dev.kv_append_batch(qkv, width, &table, (hq, hk, d), &positions)?;
                 dev.decode_attention_batch_into(qkv, width, &table, st.capacity, (hq, hk, d), window, o, workspace)?;
             }
             let xp = ptr_mut(dev, x);
@@ -202,84 +228,6 @@ impl Model {
         dev.rms_norm_f32_into(x, &self.final_norm, rows, s.rms_norm_eps as f32, h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.gemm(lane, ptr(dev, h), rows, head, s.vocab_size, e, ptr_mut(dev, logits), true, false)
-    }
-
-    /// One decode step: token and position to the device, the step (eager the first time, then
-    /// captured once and replayed), and its logits back.
-    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        let s = &self.spec;
-        check_room(cache)?;
-        let lane = cache.lane.clone();
-        let dev = &lane.dev;
-        if cache.decode.is_none() {
-            let capacity = cache.layers.iter().map(|l| l.kv.capacity).max().unwrap_or(1);
-            let (e, inter, hd) = (s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim);
-            cache.decode = Some(Box::new(DecodeState {
-                step: dev.zeros(2)?,
-                x: dev.zeros(e)?,
-                h: dev.zeros(e)?,
-                qkv: dev.zeros(s.qkv_rows())?,
-                o: dev.zeros(hd)?,
-                gate_up: dev.zeros(2 * inter)?,
-                act: dev.zeros(inter)?,
-                logits: dev.zeros(s.vocab_size)?,
-                workspace: dev.zeros(decode_workspace_len(s.num_heads, capacity, s.head_dim)?)?,
-                graph: None,
-                graphs: self.graphs.load(Ordering::Relaxed),
-                steps: 0,
-            }));
-        }
-        let KvCache { layers, decode, .. } = cache;
-        let st = decode.as_mut().expect("set above");
-        dev.write(&[token, position], &mut st.step)?;
-        let replay = st.graphs && st.steps >= 1;
-        if replay && st.steps == 1 {
-            let graph = lane.dev.capture(|| self.decode_step(&lane, layers, st));
-            st.graph = graph;
-        }
-        match &st.graph {
-            Some(graph) if replay => graph.launch().map_err(driver("cuGraphLaunch"))?,
-            _ => self.decode_step(&lane, layers, st)?,
-        }
-        layers.iter_mut().for_each(|l| l.len += 1);
-        st.steps += 1;
-        dev.download(&st.logits)
-    }
-
-    /// Enqueues one decode step on the lane, reading token, position and cache lengths from the
-    /// device, so the same launches serve every step.
-    fn decode_step(&self, lane: &Lane, layers: &mut [LayerCache], st: &mut DecodeState) -> Result<()> {
-        let s = &self.spec;
-        let (e, hq, d) = (s.hidden_size, s.num_heads, s.head_dim);
-        let dev = &lane.dev;
-        let DecodeState { step, x, h, qkv, o, gate_up, act, logits, workspace, .. } = st;
-        let (token, position) = (step.slice(0..1), step.slice(1..2));
-        dev.embed_into(&token, &self.embed, e, x)?;
-        for (layer, lc) in self.layers.iter().zip(layers.iter_mut()) {
-            self.qkv_rows(lane, layer, x, 1, &position, h, qkv)?;
-            dev.kv_append(qkv, hq, &mut lc.kv, &position)?;
-            let window = s.sliding_window.map(|w| (w, step.slice(1..2)));
-            dev.decode_attention_into(&qkv.slice(..hq * d), &lc.kv, hq, window, o, workspace)?;
-            let xp = ptr_mut(dev, x);
-            self.gemm(lane, ptr(dev, o), 1, &layer.wo, e, hq * d, xp, true, true)?;
-            dev.rms_norm_f32_into(x, &layer.mlp_norm, 1, s.rms_norm_eps as f32, h)?;
-            self.gemm(
-                lane,
-                ptr(dev, h),
-                1,
-                &layer.w_gate_up,
-                2 * s.intermediate_size,
-                e,
-                ptr_mut(dev, gate_up),
-                false,
-                false,
-            )?;
-            dev.swiglu_into(gate_up, 1, s.intermediate_size, act)?;
-            self.gemm(lane, ptr(dev, act), 1, &layer.w_down, e, s.intermediate_size, xp, true, true)?;
-        }
-        dev.rms_norm_f32_into(x, &self.final_norm, 1, s.rms_norm_eps as f32, h)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.gemm(lane, ptr(dev, h), 1, head, s.vocab_size, e, ptr_mut(dev, logits), true, false)
     }
 }
 
