@@ -252,20 +252,25 @@ impl Model {
         let ids = gpu.upload(&ids)?;
         context.0.pin_mut().set_input_shape("input_ids", &[tokens.len() as i64]).map_err(run_error)?;
         context.bind(gpu, "input_ids", &ids)?;
-        // Outputs at the extents the plan derives from L.
-        fn output<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, c: &mut Context, name: &str) -> Result<CudaSlice<T>> {
-            let buffer = gpu.zeros::<T>(c.shape(name)?.iter().product())?;
+        // Outputs at the extents the plan derives from L, bound; with those extents.
+        fn output<T>(gpu: &Gpu, c: &mut Context, name: &str) -> Result<(CudaSlice<T>, Vec<usize>)>
+        where
+            T: DeviceRepr + ValidAsZeroBits,
+        {
+            let dims = c.shape(name)?;
+            let buffer = gpu.zeros::<T>(dims.iter().product())?;
             c.bind(gpu, name, &buffer)?;
-            Ok(buffer)
+            Ok((buffer, dims))
         }
-        let logits = output::<f32>(gpu, &mut context, "logits")?;
-        let tsp = output::<i64>(gpu, &mut context, "tsp_positions")?;
+        let (logits, _) = output::<f32>(gpu, &mut context, "logits")?;
+        let (tsp, _) = output::<i64>(gpu, &mut context, "tsp_positions")?;
         let mut kept = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
-            let n = context.shape(&format!("k_{l}"))?[1];
-            let k = output::<f32>(gpu, &mut context, &format!("k_{l}"))?;
-            let v = output::<f32>(gpu, &mut context, &format!("v_{l}"))?;
-            let pos = output::<i64>(gpu, &mut context, &format!("pos_{l}"))?;
+            let (k, dims) = output::<f32>(gpu, &mut context, &format!("k_{l}"))?;
+            let (v, _) = output::<f32>(gpu, &mut context, &format!("v_{l}"))?;
+            let (pos, _) = output::<i64>(gpu, &mut context, &format!("pos_{l}"))?;
+            let n =
+                *dims.get(1).ok_or_else(|| run_error(format!("output k_{l} has extents {dims:?}, not [Hk, N, D]")))?;
             kept.push((n, k, v, pos));
         }
         let t0 = std::time::Instant::now();
